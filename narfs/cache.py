@@ -1,0 +1,243 @@
+"""The cache directory: a plain Nix binary cache, and the commit protocol that keeps it whole.
+
+Layout (what Nix reads):  nix-cache-info, <hash>.narinfo, <hash>.ls, nar/<filehash>.nar.<ext>
+narfs's own derived data: .narfs/ (catalog, hot tier); temporaries: .narfs-tmp-* in the directory
+of the file they become.
+
+Commit order (DESIGN contract 3): NAR → fsync → rename; `.ls` likewise; narinfo last, then fsync
+of the directory. A narinfo exists only once everything it points at is durable, so a crash
+leaves either no narinfo or a complete entry, plus temporaries that `remove_temporaries` clears.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+
+from . import listing, narinfo
+from .errors import CorruptError, NarfsError
+from .narinfo import NarInfo
+from .storepath import is_hash
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".narfs-tmp-"
+CACHE_INFO = "nix-cache-info"
+PRIORITY = 10  # below cache.nixos.org's 40 (lower wins): the archive is asked first
+
+
+def cache_info_text(priority: int = PRIORITY) -> str:
+    return f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {priority}\n"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def describe_os_error(e: OSError, path: str) -> str:
+    """One line for a write that failed, with what to do about it."""
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        return f"{path}: no space left on the cache's filesystem; free space (e.g. narfs gc)"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{path}: cannot write ({e.strerror}); make the cache directory writable by narfs"
+    return f"{path}: {e.strerror or e}"
+
+
+class Cache:
+    """One cache directory. Reads treat its contents as untrusted (contract 5)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.nar_dir = os.path.join(self.root, "nar")
+
+    # --- layout -------------------------------------------------------------------------
+
+    def narinfo_path(self, h: str) -> str:
+        return os.path.join(self.root, f"{h}.narinfo")
+
+    def listing_path(self, h: str) -> str:
+        return os.path.join(self.root, f"{h}.ls")
+
+    def nar_path(self, url: str) -> str:
+        """The file a narinfo URL names; narinfo.parse already confined URL to nar/<name>."""
+        return os.path.join(self.root, url)
+
+    def check(self) -> None:
+        """Refuse a directory that is not a binary cache, before anything is written to it."""
+        if not os.path.isdir(self.root):
+            raise NarfsError(f"{self.root}: cache directory does not exist; run "
+                             f"`narfs init --cache {self.root}`")
+        if not os.path.isfile(os.path.join(self.root, CACHE_INFO)):
+            raise NarfsError(f"{self.root}: not a binary cache (no {CACHE_INFO}); run "
+                             f"`narfs init --cache {self.root}` or point --cache at a cache")
+
+    def check_writable(self) -> None:
+        self.check()
+        for d in (self.root, self.nar_dir):
+            if os.path.isdir(d) and not os.access(d, os.W_OK):
+                raise NarfsError(f"{d}: cache directory is not writable; run narfs as the "
+                                 "cache's owner or fix its permissions")
+
+    def has(self, h: str) -> bool:
+        return os.path.exists(self.narinfo_path(h))
+
+    def hashes(self) -> Iterator[str]:
+        """Hashes of every narinfo in the directory (names that are not hashes are skipped)."""
+        with os.scandir(self.root) as it:
+            for entry in it:
+                name = entry.name
+                if name.endswith(".narinfo") and is_hash(name[:-8]):
+                    yield name[:-8]
+
+    # --- reading (untrusted) --------------------------------------------------------------
+
+    def _read_small(self, path: str, limit: int) -> bytes:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CorruptError(f"{path}: not a regular file")
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise CorruptError(f"{path}: larger than {limit} bytes")
+        return data
+
+    def read_narinfo(self, h: str) -> NarInfo:
+        path = self.narinfo_path(h)
+        try:
+            return narinfo.parse(self._read_small(path, narinfo.MAX_SIZE), expect_hash=h)
+        except CorruptError as e:
+            raise CorruptError(f"{path}: {e}") from None
+
+    def read_listing(self, h: str, nar_size: int | None = None) -> dict | None:
+        """The `.ls` root node, or None when the cache has no listing for this path."""
+        path = self.listing_path(h)
+        try:
+            data = self._read_small(path, listing.MAX_SIZE)
+        except FileNotFoundError:
+            return None
+        try:
+            return listing.parse(data, nar_size)
+        except CorruptError as e:
+            raise CorruptError(f"{path}: {e}") from None
+
+    def open_nar(self, info: NarInfo) -> BinaryIO:
+        fd = os.open(self.nar_path(info.url), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        f = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            raise CorruptError(f"{self.nar_path(info.url)}: not a regular file")
+        return f
+
+    # --- writing --------------------------------------------------------------------------
+
+    def init(self, priority: int = PRIORITY) -> bool:
+        """Create the directory and nix-cache-info; False when it already was a cache."""
+        info = os.path.join(self.root, CACHE_INFO)
+        if os.path.isfile(info):
+            os.makedirs(self.nar_dir, exist_ok=True)
+            return False
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise NarfsError(f"{self.root}: exists and is not a directory; choose another --cache")
+        try:
+            os.makedirs(self.nar_dir, mode=0o755, exist_ok=True)
+            self.write_atomic(info, cache_info_text(priority).encode())
+        except OSError as e:
+            raise NarfsError(describe_os_error(e, self.root)) from None
+        return True
+
+    @contextmanager
+    def temporary(self, final: str) -> Iterator[BinaryIO]:
+        """A temporary file beside `final`; on a clean exit it is fsynced and renamed over it."""
+        d, base = os.path.split(final)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{base}-", dir=d)
+        f = os.fdopen(fd, "wb")
+        try:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, final)
+        except BaseException:
+            f.close()
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def write_atomic(self, final: str, data: bytes) -> None:
+        with self.temporary(final) as f:
+            f.write(data)
+
+    def publish(self, info: NarInfo) -> None:
+        """The commit point: the narinfo appears, then the directory entry is made durable."""
+        self.write_atomic(self.narinfo_path(info.hash), info.render().encode())
+        _fsync_dir(self.root)
+
+    def sync_nar_dir(self) -> None:
+        _fsync_dir(self.nar_dir)
+
+    def unpublish(self, h: str) -> None:
+        """Withdraw an entry from Nix's view first, so nothing ever points at a missing NAR."""
+        try:
+            os.unlink(self.narinfo_path(h))
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.root)
+
+    def state_path(self, name: str) -> str:
+        d = os.path.join(self.root, ".narfs")
+        os.makedirs(d, mode=0o755, exist_ok=True)
+        return os.path.join(d, name)
+
+    @contextmanager
+    def writer(self) -> Iterator[None]:
+        """Hold the cache as one of its writers; the first writer in clears leftovers.
+
+        Invariant: temporaries are removed only under the exclusive lock, i.e. when no other
+        process is writing, so no live writer ever loses a file it is still producing.
+        """
+        self.check_writable()
+        fd = os.open(self.state_path("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.remove_temporaries()
+            except BlockingIOError:
+                pass
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def remove_temporaries(self) -> list[str]:
+        """Delete what an interrupted writer left behind; callers hold the exclusive lock."""
+        removed = []
+        for d in (self.root, self.nar_dir):
+            try:
+                names = os.listdir(d)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.startswith(TMP_PREFIX):
+                    path = os.path.join(d, name)
+                    try:
+                        os.unlink(path)
+                        removed.append(path)
+                    except FileNotFoundError:
+                        pass
+        for path in removed:
+            log.info("removed leftover temporary %s", path)
+        return removed

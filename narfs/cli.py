@@ -1,0 +1,250 @@
+"""The `narfs` command: argument parsing, settings, logging, and one-line errors.
+
+Each command lives in the module that holds its logic and is imported only when run, so
+`narfs status` does not pay for pyfuse3 and the hook path never touches Python at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar
+
+import trio
+
+from . import __version__, config, signing, store
+from .archive import Archiver
+from .cache import Cache
+from .config import Settings
+from .errors import NarfsError
+from .storepath import user_store_path
+
+log = logging.getLogger("narfs")
+
+# command → (module, function); each function is `main(args, settings) -> int`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("narfs.cli", "cmd_init"),
+    "archive": ("narfs.cli", "cmd_archive"),
+    "watch": ("narfs.watch", "main"),
+    "mount": ("narfs.mount", "main"),
+    "umount": ("narfs.mount", "umount_main"),
+    "restore": ("narfs.restore", "main"),
+    "gc": ("narfs.gc", "main"),
+    "verify": ("narfs.verify", "main"),
+    "status": ("narfs.report", "status_main"),
+    "ls": ("narfs.report", "ls_main"),
+}
+
+
+class JournalFormatter(logging.Formatter):
+    """Under systemd (JOURNAL_STREAM set) prefix sd-daemon priorities so journald keeps levels."""
+
+    PRIORITY: ClassVar[dict[int, int]] = {
+        logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+        logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("narfs: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    if not verbose:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def _cache_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", dest="cache_dir", metavar="DIR", help="the cache directory")
+
+
+def _key_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--secret-key", dest="secret_key_file", metavar="FILE",
+                   help="Ed25519 secret key file (name:base64) to sign narinfos with")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="narfs", description=(
+        "Keep every Nix build in a cold tier: a signed, zstd-seekable binary cache that you "
+        "can mount, restore from and serve."))
+    parser.add_argument("--version", action="version", version=f"narfs {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("init", help="create the cache, a signing key and print nix.conf lines")
+    _cache_flag(p)
+    _key_flag(p)
+
+    p = sub.add_parser("archive", help="archive the closures of store paths now")
+    _cache_flag(p)
+    _key_flag(p)
+    p.add_argument("--all", action="store_true", help="every valid path in the store")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+
+    p = sub.add_parser("watch", help="the service: archive what the roots dir pins, then unpin")
+    _cache_flag(p)
+    _key_flag(p)
+    p.add_argument("--roots", dest="roots_dir", metavar="DIR")
+
+    p = sub.add_parser("mount", help="mount the archive as a read-only filesystem")
+    _cache_flag(p)
+    p.add_argument("--foreground", action="store_true", help="stay attached (for systemd)")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
+                   help="mount options: allow_other")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    p = sub.add_parser("umount", help="unmount a narfs mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    p = sub.add_parser("restore", help="bring closures back into /nix/store")
+    _cache_flag(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would come back")
+    p.add_argument("--add-root", metavar="LINK", help="register a GC root for the target")
+    p.add_argument("--to", metavar="DIR", help="unpack one path's tree into DIR, without Nix")
+    p.add_argument("--no-check-sigs", action="store_true",
+                   help="skip signature checks (explicit: you trust the cache directory)")
+    p.add_argument("targets", nargs="+", metavar="TARGET")
+
+    p = sub.add_parser("gc", help="retire archived paths by last access")
+    _cache_flag(p)
+    p.add_argument("--older-than", metavar="AGE", help="e.g. 365d, 12h, 30s")
+    p.add_argument("--max-size", metavar="SIZE", help="e.g. 500G")
+    p.add_argument("--dry-run", action="store_true")
+
+    p = sub.add_parser("verify", help="check every entry of the cache")
+    _cache_flag(p)
+    p.add_argument("--repair", action="store_true", help="un-publish broken entries")
+
+    p = sub.add_parser("status", help="totals, pins waiting, last error, mount state")
+    _cache_flag(p)
+    p = sub.add_parser("ls", help="archived paths with size, date and last access")
+    _cache_flag(p)
+    p.add_argument("pattern", nargs="?", metavar="PATTERN")
+    return parser
+
+
+def load_key(settings: Settings) -> signing.SecretKey | None:
+    if not settings.secret_key_file:
+        log.warning("no secret_key_file configured: narinfos are written unsigned "
+                    "(run `narfs init` or pass --secret-key)")
+        return None
+    return signing.load_secret_key(settings.secret_key_file)
+
+
+def make_archiver(settings: Settings, executor: ThreadPoolExecutor) -> Archiver:
+    """The one place an Archiver is assembled from settings (archive, watch)."""
+    cache = Cache(settings.cache_dir)
+    cache.check_writable()
+    return Archiver(cache, settings, load_key(settings), executor)
+
+
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    cache = Cache(settings.cache_dir)
+    created = cache.init()
+    print(f"{'created' if created else 'unchanged'}: binary cache {cache.root}")
+    key_file = settings.secret_key_file or config.DEFAULT_KEY
+    if os.path.exists(key_file):
+        key = signing.load_secret_key(key_file)
+        print(f"unchanged: signing key {key_file}")
+    else:
+        name = f"{socket.gethostname()}-narfs-1"
+        os.makedirs(os.path.dirname(os.path.abspath(key_file)), mode=0o700, exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(signing.generate_secret_key(name))
+        key = signing.load_secret_key(key_file)
+        print(f"created: signing key {key_file} (mode 0600)")
+    cfg = config.config_path()
+    if not os.path.exists(cfg):
+        os.makedirs(os.path.dirname(os.path.abspath(cfg)), exist_ok=True)
+        settings = dataclasses.replace(settings, secret_key_file=key_file)
+        with open(cfg, "w") as f:
+            f.write(config.render(settings, ("cache_dir", "secret_key_file", "roots_dir")))
+        print(f"created: config {cfg}")
+    else:
+        current = config.load()
+        if os.path.abspath(current.cache_dir) != cache.root:
+            print(f"note: {cfg} names cache_dir {current.cache_dir}; pass --cache {cache.root} "
+                  "to other commands or edit the file")
+        else:
+            print(f"unchanged: config {cfg}")
+    hook = _hook_path()
+    print("\n# Add to /etc/nix/nix.conf (NixOS: nix.settings), then restart nix-daemon:")
+    print(f"extra-substituters = file://{cache.root}")
+    print(f"extra-trusted-public-keys = {key.public.text()}")
+    print(f"post-build-hook = {hook}")
+    return 0
+
+
+def _hook_path() -> str:
+    import shutil
+    import sysconfig
+
+    found = shutil.which("narfs-hook")
+    return found or os.path.join(sysconfig.get_path("scripts"), "narfs-hook")
+
+
+async def _archive(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.all and not args.paths:
+        raise NarfsError("archive: name store paths to archive, or --all for the whole store")
+    paths = list(dict.fromkeys(user_store_path(p) for p in args.paths))
+    invalid = await store.invalid_paths(paths)
+    if invalid:
+        raise NarfsError(f"{invalid[0]}: not a valid path in the Nix store; build or "
+                         f"substitute it first ({len(invalid)} invalid in all)")
+    with ThreadPoolExecutor(settings.threads, thread_name_prefix="zstd") as executor:
+        archiver = make_archiver(settings, executor)
+        with archiver.cache.writer():
+            if args.all:
+                result = await archiver.archive_infos(await store.all_infos())
+            else:
+                result = await archiver.archive(paths)
+    print(result.summary())
+    for path, reason in result.failed.items():
+        print(f"narfs: error: {path}: {reason}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
+    return trio.run(_archive, args, settings)
+
+
+def resolve(command: str) -> Callable[[argparse.Namespace, Settings], int]:
+    module, func = COMMANDS[command]
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    overrides = {k: getattr(args, k, None) for k in ("cache_dir", "secret_key_file", "roots_dir")}
+    try:
+        settings = config.load(overrides, must_exist=args.command != "init")
+        return resolve(args.command)(args, settings)
+    except NarfsError as e:
+        print(f"narfs: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("narfs: interrupted", file=sys.stderr)
+        return 130
+    except PermissionError as e:
+        print(f"narfs: error: {e.filename}: permission denied; run as root or as the owner "
+              "of the cache", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Settings: `$NARFS_CONFIG` or /etc/narfs/narfs.toml, then command-line flags on top."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+
+from .errors import NarfsError
+
+DEFAULT_CONFIG = "/etc/narfs/narfs.toml"
+DEFAULT_KEY = "/var/lib/narfs/secret.key"
+
+
+@dataclass(frozen=True)
+class Settings:
+    cache_dir: str = "/var/lib/narfs/cache"
+    secret_key_file: str = ""  # empty: archives are unsigned (`narfs init` sets one)
+    roots_dir: str = "/nix/var/nix/gcroots/narfs"
+    mountpoint: str = "/mnt/nar-archive"
+    # 4 MiB frames: +4.5% size against one frame at level 3, where 1 MiB costs +37% and 8 MiB
+    # doubles the bytes decompressed for one small-file read (DESIGN numbers, see README).
+    frame_size: int = 4 << 20
+    zstd_level: int = 3
+    jobs: int = 0  # threads for compression and hashing; 0 = one per core
+    frame_cache_mb: int = 256  # decompressed frames the mount keeps
+    hot_tier_mb: int = 4096  # decompressed non-seekable NARs the mount keeps on disk
+    parallel_paths: int = 4  # store paths `narfs watch` archives at once
+    allow_other: bool = False
+    public_key: str = ""  # trusted key for restore/verify; default: derived from the secret key
+
+    @property
+    def state_dir(self) -> str:
+        """narfs's own derived data (catalog, hot tier), kept beside the cache it describes."""
+        return os.path.join(self.cache_dir, ".narfs")
+
+    @property
+    def threads(self) -> int:
+        return self.jobs or os.cpu_count() or 1
+
+
+_TYPES = {f.name: f.type for f in fields(Settings)}
+
+
+def config_path() -> str:
+    return os.environ.get("NARFS_CONFIG") or DEFAULT_CONFIG
+
+
+def load(overrides: dict[str, object] | None = None, must_exist: bool = True) -> Settings:
+    """Settings from the config file (if any) with `overrides` (flags given) on top.
+
+    A config file named by $NARFS_CONFIG must exist unless `must_exist` is False (`narfs init`
+    creates it)."""
+    path = config_path()
+    values: dict[str, object] = {}
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except FileNotFoundError:
+        if "NARFS_CONFIG" in os.environ and must_exist:
+            raise NarfsError(f"{path}: config file named by $NARFS_CONFIG does not exist; "
+                             "create it or unset NARFS_CONFIG") from None
+    except tomllib.TOMLDecodeError as e:
+        raise NarfsError(f"{path}: not valid TOML ({e}); fix the file") from None
+    except PermissionError:
+        raise NarfsError(f"{path}: config file not readable; run as root or fix its "
+                         "permissions") from None
+    settings = Settings()
+    for key, value in values.items():
+        if key not in _TYPES:
+            raise NarfsError(f"{path}: unknown setting {key!r}; known: {', '.join(_TYPES)}")
+        want = {"str": str, "int": int, "bool": bool}[str(_TYPES[key])]
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise NarfsError(f"{path}: setting {key} must be a {want.__name__}")
+        settings = replace(settings, **{key: value})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    settings = replace(settings, **given)
+    if not 4096 <= settings.frame_size <= 1 << 30:
+        raise NarfsError(f"{path}: frame_size must be between 4096 and 1073741824 bytes")
+    return settings
+
+
+def render(settings: Settings, keys: tuple[str, ...]) -> str:
+    """TOML for the named settings, for the config file `narfs init` writes."""
+    lines = ["# narfs settings; see systemd/narfs.toml.example for every key"]
+    for key in keys:
+        value = getattr(settings, key)
+        lines.append(f"{key} = {value!r}".replace("'", '"') if isinstance(value, str)
+                     else f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,68 @@
+"""`.ls` listings: rendered as Nix writes them, read back as untrusted input."""
+
+from __future__ import annotations
+
+import json
+
+from .errors import CorruptError
+from .nar import MAX_DEPTH, MAX_NAME, MAX_TARGET
+
+MAX_SIZE = 256 << 20
+
+
+def render(root: dict) -> bytes:
+    return json.dumps({"version": 1, "root": root}, separators=(",", ":")).encode()
+
+
+def parse(data: bytes, nar_size: int | None = None) -> dict:
+    """Validate a listing and return its root node.
+
+    Invariants on return: every node has a known type; names are safe single components;
+    every regular file's [narOffset, narOffset+size) lies inside the NAR when its size is known.
+    """
+    if len(data) > MAX_SIZE:
+        raise CorruptError(f"listing is {len(data)} bytes, larger than narfs accepts")
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        raise CorruptError("listing is not valid JSON") from None
+    if not isinstance(doc, dict) or doc.get("version") != 1 \
+            or not isinstance(doc.get("root"), dict):
+        raise CorruptError("listing is not a version 1 .ls document")
+    root = doc["root"]
+    stack = [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise CorruptError("listing nests too deep")
+        kind = node.get("type")
+        if kind == "directory":
+            entries = node.get("entries")
+            if not isinstance(entries, dict):
+                raise CorruptError("listing directory without entries")
+            for name, child in entries.items():
+                raw = name.encode("utf-8", "surrogateescape")
+                if (not name or name in (".", "..") or "/" in name or "\0" in name
+                        or len(raw) > MAX_NAME or not isinstance(child, dict)):
+                    raise CorruptError(f"listing has an unsafe entry {name[:64]!r}")
+                stack.append((child, depth + 1))
+        elif kind == "regular":
+            size, offset = node.get("size"), node.get("narOffset")
+            if not _count(size) or (offset is not None and not _count(offset)):
+                raise CorruptError("listing regular file without a valid size")
+            if nar_size is not None and (offset is None or offset + size > nar_size):
+                raise CorruptError("listing points a file outside its NAR")
+            if node.get("executable", False) not in (True, False):
+                raise CorruptError("listing executable flag is not a boolean")
+        elif kind == "symlink":
+            target = node.get("target")
+            if not isinstance(target, str) or not target or len(target) > MAX_TARGET \
+                    or "\0" in target:
+                raise CorruptError("listing symlink without a valid target")
+        else:
+            raise CorruptError(f"listing node of unknown type {str(kind)[:20]!r}")
+    return root
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62

@@ -1,0 +1,37 @@
+"""Progress for long work: a bar on a terminal, nothing extra in logs (journald gets lines)."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+
+class Progress:
+    """Counts bytes (or items) done; draws only when stderr is a terminal."""
+
+    def __init__(self, total: int, what: str, unit: str = "B") -> None:
+        self.bar: tqdm | None = None
+        if sys.stderr.isatty() and total > 0:
+            self.bar = tqdm(total=total, desc=what, unit=unit, unit_scale=True,
+                            unit_divisor=1024 if unit == "B" else 1000, leave=False,
+                            file=sys.stderr, dynamic_ncols=True)
+
+    def advance(self, n: int, label: str = "") -> None:
+        if self.bar is not None:
+            if label:
+                self.bar.set_postfix_str(label[:40], refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

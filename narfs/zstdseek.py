@@ -1,0 +1,207 @@
+"""The zstd seekable format (facebook/zstd contrib/seekable_format).
+
+A file is independent zstd frames followed by one skippable frame holding the seek table, so any
+zstd decoder reads it as one stream while narfs can decompress only the frames it needs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import zstandard
+
+from .errors import CorruptError
+
+SKIPPABLE_MAGIC = 0x184D2A5E
+SEEKABLE_MAGIC = 0x8F92EAB1
+FOOTER = struct.Struct("<IBI")  # frames, descriptor, magic
+MAX_FRAME = 1 << 30  # the format's limit on one frame's decompressed size
+CHECKSUM_FLAG = 0x80
+
+
+@dataclass(frozen=True)
+class Frame:
+    comp_offset: int
+    comp_size: int
+    offset: int  # in the decompressed stream
+    size: int
+
+
+class SeekTable:
+    """The frames of a seekable file, with lookups by decompressed offset."""
+
+    def __init__(self, frames: list[Frame]) -> None:
+        self.frames = frames
+        self._starts = [f.offset for f in frames]
+        self.size = frames[-1].offset + frames[-1].size if frames else 0
+        self.comp_size = frames[-1].comp_offset + frames[-1].comp_size if frames else 0
+
+    def covering(self, offset: int, length: int) -> range:
+        """Indices of the frames holding bytes [offset, offset+length)."""
+        if length <= 0 or offset >= self.size:
+            return range(0)
+        first = bisect.bisect_right(self._starts, offset) - 1
+        last = bisect.bisect_right(self._starts, min(offset + length, self.size) - 1) - 1
+        return range(first, last + 1)
+
+
+def encode_table(sizes: list[tuple[int, int]]) -> bytes:
+    """The skippable frame for frames of (compressed, decompressed) sizes, without checksums."""
+    body = b"".join(struct.pack("<II", c, d) for c, d in sizes)
+    body += FOOTER.pack(len(sizes), 0, SEEKABLE_MAGIC)
+    return struct.pack("<II", SKIPPABLE_MAGIC, len(body)) + body
+
+
+def read_table(f: BinaryIO, file_size: int) -> SeekTable | None:
+    """The seek table at the end of `f`, or None when the file has none (plain zstd).
+
+    Every number is checked against the file before use: a lying table raises CorruptError.
+    """
+    if file_size < FOOTER.size + 8:
+        return None
+    f.seek(file_size - FOOTER.size)
+    nframes, descriptor, magic = FOOTER.unpack(f.read(FOOTER.size))
+    if magic != SEEKABLE_MAGIC:
+        return None
+    if descriptor & 0x7C:
+        raise CorruptError("seek table descriptor has reserved bits set")
+    entry = 12 if descriptor & CHECKSUM_FLAG else 8
+    body = nframes * entry + FOOTER.size
+    if body + 8 > file_size:
+        raise CorruptError(f"seek table claims {nframes} frames, more than the file holds")
+    start = file_size - body - 8
+    f.seek(start)
+    magic, size = struct.unpack("<II", f.read(8))
+    if magic != SKIPPABLE_MAGIC or size != body:
+        raise CorruptError("seek table frame header does not match its footer")
+    raw = f.read(nframes * entry)
+    frames = []
+    comp = dec = 0
+    for i in range(nframes):
+        c, d = struct.unpack_from("<II", raw, i * entry)
+        if d > MAX_FRAME or c == 0:
+            raise CorruptError(f"seek table frame {i} has impossible sizes ({c}, {d})")
+        frames.append(Frame(comp, c, dec, d))
+        comp += c
+        dec += d
+    if comp != start:
+        raise CorruptError(f"seek table frames cover {comp} bytes, the data is {start}")
+    return SeekTable(frames)
+
+
+def read_frame(f: BinaryIO, frame: Frame, dctx: zstandard.ZstdDecompressor | None = None) -> bytes:
+    """Decompress one frame, insisting it yields exactly the size the table promises."""
+    f.seek(frame.comp_offset)
+    data = f.read(frame.comp_size)
+    if len(data) != frame.comp_size:
+        raise CorruptError(f"zstd frame at {frame.comp_offset} is truncated")
+    try:
+        out = (dctx or zstandard.ZstdDecompressor()).decompress(
+            data, max_output_size=frame.size)
+    except zstandard.ZstdError as e:
+        raise CorruptError(f"zstd frame at {frame.comp_offset} is damaged: {e}") from None
+    if len(out) != frame.size:
+        raise CorruptError(f"zstd frame at {frame.comp_offset} holds {len(out)} bytes, "
+                           f"the seek table says {frame.size}")
+    return out
+
+
+class SeekableWriter:
+    """Compress a stream into seekable zstd frames of `frame_size` bytes, `threads` at a time.
+
+    Frames are compressed in worker threads (zstd releases the GIL) and written in order; at most
+    `threads + 1` frames are in flight, which bounds memory. `sha256` is the compressed file's
+    FileHash once `close()` returns.
+    """
+
+    def __init__(self, out: BinaryIO, frame_size: int, level: int,
+                 executor: ThreadPoolExecutor | None = None, threads: int = 1) -> None:
+        if not 0 < frame_size <= MAX_FRAME:
+            raise ValueError(f"frame size {frame_size} outside 1..{MAX_FRAME}")
+        self.out = out
+        self.frame_size = frame_size
+        self.level = level
+        self.executor = executor
+        self.threads = threads
+        self.sha256 = hashlib.sha256()
+        self.size = 0  # compressed bytes written
+        self.nar_size = 0
+        self._buf = bytearray()
+        self._sizes: list[tuple[int, int]] = []
+        self._pending: deque[Future[bytes]] = deque()
+        self._local = threading.local()
+
+    def _compress(self, data: bytes) -> bytes:
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(
+                level=self.level, write_checksum=True, write_content_size=True)
+        return cctx.compress(data)
+
+    def _emit(self, comp: bytes, dsize: int) -> None:
+        self.out.write(comp)
+        self.sha256.update(comp)
+        self.size += len(comp)
+        self._sizes.append((len(comp), dsize))
+
+    def _submit(self, frame: bytes) -> None:
+        if self.executor is None:
+            self._emit(self._compress(frame), len(frame))
+            return
+        fut = self.executor.submit(self._compress, frame)
+        fut.dsize = len(frame)  # type: ignore[attr-defined]
+        self._pending.append(fut)
+        while len(self._pending) > self.threads:
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        fut = self._pending.popleft()
+        self._emit(fut.result(), fut.dsize)  # type: ignore[attr-defined]
+
+    def write(self, data: bytes) -> None:
+        self.nar_size += len(data)
+        self._buf += data
+        while len(self._buf) >= self.frame_size:
+            frame = bytes(self._buf[: self.frame_size])
+            del self._buf[: self.frame_size]
+            self._submit(frame)
+
+    def close(self) -> None:
+        if self._buf or (not self._sizes and not self._pending):
+            self._submit(bytes(self._buf))
+            self._buf.clear()
+        while self._pending:
+            self._drain_one()
+        table = encode_table(self._sizes)
+        self.out.write(table)
+        self.sha256.update(table)
+        self.size += len(table)
+
+    def abort(self) -> None:
+        for fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+
+
+def decompress_stream(f: BinaryIO, write: Callable[[bytes], object]) -> None:
+    """Decompress every frame of a zstd file (seekable or not), skippable frames ignored."""
+    dctx = zstandard.ZstdDecompressor()
+    try:
+        reader = dctx.stream_reader(f, read_across_frames=True)
+        while chunk := reader.read(1 << 20):
+            write(chunk)
+    except zstandard.ZstdError as e:
+        raise CorruptError(f"zstd data is damaged: {e}") from None
+
+
+def file_size(f: BinaryIO) -> int:
+    return os.fstat(f.fileno()).st_size

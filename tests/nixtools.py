@@ -1,0 +1,110 @@
+"""Real Nix for tests: salted builds in the machine's shared /nix, cleaned up afterwards.
+
+Every path a test creates goes through `NixStore`, which roots it with an out-link in the test's
+tmp dir while the test runs and `nix-store --delete`s exactly those paths (and their .drv files)
+at teardown. Nothing else in /nix is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+NIX = ["nix", "--extra-experimental-features", "nix-command"]
+
+
+def run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def nix_string(s: str) -> str:
+    return json.dumps(s).replace("${", "\\${")
+
+
+class NixStore:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.links: list[Path] = []
+        self.paths: list[str] = []  # created outputs, oldest first
+
+    def build_expr(self, expr: str) -> list[str]:
+        link = self.workdir / f"result-{uuid.uuid4().hex[:8]}"
+        out = run(["nix-build", "-E", expr, "--out-link", str(link)]).stdout.split()
+        self.links.append(link)
+        self.paths += [p for p in out if p not in self.paths]
+        return out
+
+    def tree(self, src: Path | str, name: str = "narfs-test", refs: list[str] = (),
+             salt: str | None = None) -> str:
+        """A store path holding a copy of `src` (a file or a tree), referencing `refs`.
+
+        `refs` are written into `<out>/.refs` (so `src` must be a directory when refs are
+        given); they become real references because they are inputs via builtins.storePath.
+        """
+        salt = salt or uuid.uuid4().hex
+        script = "/bin/cp -a \"$src\" \"$out\""
+        if refs:
+            script += " && /bin/chmod u+w \"$out\" && echo $refs > \"$out/.refs\""
+        ref_list = " ".join(f"(builtins.storePath {nix_string(r)})" for r in refs)
+        expr = (f"derivation {{ name = {nix_string(name)}; system = builtins.currentSystem; "
+                f"builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\"; salt = {nix_string(salt)}; "
+                f"src = {nix_string(str(src))}; refs = [ {ref_list} ]; "
+                f"args = [ \"-c\" {nix_string(script)} ]; }}")
+        return self.build_expr(expr)[0]
+
+    def text(self, content: str, name: str = "narfs-test", refs: list[str] = ()) -> str:
+        """A small store path: a directory with one file `content`, referencing `refs`."""
+        src = self.workdir / f"src-{uuid.uuid4().hex[:8]}"
+        src.mkdir()
+        (src / "content").write_text(content)
+        return self.tree(src, name, refs)
+
+    def closure(self, n: int, name: str = "narfs-test") -> list[str]:
+        """A chain of `n` small paths, each referencing the previous; returns them oldest first."""
+        out: list[str] = []
+        for i in range(n):
+            out.append(self.text(f"{name} {i} {uuid.uuid4().hex}", f"{name}-{i}",
+                                 out[-1:]))
+        return out
+
+    def unroot(self) -> None:
+        for link in self.links:
+            if link.is_symlink():
+                link.unlink()
+        self.links.clear()
+
+    def cleanup(self) -> None:
+        """Delete every path this object created, newest first, with the .drv files."""
+        self.unroot()
+        drvs = []
+        for p in self.paths:
+            q = run(["nix-store", "--query", "--deriver", p], check=False).stdout.strip()
+            if q.endswith(".drv") and os.path.exists(q):
+                drvs.append(q)
+        everything = [p for p in self.paths + drvs if os.path.exists(p)]
+        if everything and run(["nix-store", "--delete", *everything], check=False).returncode:
+            for p in reversed(everything):  # some are gone or still alive: do what can be done
+                run(["nix-store", "--delete", p], check=False)
+        self.paths.clear()
+
+
+def delete_paths(paths: list[str]) -> None:
+    """Delete store paths so a restore has to bring them back; fails loudly if they stay.
+
+    The .drv files that name them as inputs go too: Nix keeps a path alive while one refers
+    to it. Those .drv files belong to the test's own salted builds.
+    """
+    drvs = {r for p in paths
+            for r in run(["nix-store", "--query", "--referrers", p]).stdout.split()
+            if r.endswith(".drv")}
+    run(["nix-store", "--delete", *paths, *sorted(drvs)])
+    for p in paths:
+        assert not os.path.exists(p), f"{p} still in the store after nix-store --delete"
