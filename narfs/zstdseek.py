@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import os
 import struct
 import threading
@@ -99,19 +100,30 @@ def read_table(f: BinaryIO, file_size: int) -> SeekTable | None:
 
 
 def read_frame(f: BinaryIO, frame: Frame, dctx: zstandard.ZstdDecompressor | None = None) -> bytes:
-    """Decompress one frame, insisting it yields exactly the size the table promises."""
+    """Decompress one frame, insisting it yields exactly the size the table promises.
+
+    Memory stays bounded by the table's size for the frame (at most MAX_FRAME): a frame header
+    that promises another size is refused before decompressing, and a frame without a size in
+    its header is read through a stream that stops one byte past the promise.
+    """
     f.seek(frame.comp_offset)
     data = f.read(frame.comp_size)
+    where = f"zstd frame at {frame.comp_offset}"
     if len(data) != frame.comp_size:
-        raise CorruptError(f"zstd frame at {frame.comp_offset} is truncated")
+        raise CorruptError(f"{where} is truncated")
+    dctx = dctx or zstandard.ZstdDecompressor()
     try:
-        out = (dctx or zstandard.ZstdDecompressor()).decompress(
-            data, max_output_size=frame.size)
+        declared = zstandard.get_frame_parameters(data).content_size
+        if declared == frame.size:
+            out = dctx.decompress(data, max_output_size=frame.size)
+        elif declared == zstandard.CONTENTSIZE_UNKNOWN:
+            out = dctx.stream_reader(io.BytesIO(data)).read(frame.size + 1)
+        else:
+            raise CorruptError(f"{where} declares {declared} bytes, the seek table {frame.size}")
     except zstandard.ZstdError as e:
-        raise CorruptError(f"zstd frame at {frame.comp_offset} is damaged: {e}") from None
+        raise CorruptError(f"{where} is damaged: {e}") from None
     if len(out) != frame.size:
-        raise CorruptError(f"zstd frame at {frame.comp_offset} holds {len(out)} bytes, "
-                           f"the seek table says {frame.size}")
+        raise CorruptError(f"{where} holds {len(out)} bytes, the seek table says {frame.size}")
     return out
 
 
