@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -108,3 +109,40 @@ def delete_paths(paths: list[str]) -> None:
     run(["nix-store", "--delete", *paths, *sorted(drvs)])
     for p in paths:
         assert not os.path.exists(p), f"{p} still in the store after nix-store --delete"
+
+
+class Narfs:
+    """The installed `narfs` command, configured for one test's cache via $NARFS_CONFIG."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cache = root / "cache"
+        self.key = root / "secret.key"
+        self.config = root / "narfs.toml"
+        self.env = {**os.environ, "NARFS_CONFIG": str(self.config)}
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 600,
+                 **kw) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "narfs.cli", *args], capture_output=True,
+                              text=True, env=kw.pop("env", self.env), timeout=timeout, **kw)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"narfs {' '.join(args)} exited {proc.returncode}:\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def popen(self, *args: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "narfs.cli", *args], env=self.env,
+                                **kw)
+
+    @property
+    def public_key(self) -> str:
+        from narfs.signing import load_secret_key
+
+        return load_secret_key(str(self.key)).public.text()
+
+
+def nix_copy_from(cache: Path, paths: list[str], public_key: str) -> None:
+    """Restore through Nix itself, signatures required and only our key trusted."""
+    run(["nix", "--extra-experimental-features", "nix-command", "copy", "--from",
+         f"file://{cache}", "--option", "trusted-public-keys", public_key,
+         "--option", "require-sigs", "true", *paths])
