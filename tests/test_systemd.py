@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from nixtools import NIX, NixStore, run
 
 SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
