@@ -1,0 +1,326 @@
+"""`narfs mount` and `narfs umount`: the mount's lifecycle around the filesystem in fs.py.
+
+- Without --foreground the command forks (before any thread exists: sqlitedict and trio start
+  threads), the child mounts and serves, and the parent returns once the child reports the mount
+  answering requests, like sshfs; the child logs to `<cache>/.narfs/mount.log`.
+- With --foreground it serves in the calling process and sends READY=1 to $NOTIFY_SOCKET.
+- SIGTERM, SIGINT and SIGHUP end the FUSE loop and unmount; an unmount from outside
+  (`fusermount3 -u`, `narfs umount`) ends the loop, and so the process. Last access times are
+  flushed on the way out either way. SIGUSR1 logs the read path's counters.
+- Live: inotify on the cache directory (names `<hash>.narinfo`) → catalog sync of just those
+  hashes → the mount; a full sync runs at start and every FULL_SYNC seconds as a safety net (and
+  every POLL seconds when inotify is unavailable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+
+import pyfuse3
+import trio
+
+from .cache import Cache
+from .catalog import Catalog
+from .config import Settings
+from .errors import NarfsError
+from .fs import NarFS
+from .reader import HotTier, Reader
+from .storepath import is_hash
+from .watch import Notifier
+
+log = logging.getLogger(__name__)
+
+FSTYPE = "fuse.narfs"
+FULL_SYNC = 300.0
+POLL = 2.0
+DEBOUNCE = 0.05
+FLUSH_ACCESS = 10.0
+LOG_NAME = "mount.log"
+LOG_MAX = 8 << 20
+KNOWN_OPTIONS = {"allow_other"}
+
+
+def fuse_options(cache_root: str, allow_other: bool) -> set[str]:
+    """`fsname=narfs:<cache>` and type fuse.narfs let `narfs status`/`restore` map a mount back
+    to its cache through /proc/mounts. libfuse splits options at commas: escape them."""
+    fsname = "narfs:" + cache_root.replace("\\", "\\\\").replace(",", "\\,")
+    options = set(pyfuse3.default_options) | {"ro", f"fsname={fsname}", "subtype=narfs"}
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+def parse_options(given: list[str]) -> set[str]:
+    options = {o for arg in given for o in arg.split(",") if o}
+    unknown = options - KNOWN_OPTIONS
+    if unknown:
+        raise NarfsError(f"unknown mount option {sorted(unknown)[0]!r}; known: "
+                         f"{', '.join(sorted(KNOWN_OPTIONS))}")
+    return options
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    cache = Cache(settings.cache_dir)
+    cache.check()
+    if not cache.root.isascii():
+        raise NarfsError(f"{cache.root}: FUSE mount options must be ASCII; use a cache path "
+                         "without non-ASCII characters")
+    mountpoint = os.path.realpath(args.mountpoint)  # as /proc/mounts will show it
+    if not os.path.isdir(mountpoint):
+        raise NarfsError(f"{mountpoint}: mount point is not a directory; create it first")
+    if mountpoint in mounts():
+        raise NarfsError(f"{mountpoint}: a narfs mount is already there; "
+                         f"`narfs umount {mountpoint}` first")
+    allow_other = settings.allow_other or "allow_other" in parse_options(args.options)
+    if args.foreground:
+        return serve(cache, settings, mountpoint, allow_other, Notifier.from_environment())
+    return _daemonise(cache, settings, mountpoint, allow_other)
+
+
+def _daemonise(cache: Cache, settings: Settings, mountpoint: str, allow_other: bool) -> int:
+    """Fork; return in the parent once the child's mount answers, or with its error line."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a daemon that serves the mount
+        code = 1
+        try:
+            os.close(r)
+            os.setsid()
+            _detach_stdio(cache)
+            code = serve(cache, settings, mountpoint, allow_other, _PipeReady(w))
+        except NarfsError as e:
+            log.error("%s", e)
+            _report(w, str(e))
+        except BaseException as e:
+            log.exception("mount failed")
+            _report(w, f"{mountpoint}: mount failed: {e}")
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        message = f.read().decode(errors="replace")
+    if message == "ready":
+        return 0
+    _, status = os.waitpid(pid, 0)
+    if not message:
+        message = f"{mountpoint}: the mount process ended ({status}) before the mount was live"
+    raise NarfsError(message + f"; see {cache.state_path(LOG_NAME)}")
+
+
+def _report(fd: int, message: str) -> None:
+    try:
+        os.write(fd, message.encode())
+    except OSError:
+        pass
+
+
+class _PipeReady(Notifier):
+    """Readiness for the parent of a daemonised mount: "ready" on the pipe, then close it."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(None)
+        self.fd = fd
+
+    def send(self, *fields: str) -> None:
+        if "READY=1" in fields and self.fd >= 0:
+            _report(self.fd, "ready")
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _detach_stdio(cache: Cache) -> None:
+    """Point stdio at the mount log, so logging (and any stray traceback) lands there and the
+    parent's pipes, e.g. a caller's captured stdout, close when the parent exits."""
+    path = cache.state_path(LOG_NAME)
+    try:
+        if os.path.getsize(path) > LOG_MAX:
+            os.replace(path, path + ".1")
+    except OSError:
+        pass
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.close(null)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s narfs[%(process)d]: %(message)s"))
+
+
+def serve(cache: Cache, settings: Settings, mountpoint: str, allow_other: bool,
+          notifier: Notifier) -> int:
+    """Mount, serve until unmounted or signalled, unmount. Blocking; returns the exit code."""
+    catalog = Catalog(cache)
+    try:
+        return trio.run(_serve, cache, catalog, settings, mountpoint, allow_other, notifier)
+    finally:
+        catalog.close()
+        notifier.close()
+
+
+async def _serve(cache: Cache, catalog: Catalog, settings: Settings, mountpoint: str,
+                 allow_other: bool, notifier: Notifier) -> int:
+    limiter = trio.CapacityLimiter(max(2, settings.threads))
+    hot = await trio.to_thread.run_sync(HotTier, cache.state_path("hot"),
+                                        settings.hot_tier_mb << 20)
+    reader = Reader(cache, hot, settings.frame_cache_mb << 20, limiter)
+    fs = NarFS(cache, catalog, reader, trio.CapacityLimiter(1))
+    await fs.start()
+    if not fs.paths:  # a new catalog: fill it first, so the mount does not come up empty
+        await fs.refresh()
+    try:
+        pyfuse3.init(fs, mountpoint, fuse_options(cache.root, allow_other))
+    except RuntimeError:
+        raise NarfsError(f"{mountpoint}: mounting failed (is /dev/fuse available and "
+                         "fusermount3 installed? allow_other needs user_allow_other in "
+                         "/etc/fuse.conf for non-root users)") from None
+    log.info("mounted %s on %s", cache.root, mountpoint)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_fuse_main, nursery)
+            nursery.start_soon(_announce, mountpoint, notifier)
+            nursery.start_soon(_signals, fs, notifier)
+            nursery.start_soon(_keep_in_step, fs, cache.root)
+            nursery.start_soon(_flush_access, fs)
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await fs.flush_access()
+            except Exception:
+                log.exception("recording last access times failed")
+        pyfuse3.close(unmount=True)
+        reader.close()
+        log.info("unmounted %s", mountpoint)
+    return 0
+
+
+async def _fuse_main(nursery: trio.Nursery) -> None:
+    await pyfuse3.main()
+    nursery.cancel_scope.cancel()  # unmounted: the helper tasks end with the loop
+
+
+async def _announce(mountpoint: str, notifier: Notifier) -> None:
+    """Ready once a stat through the kernel is answered by this process's loop."""
+    st = await trio.to_thread.run_sync(os.stat, mountpoint)
+    if st.st_ino != pyfuse3.ROOT_INODE:
+        log.warning("%s: mount point does not show the mount's root", mountpoint)
+    notifier.send("READY=1", f"STATUS=serving {mountpoint}")
+
+
+async def _signals(fs: NarFS, notifier: Notifier) -> None:
+    """SIGTERM, SIGINT, SIGHUP: unmount. SIGUSR1: log the read path's counters (frames
+    decompressed, cache sizes, ...) as one JSON line, for tests, benchmarks and debugging."""
+    stop = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    with trio.open_signal_receiver(*stop, signal.SIGUSR1) as signals:
+        async for signum in signals:
+            if signum == signal.SIGUSR1:
+                log.info("stats %s", json.dumps(fs.stats(), sort_keys=True))
+                continue
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            notifier.send("STOPPING=1")
+            pyfuse3.terminate()
+            return
+
+
+async def _flush_access(fs: NarFS) -> None:
+    while True:
+        await trio.sleep(FLUSH_ACCESS)
+        try:
+            await fs.flush_access()
+        except Exception:
+            log.exception("recording last access times failed")
+
+
+async def _keep_in_step(fs: NarFS, root: str) -> None:
+    """Full sync now (the catalog may lag the directory), then follow inotify."""
+    await _refresh(fs, None)
+    await trio.to_thread.run_sync(fs.prune_trees, limiter=fs.reader.limiter)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.fill_tops)
+        try:
+            from inotify_simple import INotify, flags
+            inotify = INotify(nonblocking=True)
+            inotify.add_watch(root, flags.MOVED_TO | flags.MOVED_FROM | flags.DELETE
+                              | flags.CLOSE_WRITE | flags.DELETE_SELF | flags.MOVE_SELF)
+        except (ImportError, OSError) as e:
+            log.warning("%s: cannot watch the cache directory (%s); polling every %.0f s",
+                        root, e, POLL)
+            while True:
+                await trio.sleep(POLL)
+                await _refresh(fs, None)
+        with inotify:
+            while True:
+                with trio.move_on_after(FULL_SYNC) as scope:
+                    await trio.lowlevel.wait_readable(inotify.fileno())
+                if scope.cancelled_caught:
+                    await _refresh(fs, None)
+                    continue
+                await trio.sleep(DEBOUNCE)  # one sync for a burst (`narfs archive` of a closure)
+                hashes: set[str] | None = set()
+                for ev in inotify.read(timeout=0):
+                    if ev.mask & (flags.Q_OVERFLOW | flags.DELETE_SELF | flags.MOVE_SELF):
+                        hashes = None
+                    elif hashes is not None and ev.name.endswith(".narinfo"):
+                        if is_hash(ev.name[:-8]):
+                            hashes.add(ev.name[:-8])
+                if hashes is None or hashes:
+                    await _refresh(fs, hashes)
+
+
+async def _refresh(fs: NarFS, hashes: set[str] | None) -> None:
+    try:
+        added, _ = await fs.refresh(hashes)
+    except Exception:  # a failed sync must not end the mount: the next event or timer retries
+        log.exception("keeping the mount in step with the cache failed")
+        return
+    if added:
+        await fs.fill_tops()
+
+
+# --- /proc/mounts and umount --------------------------------------------------------------
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts escapes space, tab, newline and backslash as octal (\\040 ...)."""
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
+
+
+def mounts() -> dict[str, str]:
+    """narfs mounts now: mount point → cache directory."""
+    found = {}
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3 and fields[2] == FSTYPE:
+                    source = _unescape(fields[0])
+                    cache = source[len("narfs:"):] if source.startswith("narfs:") else ""
+                    found[_unescape(fields[1])] = cache.replace("\\,", ",")
+    except FileNotFoundError:
+        pass
+    return found
+
+
+def umount_main(args: argparse.Namespace, settings: Settings) -> int:
+    mountpoint = os.path.realpath(args.mountpoint)
+    if mountpoint not in mounts():
+        raise NarfsError(f"{mountpoint}: not a narfs mount (see /proc/mounts)")
+    proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = proc.stderr.strip().splitlines()
+        reason = err[-1] if err else f"fusermount3 exited {proc.returncode}"
+        if "busy" in reason.lower():
+            raise NarfsError(f"{mountpoint}: busy ({reason}); close the files and shells "
+                             f"using it, or `umount -l {mountpoint}`")
+        raise NarfsError(f"{mountpoint}: unmounting failed: {reason}")
+    return 0
+

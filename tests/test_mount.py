@@ -1,0 +1,210 @@
+"""Issue 3: `narfs mount` shows archived store paths exactly as /nix/store holds them.
+
+Real FUSE, real Nix: paths are built in the store, archived by narfs or copied by `nix copy`, then
+compared with the originals through diff, find, grep and ls.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mounting import Mount, mounted
+from test_archive_roundtrip import make_rich_tree
+
+from conftest import Narfs
+from narfs.cache import Cache
+from narfs.catalog import Catalog
+from nixtools import NIX, NixStore, run
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Store paths of every shape: a rich tree spanning frames, a lone file, a lone symlink."""
+    tmp = tmp_path_factory.mktemp("src")
+    store = NixStore(tmp / "nix")
+    try:
+        make_rich_tree(tmp / "tree", 3 << 20)
+        (tmp / "single").write_text("a store path that is one file; narfs finds it\n")
+        (tmp / "link").symlink_to("/etc/hostname")
+        yield {"rich": store.tree(tmp / "tree", "narfs-rich"),
+               "file": store.tree(tmp / "single", "narfs-file"),
+               "link": store.tree(tmp / "link", "narfs-link")}
+    finally:
+        store.cleanup()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory, paths: dict[str, str]) -> Narfs:
+    n = Narfs(tmp_path_factory.mktemp("narfs"))
+    n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
+    n.config.write_text(n.config.read_text() + "frame_size = 1048576\n")
+    n("archive", *paths.values())
+    return n
+
+
+def base(path: str) -> str:
+    return os.path.basename(path)
+
+
+def find_view(root: Path) -> list[str]:
+    """Names, types, modes, sizes and link targets (directory sizes differ between
+    filesystems and say nothing)."""
+    out = run(["find", str(root), "(", "-type", "d", "-printf", r"%P %y %m\n", ")", "-o",
+               "-printf", r"%P %y %m %s %l\n"]).stdout
+    return sorted(out.splitlines())
+
+
+def ls_view(root: Path) -> list[str]:
+    """`ls -lR` modulo link counts, owner, dates, block totals and directory sizes."""
+    cwd, arg = (root, ".") if root.is_dir() and not root.is_symlink() else (root.parent,
+                                                                            root.name)
+    out = run(["ls", "-lR", "--time-style=+T", arg], cwd=cwd).stdout
+    view = []
+    for line in out.splitlines():
+        fields = line.split(None, 6)
+        if line.startswith("total ") or len(fields) < 7:
+            view.append(line if not line.startswith("total ") else "")
+            continue
+        perms, _, _, _, size, _, rest = fields
+        view.append(f"{perms} {'-' if perms.startswith('d') else size} {rest}")
+    return view
+
+
+def grep_view(root: Path) -> list[str]:
+    cwd, arg = (root, ".") if root.is_dir() and not root.is_symlink() else (root.parent,
+                                                                            root.name)
+    out = subprocess.run(["grep", "-r", "-n", "-a", "narfs", arg], cwd=cwd,
+                         capture_output=True).stdout
+    return sorted(out.decode(errors="replace").splitlines())
+
+
+def assert_same(mounted_path: Path, store_path: str) -> None:
+    store = Path(store_path)
+    diff = subprocess.run(["diff", "-r", "--no-dereference", str(mounted_path), store_path],
+                          capture_output=True, text=True)
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+    assert find_view(mounted_path) == find_view(store)
+    assert ls_view(mounted_path) == ls_view(store)
+    assert grep_view(mounted_path) == grep_view(store)
+
+
+def test_narfs_archive_mounts_as_the_store_holds_it(archive: Narfs, paths: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    with mounted(archive, tmp_path / "mnt") as m:
+        listed = sorted(os.listdir(m.path))
+        assert listed == sorted([".by-name", *(base(p) for p in paths.values())])
+        for p in paths.values():
+            assert_same(m / base(p), p)
+        # Store modes: directories 0555, files 0444 or 0555, mtime 1 like the store.
+        rich = m / base(paths["rich"])
+        assert (rich / "bin").stat().st_mode & 0o7777 == 0o555
+        assert (rich / "bin" / "tool").stat().st_mode & 0o7777 == 0o555
+        assert (rich / "empty-file").stat().st_mode & 0o7777 == 0o444
+        assert (rich / "bin").stat().st_mtime == 1
+        assert (rich / "bin").stat().st_nlink == 2
+        assert os.readlink(m / base(paths["link"])) == "/etc/hostname"
+        # /proc/mounts maps the mount back to its cache.
+        with open("/proc/self/mounts") as f:
+            line = next(ln.split() for ln in f if ln.split()[1] == str(m.path))
+        assert line[0] == f"narfs:{archive.cache}" and line[2] == "fuse.narfs"
+        assert "ro" in line[3].split(",") and "default_permissions" in line[3]
+        assert m.alive()
+    rich_hash = base(paths["rich"])[:32]
+    with Catalog(Cache(str(archive.cache))) as catalog:
+        assert catalog.access.get(rich_hash, 0) > 0, "reads were not recorded for gc"
+
+
+def test_by_name_view(archive: Narfs, paths: dict[str, str], tmp_path: Path) -> None:
+    with mounted(archive, tmp_path / "mnt") as m:
+        names = os.listdir(m / ".by-name")
+        assert sorted(names) == ["narfs-file", "narfs-link", "narfs-rich"]
+        d = m / ".by-name" / "narfs-rich"
+        entries = sorted(os.listdir(d))
+        assert entries[-1] == "latest" and len(entries) == 2
+        version = entries[0]
+        assert version.endswith("-" + base(paths["rich"])[:8]) and version[:2] == "20"
+        assert os.readlink(d / "latest") == f"../../{base(paths['rich'])}"
+        assert os.readlink(d / version) == f"../../{base(paths['rich'])}"
+        assert (d / "latest" / "bin" / "tool").read_text() == "#!/bin/sh\necho tool\n"
+
+
+def test_inodes_survive_a_remount(archive: Narfs, paths: dict[str, str],
+                                  tmp_path: Path) -> None:
+    def inodes(m: Mount) -> list[str]:
+        return sorted(run(["find", str(m.path), "-printf", r"%i %P\n"]).stdout.splitlines())
+
+    with mounted(archive, tmp_path / "mnt") as m:
+        first = inodes(m)
+    with mounted(archive, tmp_path / "mnt") as m:
+        assert inodes(m) == first
+    numbers = [int(line.split()[0]) for line in first]
+    assert len(set(numbers)) == len(numbers)
+
+
+@pytest.mark.parametrize("compression,listing", [("xz", False), ("xz", True), ("zstd", False),
+                                                 ("zstd", True)])
+def test_nix_copy_caches(paths: dict[str, str], tmp_path: Path, compression: str,
+                         listing: bool) -> None:
+    """Caches written by Nix itself: listings from `.ls` or parsed from the NAR, reads through
+    the hot tier (no seek table)."""
+    n = Narfs(tmp_path / "narfs")
+    n.root.mkdir()
+    n.config.write_text(f'cache_dir = "{n.cache}"\n')
+    url = f"file://{n.cache}?compression={compression}"
+    if listing:
+        url += "&write-nar-listing=true"
+    run([*NIX, "copy", "--to", url, *paths.values()])
+    assert any(f.suffix == ".ls" for f in n.cache.iterdir()) == listing
+    with mounted(n, tmp_path / "mnt") as m:
+        for p in paths.values():
+            assert_same(m / base(p), p)
+        stats = m.stats()
+        assert stats["nar_parses"] == (0 if listing else 3), stats
+        assert stats["hot_fills"] >= 2, stats
+        assert stats["frames_decompressed"] == 0, stats
+
+
+def test_hot_tier_is_bounded(paths: dict[str, str], tmp_path: Path) -> None:
+    n = Narfs(tmp_path / "narfs")
+    n.root.mkdir()
+    n.config.write_text(f'cache_dir = "{n.cache}"\nhot_tier_mb = 1\n')
+    run([*NIX, "copy", "--to", f"file://{n.cache}?compression=xz&write-nar-listing=true",
+         *paths.values()])
+    hot = n.cache / ".narfs" / "hot"
+    with mounted(n, tmp_path / "mnt") as m:
+        (m / base(paths["rich"]) / "bin" / "tool").read_text()
+        assert len(list(hot.glob("*.nar"))) == 1  # larger than the tier: held alone
+        (m / base(paths["file"])).read_text()
+        files = list(hot.glob("*.nar"))
+        assert len(files) == 1 and files[0].stat().st_size < 1 << 20, files
+        # The evicted NAR comes back on demand.
+        assert (m / base(paths["rich"]) / "big.bin").read_bytes() == \
+            Path(paths["rich"], "big.bin").read_bytes()
+
+
+def test_a_read_decompresses_only_the_frames_it_needs(narfs: Narfs, nixstore: NixStore,
+                                                      tmp_path: Path) -> None:
+    """50 KB in the middle of a 100 MB path costs a frame or two (4 MiB frames), not 25."""
+    src = tmp_path / "big"
+    src.mkdir()
+    for i in range(50):
+        (src / f"a{i:02}.bin").write_bytes(os.urandom(1 << 20))
+    (src / "m-target").write_bytes(os.urandom(50_000))
+    for i in range(50):
+        (src / f"z{i:02}.bin").write_bytes(os.urandom(1 << 20))
+    p = nixstore.tree(src, "narfs-100mb")
+    narfs("archive", p)
+    with mounted(narfs, tmp_path / "mnt") as m:
+        before = m.stats()
+        data = (m / base(p) / "m-target").read_bytes()
+        after = m.stats()
+        assert data == (src / "m-target").read_bytes()
+        frames = after["frames_decompressed"] - before["frames_decompressed"]
+        read = after["frame_bytes_read"] - before["frame_bytes_read"]
+        assert 1 <= frames <= 2, (before, after)
+        assert read <= 2 * (4 << 20) + 4096, (before, after)
+        assert after["frame_cache_bytes"] <= 256 << 20
