@@ -63,11 +63,54 @@ class NarSerialiser:
         self._buf = bytearray()
 
     def __iter__(self) -> Iterator[bytes]:
-        self._buf += _HEAD
-        node: dict = {}
-        yield from self._node(self.root, node)
-        self.listing = node
-        if self._buf:
+        """Iterative, so a deep tree costs no Python stack (nested generators would hit the
+        recursion limit near 1000 levels); depth is capped at MAX_DEPTH like the parser's, so
+        narfs never writes a NAR it would refuse to read."""
+        buf = self._buf
+        buf += _HEAD
+        root: dict = {}
+        stack: list[tuple[bytes, Iterator[bytes], dict]] = []  # open dirs: path, names, entries
+        path, node = self.root, root
+        while True:
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                yield from self._regular(path, st, node)
+            elif stat.S_ISLNK(st.st_mode):
+                target = os.readlink(path)
+                node.update(type="symlink", target=os.fsdecode(target))
+                buf += _SYMLINK + encode_str(target) + _CLOSE
+            elif stat.S_ISDIR(st.st_mode):
+                if len(stack) >= MAX_DEPTH:
+                    raise NarfsError(f"{os.fsdecode(path)}: nests deeper than {MAX_DEPTH} "
+                                     "directories; narfs cannot archive it")
+                entries: dict = {}
+                node.update(type="directory", entries=entries)
+                buf += _DIRECTORY
+                stack.append((path, iter(sorted(os.listdir(path))), entries))
+            else:
+                raise NarfsError(f"{os.fsdecode(path)}: not a regular file, directory or "
+                                 "symlink; a store path cannot hold it")
+            if not stat.S_ISDIR(st.st_mode) and stack:
+                buf += _CLOSE  # closes the entry holding this node
+            if len(buf) >= _FLUSH:
+                yield self._take()
+            # Walk up to the next entry: close every directory whose names are exhausted.
+            while stack:
+                dirpath, names, entries = stack[-1]
+                name = next(names, None)
+                if name is not None:
+                    buf += _ENTRY + encode_str(name) + _NODE
+                    node = entries[os.fsdecode(name)] = {}
+                    path = dirpath + b"/" + name
+                    break
+                stack.pop()
+                buf += _CLOSE  # the directory
+                if stack:
+                    buf += _CLOSE  # the entry holding it
+            else:
+                break
+        self.listing = root
+        if buf:
             yield self._take()
 
     def _take(self) -> bytes:
@@ -75,30 +118,6 @@ class NarSerialiser:
         self.offset += len(data)
         self._buf.clear()
         return data
-
-    def _node(self, path: bytes, node: dict) -> Iterator[bytes]:
-        st = os.lstat(path)
-        if stat.S_ISREG(st.st_mode):
-            yield from self._regular(path, st, node)
-        elif stat.S_ISLNK(st.st_mode):
-            target = os.readlink(path)
-            node.update(type="symlink", target=os.fsdecode(target))
-            self._buf += _SYMLINK + encode_str(target) + _CLOSE
-        elif stat.S_ISDIR(st.st_mode):
-            node.update(type="directory", entries={})
-            self._buf += _DIRECTORY
-            for name in sorted(os.listdir(path)):
-                self._buf += _ENTRY + encode_str(name) + _NODE
-                child: dict = {}
-                node["entries"][os.fsdecode(name)] = child
-                yield from self._node(path + b"/" + name, child)
-                self._buf += _CLOSE
-            self._buf += _CLOSE
-        else:
-            raise NarfsError(f"{os.fsdecode(path)}: not a regular file, directory or symlink; "
-                             "a store path cannot hold it")
-        if len(self._buf) >= _FLUSH:
-            yield self._take()
 
     def _regular(self, path: bytes, st: os.stat_result, node: dict) -> Iterator[bytes]:
         size = st.st_size

@@ -78,23 +78,33 @@ def parse_public_key(text: str, where: str = "public key") -> PublicKey:
 def load_secret_key(path: str) -> SecretKey:
     """Read a key file, refusing one that anybody but its owner can read (DESIGN: security)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO in the key's place must not hang the command.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise NarfsError(f"{path}: secret key file not found; run `narfs init` or set "
                          "secret_key_file") from None
     except PermissionError:
         raise NarfsError(f"{path}: secret key file not readable; run narfs as its owner "
                          "(root under systemd)") from None
-    with os.fdopen(fd) as f:
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+    except OSError as e:
+        raise NarfsError(f"{path}: cannot open the secret key file ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NarfsError(f"{path}: secret key file is not a regular file; point "
+                             "secret_key_file at the key `narfs init` made")
+        if stat.S_IMODE(st.st_mode) & 0o077:
             raise NarfsError(f"{path}: secret key file is readable by others; "
                              f"run `chmod 600 {path}`")
         try:
-            text = f.read(4096)
+            text = os.read(fd, 4096).decode()
         except UnicodeDecodeError:
             text = ""
-    key = parse_secret_key(text, path)
-    return key
+        except OSError as e:
+            raise NarfsError(f"{path}: cannot read the secret key file ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    return parse_secret_key(text, path)
 
 
 def generate_secret_key(name: str) -> str:

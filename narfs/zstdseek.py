@@ -127,6 +127,28 @@ def read_frame(f: BinaryIO, frame: Frame, dctx: zstandard.ZstdDecompressor | Non
     return out
 
 
+_COMPRESSORS = threading.local()  # per thread: (level, frame size) → ZstdCompressor
+MAX_WINDOW_LOG = 27  # what zstd decoders accept without being told (--long, windowLogMax)
+
+
+def _compressor(level: int, frame_size: int) -> zstandard.ZstdCompressor:
+    """A compressor for one thread, reused across frames and paths (contexts cost allocations).
+
+    Its window covers a whole frame: level 3 alone would use 2 MiB, which forgets matches in
+    the second half of a 4 MiB frame (+2.7% size on /usr/include's NAR, and slower).
+    """
+    cache = _COMPRESSORS.__dict__
+    cctx = cache.get((level, frame_size))
+    if cctx is None:
+        params = zstandard.ZstdCompressionParameters.from_level(level, source_size=frame_size)
+        window_log = min(max(params.window_log, (frame_size - 1).bit_length()), MAX_WINDOW_LOG)
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, source_size=frame_size, window_log=window_log, write_checksum=1,
+            write_content_size=1)
+        cctx = cache[(level, frame_size)] = zstandard.ZstdCompressor(compression_params=params)
+    return cctx
+
+
 class SeekableWriter:
     """Compress a stream into seekable zstd frames of `frame_size` bytes, `threads` at a time.
 
@@ -150,14 +172,9 @@ class SeekableWriter:
         self._buf = bytearray()
         self._sizes: list[tuple[int, int]] = []
         self._pending: deque[Future[bytes]] = deque()
-        self._local = threading.local()
 
     def _compress(self, data: bytes) -> bytes:
-        cctx = getattr(self._local, "cctx", None)
-        if cctx is None:
-            cctx = self._local.cctx = zstandard.ZstdCompressor(
-                level=self.level, write_checksum=True, write_content_size=True)
-        return cctx.compress(data)
+        return _compressor(self.level, self.frame_size).compress(data)
 
     def _emit(self, comp: bytes, dsize: int) -> None:
         self.out.write(comp)
@@ -181,10 +198,12 @@ class SeekableWriter:
 
     def write(self, data: bytes) -> None:
         self.nar_size += len(data)
-        self._buf += data
-        while len(self._buf) >= self.frame_size:
-            frame = bytes(self._buf[: self.frame_size])
-            del self._buf[: self.frame_size]
+        buf, size = self._buf, self.frame_size
+        buf += data
+        while len(buf) >= size:
+            with memoryview(buf) as view:
+                frame = bytes(view[:size])  # one copy (a bytearray slice would make two)
+            del buf[:size]  # cheap: CPython moves the bytearray's start, not its bytes
             self._submit(frame)
 
     def close(self) -> None:
