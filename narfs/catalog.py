@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from sqlitedict import SqliteDict
@@ -57,10 +57,53 @@ class Entry:
                    file_size=info.file_size, nar_size=info.nar_size, nar_hash=info.nar_hash,
                    references=info.references, archived=st.st_mtime, mtime_ns=st.st_mtime_ns)
 
+    @classmethod
+    def load(cls, h: str, value: object) -> Entry | None:
+        """The entry catalog value `value` holds for hash `h`; None when it is damaged (or
+        written by another version of narfs): the catalog file is read as untrusted too."""
+        if not isinstance(value, dict) or value.keys() != _ENTRY_TYPES.keys():
+            return None
+        for key, types in _ENTRY_TYPES.items():
+            if not isinstance(value[key], types) or isinstance(value[key], bool):
+                return None
+        if value["hash"] != h or not value["name"].startswith(f"{h}-") \
+                or not all(isinstance(r, str) for r in value["references"]):
+            return None
+        return cls(**value)
+
+
+_ENTRY_TYPES: dict[str, type | tuple[type, ...]] = {
+    "hash": str, "name": str, "url": str, "compression": str, "file_size": (int, type(None)),
+    "nar_size": int, "nar_hash": str, "references": list, "archived": (int, float),
+    "mtime_ns": int}
+assert _ENTRY_TYPES.keys() == {f.name for f in fields(Entry)}
+
+
+def _decode(text: str | bytes) -> object:
+    """JSON, never pickle. A value that is not JSON decodes to None, which every reader
+    treats as damaged (the next sync rewrites it from its narinfo) instead of raising."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+def _time(value: object) -> float:
+    """A recorded access time; anything else counts as no access."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else 0.0
+
+
+def _top_ok(top: object) -> bool:
+    """The mount's short form of a path's top node: [kind, size, nlink] or [LNK, 0, target]."""
+    return (isinstance(top, list) and len(top) == 3 and top[0] in (0, 1, 2, 3)
+            and type(top[0]) is int and type(top[1]) is int and top[1] >= 0
+            and type(top[2]) is (str if top[0] == 3 else int))
+
 
 def _table(path: str, name: str) -> SqliteDict:
     return SqliteDict(path, tablename=name, autocommit=False, journal_mode="WAL",
-                      encode=json.dumps, decode=json.loads, outer_stack=False, timeout=30)
+                      encode=json.dumps, decode=_decode, outer_stack=False, timeout=30)
 
 
 class Catalog:
@@ -68,6 +111,7 @@ class Catalog:
         self.cache = cache
         self.path = path or cache.state_path(FILENAME)
         self.bad: dict[str, str] = {}  # hash → why its narinfo was not taken (last sync)
+        self.damaged: set[str] = set()  # hashes whose catalog value was unusable (logged once)
         self._lock = threading.Lock()
         self._open()
 
@@ -146,11 +190,13 @@ class Catalog:
                     on_disk[h] = os.stat(self.cache.narinfo_path(h))
                 except FileNotFoundError:
                     pass
+            # A damaged value knows no mtime, so its narinfo is read again and it is rewritten.
             if subset is None:
-                known = {h: e["mtime_ns"] for h, e in self.paths.items()}
+                known = {h: e.mtime_ns if (e := Entry.load(h, v)) else None
+                         for h, v in self.paths.items()}
             else:
-                known = {h: e["mtime_ns"] for h in subset
-                         if (e := self.paths.get(h)) is not None}
+                known = {h: e.mtime_ns if (e := Entry.load(h, v)) else None for h in subset
+                         if (v := self.paths.get(h)) is not None or h in self.paths}
             added: dict[str, dict] = {}
             dropped = [h for h in known if h not in on_disk]
             for h, st in on_disk.items():
@@ -173,6 +219,7 @@ class Catalog:
             if added or dropped:
                 for h, value in added.items():
                     self.paths[h] = value
+                    self.damaged.discard(h)
                 self._drop(dropped, stale=list(added))
             return list(added), dropped
 
@@ -193,15 +240,26 @@ class Catalog:
     # --- reading --------------------------------------------------------------------------
 
     def entries(self) -> Iterator[Entry]:
-        for value in self.paths.values():
-            yield Entry(**value)
+        for h, value in self.paths.items():
+            entry = self._load(h, value)
+            if entry is not None:
+                yield entry
 
     def get(self, h: str) -> Entry | None:
         value = self.paths.get(h)
-        return Entry(**value) if value is not None else None
+        return self._load(h, value) if value is not None or h in self.paths else None
+
+    def _load(self, h: str, value: object) -> Entry | None:
+        entry = Entry.load(h, value)
+        if entry is None and h not in self.damaged:
+            self.damaged.add(h)
+            log.warning("%s: catalog entry of %s is damaged; ignored until a sync rewrites it "
+                        "from its narinfo", self.path, h)
+        return entry
 
     def listing(self, h: str) -> dict | None:
-        return self.listings.get(h)
+        value = self.listings.get(h)
+        return value if isinstance(value, dict) else None
 
     def put_listing(self, h: str, root: dict, top: list | None = None) -> None:
         self.put_listings([(h, root, top)])
@@ -229,14 +287,20 @@ class Catalog:
         decoding 100,000 entries one by one through sqlitedict takes seconds, this 0.2 s."""
         conn = sqlite3.connect(Path(self.path).as_uri() + "?mode=ro", uri=True)
         try:
-            rows = conn.execute("SELECT key, json_extract(value, '$.name'), "
-                                "json_extract(value, '$.archived') FROM paths").fetchall()
+            rows = conn.execute(
+                "SELECT key, json_extract(value, '$.name'), json_extract(value, '$.archived') "
+                "FROM paths WHERE json_valid(value)").fetchall()
             try:
-                tops = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM tops")}
+                tops = {k: t for k, v in conn.execute("SELECT key, value FROM tops")
+                        if _top_ok(t := _decode(v))}
             except sqlite3.OperationalError:  # a catalog from before the table existed
                 tops = {}
         finally:
             conn.close()
+        # Damaged rows are left out (the mount's first sync rewrites them from the narinfos).
+        rows = [(h, name, archived) for h, name, archived in rows
+                if isinstance(h, str) and isinstance(name, str) and name.startswith(f"{h}-")
+                and isinstance(archived, int | float)]
         return rows, tops
 
     # --- access times -------------------------------------------------------------------
@@ -245,10 +309,10 @@ class Catalog:
         """Record an access (batched by the caller: one transaction per call)."""
         when = time.time() if when is None else when
         for h in hashes:
-            if when > self.access.get(h, 0):
+            if when > _time(self.access.get(h)):
                 self.access[h] = when
         self.access.commit()
 
     def last_access(self, entry: Entry) -> float:
         """The latest of archive time and recorded accesses."""
-        return max(entry.archived, self.access.get(entry.hash, 0.0))
+        return max(entry.archived, _time(self.access.get(entry.hash)))
