@@ -7,12 +7,14 @@ is used, and nesting depth is capped, so a bad NAR becomes a CorruptError and no
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import struct
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol
 
+from . import nix32
 from .errors import CorruptError, NarfsError
 
 MAGIC = b"nix-archive-1"
@@ -339,10 +341,32 @@ class ListingBuilder:
         node["narOffset"] = offset
 
 
-def listing_of(stream: BinaryIO, size: int | None = None) -> dict:
-    """Parse a NAR stream into a `.ls` root node, validating it on the way."""
+class HashingReader:
+    """A read-only stream that hashes every byte read through it (the NAR's NarHash)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.sha256 = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.sha256.update(data)
+        return data
+
+
+def listing_of(stream: BinaryIO, size: int | None = None, nar_hash: str | None = None) -> dict:
+    """Parse a NAR stream into a `.ls` root node, validating it on the way.
+
+    With `nar_hash` (`sha256:<nix32>`), the NAR must also hash to it: a listing is never built
+    from bytes that are not the ones the narinfo (and its signature) vouch for.
+    """
     builder = ListingBuilder()
-    parse(stream, builder, size)
+    reader = HashingReader(stream)
+    parse(reader, builder, size)  # type: ignore[arg-type]
+    if nar_hash is not None:
+        got = nix32.format_sha256(reader.sha256.digest())
+        if got != nar_hash:
+            raise CorruptError(f"NAR hashes to {got}, its narinfo says {nar_hash}")
     return builder.root
 
 

@@ -446,11 +446,13 @@ class Reader:
     def _listing_sync(self, src: Source, entry: Entry) -> dict:
         self.stats.add(nar_parses=1)
         if src.table is None:
-            return nar.listing_of(_At(src.fd), entry.nar_size)  # type: ignore[arg-type]
+            return nar.listing_of(_At(src.fd), entry.nar_size,  # type: ignore[arg-type]
+                                 entry.nar_hash)
         stream = zstandard.ZstdDecompressor().stream_reader(_At(src.fd),
                                                             read_across_frames=True)
         try:
-            return nar.listing_of(stream, entry.nar_size)  # type: ignore[arg-type]
+            return nar.listing_of(stream, entry.nar_size,  # type: ignore[arg-type]
+                                 entry.nar_hash)
         except zstandard.ZstdError as e:
             raise CorruptError(f"zstd data is damaged: {e}") from None
 
