@@ -203,15 +203,26 @@ class Cache:
         return os.path.join(d, name)
 
     @contextmanager
-    def writer(self) -> Iterator[None]:
+    def writer(self, exclusive: bool = False) -> Iterator[None]:
         """Hold the cache as one of its writers; the first writer in clears leftovers.
 
         Invariant: temporaries are removed only under the exclusive lock, i.e. when no other
         process is writing, so no live writer ever loses a file it is still producing.
+        `exclusive` (verify --repair) holds the cache alone for the whole block, or fails at
+        once when another writer is in.
         """
         self.check_writable()
         fd = os.open(self.state_path("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
+            if exclusive:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise NarfsError(f"{self.root}: another narfs process is writing to the "
+                                     "cache (narfs watch or archive); stop it and try again"
+                                     ) from None
+                yield
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self.remove_temporaries()
@@ -221,6 +232,20 @@ class Cache:
             yield
         finally:
             os.close(fd)
+
+    def writer_active(self) -> bool:
+        """Whether some process holds the cache as a writer right now (a probe, no waiting)."""
+        try:
+            fd = os.open(os.path.join(self.root, ".narfs", "lock"), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def remove_temporaries(self) -> list[str]:
         """Delete what an interrupted writer left behind; callers hold the exclusive lock."""

@@ -118,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip signature checks (explicit: you trust the cache directory)")
     p.add_argument("targets", nargs="+", metavar="TARGET")
 
-    p = sub.add_parser("gc", help="retire archived paths by last access")
+    p = sub.add_parser("gc", help="retire archived paths by last access", description=(
+        "Retire archived paths by last access: the latest of archive time, reads through a "
+        "narfs mount and narfs restore. Downloads served straight from the directory (nginx, "
+        "file:// substituters) are not seen as accesses. A path a kept path refers to is "
+        "kept. Without --older-than or --max-size: --older-than 365d."))
     _cache_flag(p)
     p.add_argument("--older-than", metavar="AGE", help="e.g. 365d, 12h, 30s")
     p.add_argument("--max-size", metavar="SIZE", help="e.g. 500G")

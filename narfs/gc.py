@@ -1,0 +1,271 @@
+"""`narfs gc`: retire archived paths by last access, never breaking a kept closure.
+
+Last access is the latest of the archive time (the narinfo's mtime), reads through a narfs mount
+and `narfs restore` (the catalog's access table). Downloads that nginx or a `file://`
+substituter serve straight from the directory are NOT seen: a cache other machines substitute
+from needs an --older-than long enough for that, or a mount/restore on the machines that matter.
+
+Closure safety: a path is as recent as the most recent path whose closure holds it (its
+*effective* access), and paths go in order of effective access, referrers before their
+references on ties. Whatever is retired is therefore a prefix of that order, so every kept
+path's references are kept, and at each instant of the removal (narinfos first, referrers
+first) the published narinfos form complete closures.
+
+Removal order for one batch: every narinfo is un-published first (Nix stops seeing the entries),
+then listings, then the NAR files no remaining narinfo names (two narinfos may share one NAR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .cache import Cache
+from .catalog import Catalog, Entry
+from .config import Settings
+from .errors import NarfsError
+from .progress import human_size
+from .report import when
+from .storepath import STORE_DIR, hash_part
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AGE = "365d"  # what the seed's `find -atime 365 -delete` meant; the timer runs `narfs gc`
+_AGE_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400,
+              "y": 365 * 86400}
+_URL_LINE = re.compile(rb"^URL: (nar/[A-Za-z0-9._+-]{1,255})$", re.M)
+
+
+def parse_age(text: str) -> float:
+    """`365d`, `12h`, `30s`, `2w`, `90min`/`90m`, `1y`; a bare number is seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
+    if not m or m.group(2) not in {"", *_AGE_UNITS}:
+        raise NarfsError(f"--older-than {text!r}: not an age; write it like 365d, 12h, 30s, 2w")
+    return float(m.group(1)) * _AGE_UNITS.get(m.group(2), 1)
+
+
+def parse_size(text: str) -> int:
+    """`500G`, `10M`, `1.5T` (powers of 1024, `GiB` too), `500GB` (powers of 1000), bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgtp])(ib|b)?|b)?\s*", text.lower())
+    if not m:
+        raise NarfsError(f"--max-size {text!r}: not a size; write it like 500G, 10M or bytes")
+    number, prefix, suffix = m.groups()
+    if prefix is None:
+        return int(float(number))
+    power = "kmgtp".index(prefix) + 1
+    return int(float(number) * (1000 if suffix == "b" else 1024) ** power)
+
+
+# --- order ----------------------------------------------------------------------------------
+
+def referrers_first(refs: dict[str, list[str]]) -> list[str]:
+    """Hashes ordered so that every path comes before the paths it references (Kahn's
+    algorithm over `refs`: hash → referenced hashes; references outside `refs` ignored).
+    A cycle (impossible in a store, but the input is untrusted) is appended as it stands."""
+    indegree = dict.fromkeys(refs, 0)
+    for h, rs in refs.items():
+        for r in set(rs):
+            if r in indegree and r != h:
+                indegree[r] += 1
+    queue = deque(sorted(h for h, n in indegree.items() if n == 0))
+    order = []
+    while queue:
+        h = queue.popleft()
+        order.append(h)
+        for r in sorted(set(refs[h])):
+            if r in indegree and r != h:
+                indegree[r] -= 1
+                if indegree[r] == 0:
+                    queue.append(r)
+    if len(order) < len(refs):
+        placed = set(order)
+        order += sorted(h for h in refs if h not in placed)
+    return order
+
+
+def effective_access(entries: dict[str, Entry], access: dict[str, float]
+                     ) -> list[tuple[str, float]]:
+    """(hash, effective access) in retirement order: oldest first, referrers before references
+    on ties. Effective access = own last access, or a referrer's effective access if later."""
+    refs = {h: [hash_part(r) for r in e.references] for h, e in entries.items()}
+    order = referrers_first(refs)
+    eff = dict(access)
+    for h in order:  # referrers come first, so eff[h] is final when h is reached
+        for r in refs[h]:
+            if r in eff and r != h and eff[r] < eff[h]:
+                eff[r] = eff[h]
+    for _ in range(len(order)):  # only for cycles: relax until nothing changes
+        changed = False
+        for h in order:
+            for r in refs[h]:
+                if r in eff and r != h and eff[r] < eff[h]:
+                    eff[r] = eff[h]
+                    changed = True
+        if not changed:
+            break
+    position = {h: i for i, h in enumerate(order)}
+    return sorted(((h, eff[h]) for h in order), key=lambda x: (x[1], position[x[0]]))
+
+
+# --- removal --------------------------------------------------------------------------------
+
+@dataclass
+class Freed:
+    narinfos: int = 0
+    nar_files: int = 0
+    bytes: int = 0
+
+
+def _size(path: str) -> int:
+    try:
+        return os.lstat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _unlink(path: str) -> int:
+    try:
+        size = os.lstat(path).st_size
+        os.unlink(path)
+    except FileNotFoundError:
+        return 0
+    return size
+
+
+def urls_in_use(cache: Cache, catalog: Catalog) -> set[str]:
+    """NAR URLs the published narinfos name, after a fresh sync; narinfos the catalog could not
+    take still protect the NAR their URL line names."""
+    catalog.sync()
+    urls = {e.url for e in catalog.entries()}
+    for h in catalog.bad:
+        try:
+            with open(cache.narinfo_path(h), "rb") as f:
+                urls.update(m.decode() for m in _URL_LINE.findall(f.read(1 << 20)))
+        except OSError:
+            pass
+    return urls
+
+
+def retire(cache: Cache, catalog: Catalog, doomed: Iterable[tuple[str, str | None]]) -> Freed:
+    """Remove entries given as (hash, NAR URL or None) in a closure-safe order (referrers
+    first): un-publish every narinfo, then drop listings and the NARs nothing names any more."""
+    doomed = list(doomed)
+    freed = Freed()
+    for h, _ in doomed:
+        freed.bytes += _size(cache.narinfo_path(h))
+        cache.unpublish(h)
+        freed.narinfos += 1
+    for h, _ in doomed:
+        freed.bytes += _unlink(cache.listing_path(h))
+    keep = urls_in_use(cache, catalog)
+    for url in sorted({u for _, u in doomed if u is not None} - keep):
+        n = _unlink(cache.nar_path(url))
+        freed.nar_files += n > 0
+        freed.bytes += n
+    if os.path.isdir(cache.nar_dir):
+        cache.sync_nar_dir()
+    return freed
+
+
+# --- the command ----------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    entry: Entry
+    access: float  # own last access
+    effective: float
+    disk: int  # bytes this entry alone holds on disk (its NAR counted while shared, see plan)
+
+
+def plan(entries: dict[str, Entry], access: dict[str, float], disk: dict[str, int],
+         nar_disk: dict[str, int], older_than: float | None, max_size: int | None,
+         now: float) -> tuple[list[Candidate], int, int]:
+    """The entries to retire (a prefix of the retirement order), the disk bytes before, and
+    after. `disk`: hash → narinfo + listing bytes; `nar_disk`: URL → NAR file bytes."""
+    users: dict[str, int] = {}
+    for e in entries.values():
+        users[e.url] = users.get(e.url, 0) + 1
+    total = sum(disk.values()) + sum(nar_disk.get(u, 0) for u in users)
+    before = total
+    cutoff = now - older_than if older_than is not None else None
+    chosen = []
+    for h, eff in effective_access(entries, access):
+        old = cutoff is not None and eff < cutoff
+        big = max_size is not None and total > max_size
+        if not (old or big):
+            break
+        e = entries[h]
+        users[e.url] -= 1
+        freed = disk[h] + (nar_disk.get(e.url, 0) if users[e.url] == 0 else 0)
+        total -= freed
+        chosen.append(Candidate(e, access[h], eff, freed))
+    return chosen, before, total
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    cache = Cache(settings.cache_dir)
+    cache.check()
+    older_than = parse_age(args.older_than) if args.older_than else None
+    max_size = parse_size(args.max_size) if args.max_size is not None else None
+    if older_than is None and max_size is None:
+        older_than = parse_age(DEFAULT_AGE)
+        print(f"narfs gc: no --older-than or --max-size given: retiring what nothing has used "
+              f"for {DEFAULT_AGE}")
+    if args.dry_run:  # no writer lock: taking it may clear leftovers, and dry runs change nothing
+        return _gc(cache, older_than, max_size, dry_run=True)
+    with cache.writer():
+        return _gc(cache, older_than, max_size, dry_run=False)
+
+
+def _gc(cache: Cache, older_than: float | None, max_size: int | None, dry_run: bool) -> int:
+    now = time.time()
+    with Catalog(cache) as catalog:
+        catalog.sync()
+        entries = {e.hash: e for e in catalog.entries()}
+        access = {h: catalog.last_access(e) for h, e in entries.items()}
+        disk = {h: _size(cache.narinfo_path(h)) + _size(cache.listing_path(h))
+                for h in entries}
+        nar_disk = {e.url: _size(cache.nar_path(e.url)) for e in entries.values()}
+        chosen, before, after = plan(entries, access, disk, nar_disk, older_than, max_size, now)
+        verb = "would retire" if dry_run else "retired"
+        if not dry_run and chosen:
+            freed = retire(cache, catalog, ((c.entry.hash, c.entry.url) for c in chosen))
+            catalog.sync()
+            after = before - freed.bytes
+        for c in chosen:
+            why = "" if c.effective == c.access else \
+                f", kept in use until {when(c.effective)} by a path referring to it"
+            print(f"{verb} {STORE_DIR}/{c.entry.name} (last access {when(c.access)}{why}; "
+                  f"{human_size(c.entry.nar_size)} NAR)")
+        if older_than is not None:
+            cutoff = now - older_than
+            held = sum(1 for h, a in access.items() if a < cutoff
+                       and h not in {c.entry.hash for c in chosen})
+            if held:
+                print(f"kept {held} paths unused for longer than {args_age(older_than)} because "
+                      "newer paths refer to them")
+    kept = len(entries) - len(chosen)
+    if not chosen:
+        print(f"nothing to retire: {kept} paths, {human_size(before)} on disk")
+    else:
+        nar = sum(c.entry.nar_size for c in chosen)
+        print(f"{verb} {len(chosen)} paths ({human_size(nar)} NAR): "
+              f"{'would free' if dry_run else 'freed'} {human_size(before - after)} on disk; "
+              f"kept {kept} paths, {human_size(after)}")
+    if max_size is not None and after > max_size:
+        print(f"narfs gc: the cache still holds {human_size(after)} > --max-size "
+              f"{human_size(max_size)}")
+    return 0
+
+
+def args_age(seconds: float) -> str:
+    for unit, n in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{seconds / n:.0f}{unit}"
+    return f"{seconds:.0f}s"

@@ -1,0 +1,636 @@
+"""`narfs restore`: archived closures back into /nix/store through Nix, or one tree into a
+directory without Nix (`--to`).
+
+Through Nix: the closure is read from the cache's narinfos (the truth, and what carries the
+signatures), only the paths the store lacks are fetched, and every one of them must carry a
+valid signature by the configured key *before* Nix is asked for anything, so a forged or
+unsigned entry leaves the store exactly as it was. Nix itself then checks the signatures again
+(`require-sigs`, only our key trusted) and the NarHash of every NAR it unpacks. The missing paths
+go in batches to several `nix copy --no-recursive` processes at once, a batch starting when
+every reference it lacks is valid: unpacking is bound by file creation in the kernel, which one
+Nix process does one file at a time.
+
+Without Nix (`--to DIR`): the NAR is parsed (as untrusted input) into a temporary directory
+beside DIR, through directory descriptors only (O_NOFOLLOW everywhere, O_EXCL for files), so
+nothing is ever written through a symlink the NAR made; the NarHash is checked on the way and
+the tree is renamed to DIR only when the whole NAR proved good. On any failure nothing is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import ctypes
+import errno
+import gzip
+import hashlib
+import json
+import logging
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import trio
+import zstandard
+
+from . import nar, nix32, signing, store
+from .cache import TMP_PREFIX, Cache
+from .config import Settings
+from .errors import CorruptError, NarfsError
+from .narinfo import NarInfo
+from .progress import Progress, human_size
+from .report import entries_with_access, mount_containing, open_catalog, when
+from .signing import PublicKey
+from .storepath import STORE_DIR, hash_part, is_base_name, is_hash, user_store_path
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+PATH_COST = 256 << 10  # what one path costs Nix beyond its bytes (registration, locks), in bytes
+MAX_BATCH = 2000  # paths per `nix copy` command line
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+def trusted_key(settings: Settings) -> PublicKey | None:
+    """The key restore and verify trust: `public_key`, else the secret key's public half."""
+    if settings.public_key:
+        return signing.parse_public_key(settings.public_key, "setting public_key")
+    if settings.secret_key_file:
+        try:
+            return signing.load_secret_key(settings.secret_key_file).public
+        except NarfsError as e:
+            raise NarfsError(f"{e} (or set public_key in the config: checking signatures "
+                             "needs only the public key)") from None
+    return None
+
+
+# --- targets --------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    arg: str
+    cache: Cache
+    hash: str
+
+
+def _by_name(name: str, cache: Cache) -> str:
+    rows = [(e.archived, e.name, e.hash) for e, _ in entries_with_access(cache)
+            if e.name[33:] == name]
+    if not rows:
+        raise NarfsError(f"{name}: no archived path has this name, hash or store path in "
+                         f"{cache.root}; list them with `narfs ls {name}`")
+    rows.sort()
+    archived, base, h = rows[-1]
+    if len(rows) > 1:
+        others = ", ".join(f"{STORE_DIR}/{b} ({when(a)})" for a, b, _ in reversed(rows[:-1][-3:]))
+        more = f" and {len(rows) - 4} more" if len(rows) > 4 else ""
+        print(f"narfs: {name}: {len(rows)} archived paths have this name; restoring the newest, "
+              f"{STORE_DIR}/{base} (archived {when(archived)}); others: {others}{more} "
+              "(name one by store path or hash to pick it)", file=sys.stderr)
+    return h
+
+
+def resolve(arg: str, cache: Cache) -> Target:
+    """A store path, `<hash>-<name>`, a bare hash, a name, or a path inside a narfs mount."""
+    found = mount_containing(arg) if "/" in arg or os.path.lexists(arg) else None
+    if found is not None or "/" in arg:
+        if found is not None:
+            mount, rel = found
+            top = rel.split("/", 1)[0]
+            if not top:
+                raise NarfsError(f"{arg}: the root of the narfs mount {mount.mountpoint}; name "
+                                 "a store path inside it")
+            if not is_base_name(top):
+                raise NarfsError(f"{arg}: {top!r} in the narfs mount {mount.mountpoint} is not "
+                                 "a store path")
+            target = Target(arg, Cache(mount.cache_dir), hash_part(top))
+        elif arg.startswith(STORE_DIR + "/"):
+            target = Target(arg, cache, hash_part(user_store_path(arg)))
+        else:
+            raise NarfsError(f"{arg}: neither a store path ({STORE_DIR}/<hash>-<name>) nor a "
+                             "file inside a narfs mount")
+    elif is_hash(arg):
+        target = Target(arg, cache, arg)
+    elif is_base_name(arg):
+        target = Target(arg, cache, hash_part(arg))
+    else:
+        target = Target(arg, cache, _by_name(arg, cache))
+    target.cache.check()
+    if not target.cache.has(target.hash):
+        raise NarfsError(f"{arg}: not archived in {target.cache.root}; list what is with "
+                         "`narfs ls`")
+    return target
+
+
+def read_info(cache: Cache, h: str) -> NarInfo:
+    try:
+        return cache.read_narinfo(h)
+    except CorruptError as e:
+        raise NarfsError(f"{e}; run `narfs verify`") from None
+
+
+# --- the closure ----------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    tops: list[str]  # store paths asked for
+    closure: dict[str, NarInfo] = field(default_factory=dict)  # store path → narinfo
+    fetch: dict[str, NarInfo] = field(default_factory=dict)  # the part the store lacks
+
+    @property
+    def present(self) -> int:
+        return len(self.closure) - len(self.fetch)
+
+
+async def plan(cache: Cache, hashes: list[str]) -> Plan:
+    """The closure of `hashes` as the cache records it, and the part the store lacks."""
+
+    def walk() -> tuple[dict[str, NarInfo], dict[str, str]]:
+        infos: dict[str, NarInfo] = {}
+        absent: dict[str, str] = {}  # reference not in the cache → a path referring to it
+        todo = list(dict.fromkeys(hashes))
+        seen = set(todo)
+        while todo:
+            info = read_info(cache, todo.pop())
+            infos[info.store_path] = info
+            for ref in info.references:
+                rh = hash_part(ref)
+                if rh in seen:
+                    continue
+                seen.add(rh)
+                if cache.has(rh):
+                    todo.append(rh)
+                else:
+                    absent[f"{STORE_DIR}/{ref}"] = info.store_path
+        return infos, absent
+
+    infos, absent = await trio.to_thread.run_sync(walk)
+    p = Plan([read_info(cache, h).store_path for h in hashes], infos)
+    names = [*infos, *absent]
+    invalid: set[str] = set()
+    for i in range(0, len(names), 5000):
+        invalid.update(await store.invalid_paths(names[i:i + 5000]))
+    for ref, referrer in absent.items():
+        if ref in invalid:
+            raise NarfsError(f"{ref}: referenced by {referrer} but neither in the cache nor in "
+                             f"the store, so the closure cannot come back; run `narfs verify`")
+    p.fetch = {path: info for path, info in infos.items() if path in invalid}
+    return p
+
+
+def check_signatures(infos: dict[str, NarInfo], key: PublicKey, cache: Cache) -> None:
+    bad = sorted(path for path, info in infos.items() if not info.signed_by(key))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise NarfsError(
+            f"{bad[0]}: no valid signature by {key.name} in {cache.root}{more}: forged, damaged "
+            "or unsigned narinfo; refusing to restore, the store is unchanged. Check the cache "
+            "with `narfs verify`, or pass --no-check-sigs if you trust the directory")
+
+
+# --- copying through Nix --------------------------------------------------------------------
+
+class Copier:
+    """Runs `nix copy --no-recursive` over batches of the missing paths, `jobs` at a time.
+
+    Invariant: a batch starts only when every reference of its paths is valid in the store or
+    inside the same batch (Nix sorts a batch itself), since Nix registers a path only after its
+    references. A chain of paths each enabling exactly one more goes in one batch, so a linear
+    closure costs one Nix process, a wide one keeps every job busy.
+    """
+
+    def __init__(self, cache: Cache, infos: dict[str, NarInfo], key: PublicKey | None,
+                 jobs: int, bar: Progress) -> None:
+        self.cache = cache
+        self.infos = infos
+        self.key = key
+        self.jobs = max(1, jobs)
+        self.bar = bar
+        self.pending: dict[str, set[str]] = {
+            p: {r for r in (f"{STORE_DIR}/{b}" for b in i.references) if r in infos and r != p}
+            for p, i in infos.items()}
+        self.rdeps: dict[str, list[str]] = {p: [] for p in infos}
+        for p, refs in self.pending.items():
+            for r in refs:
+                self.rdeps[r].append(p)
+        self.ready = [p for p, refs in self.pending.items() if not refs]
+        self.done: list[str] = []
+        self.errors: list[str] = []
+        self.batches = 0
+
+    def cost(self, path: str) -> int:
+        return self.infos[path].nar_size + PATH_COST
+
+    def command(self, batch: list[str]) -> list[str]:
+        cmd = [*store.NIX, "copy", "--from", f"file://{self.cache.root}", "--no-recursive",
+               "--log-format", "internal-json"]
+        if self.key is None:
+            cmd.append("--no-check-sigs")
+        else:
+            cmd += ["--option", "trusted-public-keys", self.key.text(),
+                    "--option", "require-sigs", "true"]
+        return cmd + batch
+
+    def take(self, idle: int) -> list[str]:
+        """Ready paths, largest first, that fit an equal share of the ready work (first fit),
+        then any chain they alone enable."""
+        self.ready.sort(key=self.cost, reverse=True)
+        budget = sum(self.cost(p) for p in self.ready) / max(1, idle)
+        batch: list[str] = []
+        rest: list[str] = []
+        total = 0
+        for p in self.ready:
+            if len(batch) < MAX_BATCH and (not batch or total + self.cost(p) <= budget):
+                batch.append(p)
+                total += self.cost(p)
+            else:
+                rest.append(p)
+        self.ready = rest
+        members = set(batch)
+        frontier: set[str] = set()
+
+        def enable(p: str) -> None:
+            for q in self.rdeps[p]:
+                if q not in members and self.pending[q] <= members:
+                    frontier.add(q)
+
+        for p in batch:
+            enable(p)
+        while len(frontier) == 1 and len(batch) < MAX_BATCH:
+            q = frontier.pop()
+            batch.append(q)
+            members.add(q)
+            enable(q)
+        return batch
+
+    async def run(self) -> list[str]:
+        send, recv = trio.open_memory_channel[tuple[list[str], str | None]](1 << 30)
+        running = 0
+        async with trio.open_nursery() as nursery:
+
+            def launch() -> None:
+                nonlocal running
+                while self.ready and running < self.jobs and not self.errors:
+                    batch = self.take(self.jobs - running)
+                    running += 1
+                    self.batches += 1
+                    nursery.start_soon(self._copy, batch, send)
+
+            launch()
+            while running:
+                batch, error = await recv.receive()
+                running -= 1
+                if error is not None:
+                    self.errors.append(error)
+                    continue
+                members = set(batch)
+                for p in batch:
+                    self.done.append(p)
+                    for q in self.rdeps[p]:
+                        self.pending[q].discard(p)
+                        if not self.pending[q] and q not in members:
+                            self.ready.append(q)
+                launch()
+        if self.errors:  # part of a failed batch may have gone in: ask the store
+            invalid = set(await store.invalid_paths(list(self.infos)))
+            restored = len(self.infos) - len(invalid)
+            raise NarfsError(f"{self.errors[0]} ({restored} of {len(self.infos)} paths were "
+                             "restored before it: they are valid store paths)")
+        return self.done
+
+    async def _copy(self, batch: list[str], send: trio.MemorySendChannel) -> None:
+        started: dict[int, str] = {}
+        messages: list[str] = []
+        raw: list[str] = []
+
+        def line(text: bytes) -> None:
+            if not text.startswith(b"@nix "):
+                if text.strip():
+                    raw.append(text.decode(errors="replace"))
+                return
+            try:
+                doc = json.loads(text[5:])
+            except ValueError:
+                return
+            action = doc.get("action")
+            if action == "start" and doc.get("type") == 100 and doc.get("fields"):
+                started[doc.get("id")] = str(doc["fields"][0])
+            elif action == "stop" and doc.get("id") in started:
+                path = started.pop(doc["id"])
+                if path in self.infos:
+                    self.bar.advance(self.infos[path].nar_size, path[44:])
+            elif action == "msg" and doc.get("level", 9) <= 0:
+                messages.append(_ANSI.sub("", str(doc.get("msg", ""))))
+
+        error = None
+        try:
+            proc = await trio.lowlevel.open_process(
+                self.command(batch), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            await send.send((batch, "nix: not found; install Nix or put it on PATH"))
+            return
+        try:
+            buf = b""
+            assert proc.stderr is not None
+            async for chunk in proc.stderr:
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for text in lines:
+                    line(text)
+            line(buf)
+            rc = await proc.wait()
+        except BaseException:
+            proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+            raise
+        if rc != 0:
+            msg = (messages or raw or [f"exit status {rc}"])[-1].strip()
+            msg = msg.removeprefix("error: ")
+            error = f"nix copy: {msg}"
+        await send.send((batch, error))
+
+
+# --- unpacking without Nix ------------------------------------------------------------------
+
+class NarStream:
+    """The decompressed NAR as a readable stream: counts and hashes every byte that comes out
+    of `chunks` (so NarHash and NarSize are those of the whole stream), refuses more than
+    `limit` bytes, and serves the parser's many small reads from a buffer."""
+
+    def __init__(self, chunks: Iterator[bytes], limit: int) -> None:
+        self.chunks = chunks
+        self.limit = limit
+        self.size = 0
+        self.sha = hashlib.sha256()
+        self._buf = b""
+        self._pos = 0
+
+    def _more(self) -> bool:
+        for data in self.chunks:
+            if not data:
+                continue
+            self.size += len(data)
+            if self.size > self.limit:
+                raise CorruptError(f"NAR decompresses to more than its NarSize {self.limit}")
+            self.sha.update(data)
+            self._buf = self._buf[self._pos:] + data
+            self._pos = 0
+            return True
+        return False
+
+    def read(self, n: int) -> bytes:
+        pos = self._pos
+        end = pos + n
+        if end > len(self._buf):  # the parser's many small reads mostly skip this
+            while len(self._buf) - self._pos < n and self._more():
+                pass
+            pos = self._pos
+            end = min(pos + n, len(self._buf))
+        self._pos = end
+        return self._buf[pos:end]
+
+    def drain(self) -> None:
+        self._pos = len(self._buf)
+        while self._more():
+            self._pos = len(self._buf)
+
+    def nar_hash(self) -> str:
+        return nix32.format_sha256(self.sha.digest())
+
+
+_DECODE_ERRORS = (zstandard.ZstdError, lzma.LZMAError, EOFError, OSError, ValueError)
+
+
+def decompressed_chunks(f: BinaryIO, compression: str) -> Iterator[bytes]:
+    """The NAR inside a cache file, for any compression Python reads: zstd (seekable or not:
+    skippable frames are skipped), xz, bzip2, gzip, none."""
+    if compression == "zstd":
+        stream: BinaryIO = zstandard.ZstdDecompressor().stream_reader(  # type: ignore
+            f, read_across_frames=True)
+    elif compression == "xz":
+        stream = lzma.LZMAFile(f)  # type: ignore[assignment]
+    elif compression == "bzip2":
+        stream = bz2.BZ2File(f)  # type: ignore[assignment]
+    elif compression == "gzip":
+        stream = gzip.GzipFile(fileobj=f)  # type: ignore[assignment]
+    elif compression == "none":
+        stream = f
+    else:
+        raise NarfsError(f"compression {compression!r} cannot be read without Nix; restore "
+                         "the path into the store instead (narfs restore without --to)")
+    try:
+        while data := stream.read(CHUNK):
+            yield data
+    except _DECODE_ERRORS as e:
+        raise CorruptError(f"{compression} data is damaged: {e}") from None
+
+
+class Unpacker:
+    """A NarVisitor writing the tree under `container_fd` as the entry `name`.
+
+    Invariant: every file system call names a single validated component relative to a
+    directory descriptor this object opened with O_NOFOLLOW|O_DIRECTORY on a directory it made
+    itself; files are created with O_EXCL|O_NOFOLLOW. So no write can land outside the
+    container or through a symlink, whatever the NAR holds.
+    """
+
+    def __init__(self, container_fd: int, name: bytes) -> None:
+        self.fds = [container_fd]  # fds[d]: the directory holding nodes at depth d
+        self.name = name
+        self.files = 0
+        self.bytes = 0
+
+    def _parent(self, path: nar.Path) -> tuple[int, bytes]:
+        depth = len(path)
+        while len(self.fds) > depth + 1:
+            os.close(self.fds.pop())
+        if len(self.fds) != depth + 1:  # the parser guarantees parents come first
+            raise CorruptError(f"NAR entry {path!r} has no parent directory")
+        return self.fds[depth], path[-1] if path else self.name
+
+    def directory(self, path: nar.Path) -> None:
+        parent, name = self._parent(path)
+        os.mkdir(name, 0o777, dir_fd=parent)
+        self.fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, dir_fd=parent))
+
+    def symlink(self, path: nar.Path, target: bytes) -> None:
+        parent, name = self._parent(path)
+        os.symlink(target, name, dir_fd=parent)
+        self.files += 1
+
+    def regular(self, path: nar.Path, executable: bool, size: int, offset: int,
+                chunks: Iterator[bytes]) -> None:
+        parent, name = self._parent(path)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o666, dir_fd=parent)
+        try:
+            for data in chunks:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            if executable:  # as Nix's restorePath: the umask's mode plus every x bit
+                os.fchmod(fd, os.fstat(fd).st_mode | 0o111)
+        finally:
+            os.close(fd)
+        self.files += 1
+        self.bytes += size
+
+    def close(self) -> None:
+        while len(self.fds) > 1:
+            os.close(self.fds.pop())
+
+
+def _rename_noreplace(src: str, dst: str) -> None:
+    """rename(2) that fails rather than replace something that appeared at `dst` meanwhile."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        os.rename(src, dst)
+        return
+    at_fdcwd, rename_noreplace = -100, 1
+    if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst),
+                 rename_noreplace) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL):
+            os.rename(src, dst)
+            return
+        raise OSError(err, os.strerror(err), dst)
+
+
+def unpack(cache: Cache, info: NarInfo, dest: str) -> Unpacker:
+    """Unpack one path's NAR as `dest` (which must not exist), all or nothing."""
+    dest = os.path.abspath(dest)
+    parent = os.path.dirname(dest)
+    if os.path.lexists(dest):
+        raise NarfsError(f"{dest}: already exists; --to creates the directory itself, give a "
+                         "new name")
+    if not os.path.isdir(parent):
+        raise NarfsError(f"{parent}: no such directory to unpack into")
+    tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}unpack-", dir=parent)
+    visitor = None
+    try:
+        container = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            visitor = Unpacker(container, b"tree")
+            with cache.open_nar(info) as f:
+                stream = NarStream(decompressed_chunks(f, info.compression), info.nar_size)
+                try:
+                    nar.parse(stream, visitor, info.nar_size)  # type: ignore[arg-type]
+                finally:
+                    visitor.close()
+            if stream.size != info.nar_size or stream.nar_hash() != info.nar_hash:
+                raise CorruptError(f"NAR is {stream.size} bytes hashing to {stream.nar_hash()}, "
+                                   f"the narinfo says {info.nar_size} bytes, {info.nar_hash}")
+        finally:
+            os.close(container)
+        _rename_noreplace(os.path.join(tmp, "tree"), dest)
+    except CorruptError as e:
+        raise NarfsError(f"{info.store_path}: refusing its NAR in {cache.root}: {e}; nothing "
+                         f"was written to {dest}") from None
+    except OSError as e:
+        raise NarfsError(f"{e.filename or dest}: cannot unpack ({e.strerror}); nothing was "
+                         "left behind") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # fd-based: never follows a symlink inside
+    assert visitor is not None
+    return visitor
+
+
+# --- the command ----------------------------------------------------------------------------
+
+async def _restore(args: argparse.Namespace, settings: Settings, targets: list[Target]) -> int:
+    cache = targets[0].cache
+    start = time.monotonic()
+    p = await plan(cache, [t.hash for t in targets])
+    key = None
+    if not args.no_check_sigs:
+        key = trusted_key(settings)
+        if key is None:
+            raise NarfsError("no key to check signatures against: set public_key or "
+                             "secret_key_file in the config, or pass --no-check-sigs if you "
+                             "trust the cache directory")
+        check_signatures(p.fetch, key, cache)
+    nar_bytes = sum(i.nar_size for i in p.fetch.values())
+    file_bytes = sum(i.file_size or 0 for i in p.fetch.values())
+    if args.dry_run:
+        for path in sorted(p.fetch, key=lambda s: s[44:]):
+            print(f"would restore {path} ({human_size(p.fetch[path].nar_size)})")
+        print(f"would restore {len(p.fetch)} paths: {human_size(nar_bytes)} unpacked, "
+              f"{human_size(file_bytes)} read from {cache.root}; {p.present} of the closure "
+              "already in the store")
+        return 0
+    restored: list[str] = []
+    if p.fetch:
+        bar = Progress(nar_bytes, "restoring")
+        try:
+            copier = Copier(cache, p.fetch, key, settings.threads, bar)
+            restored = await copier.run()
+        finally:
+            bar.close()
+        for path in restored:
+            print(f"restored {path}")
+        print(f"restored {len(restored)} paths ({human_size(nar_bytes)}) from {cache.root} in "
+              f"{time.monotonic() - start:.1f} s; {p.present} already in the store")
+    else:
+        print(f"nothing to restore: {', '.join(p.tops)} and {len(p.closure) - len(p.tops)} "
+              "paths of its closure are already in the store")
+    if args.add_root:
+        out = await store.run(["nix-store", "--add-root", os.path.abspath(args.add_root),
+                               "--realise", *p.tops])
+        for root, top in zip(out.decode().split(), p.tops, strict=False):
+            print(f"GC root {root} → {top}")
+    catalog = open_catalog(cache, sync=False)
+    if catalog is not None:
+        with catalog:
+            catalog.touch(hash_part(path) for path in p.closure)
+    return 0
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    cache = Cache(settings.cache_dir)
+    targets = [resolve(arg, cache) for arg in args.targets]
+    roots = {t.cache.root for t in targets}
+    if len(roots) > 1:
+        raise NarfsError(f"targets come from different caches ({', '.join(sorted(roots))}); "
+                         "restore them one cache at a time")
+    if args.to:
+        if len(targets) != 1:
+            raise NarfsError("--to unpacks exactly one store path; give one TARGET")
+        if args.add_root:
+            raise NarfsError("--add-root registers a store path; it does not go with --to")
+        t = targets[0]
+        info = read_info(t.cache, t.hash)
+        if not args.no_check_sigs:
+            key = trusted_key(settings)
+            if key is None:
+                raise NarfsError("no key to check signatures against: set public_key or "
+                                 "secret_key_file in the config, or pass --no-check-sigs")
+            check_signatures({info.store_path: info}, key, t.cache)
+        if args.dry_run:
+            print(f"would unpack {info.store_path} ({human_size(info.nar_size)}) into "
+                  f"{os.path.abspath(args.to)}")
+            return 0
+        u = unpack(t.cache, info, args.to)
+        print(f"unpacked {info.store_path} into {os.path.abspath(args.to)}: {u.files} files, "
+              f"{human_size(u.bytes)}")
+        catalog = open_catalog(t.cache, sync=False)
+        if catalog is not None:
+            with catalog:
+                catalog.touch([t.hash])
+        return 0
+    return trio.run(_restore, args, settings, targets)
+

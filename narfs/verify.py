@@ -1,0 +1,476 @@
+"""`narfs verify [--repair]`: check every entry of the cache, name every problem, fix on request.
+
+Per narinfo (in worker threads, several at once: zstd and sha256 release the GIL): it parses,
+carries a valid signature by the configured key, its NAR exists and matches FileSize and
+FileHash, the seek table agrees with the data and with NarSize, the NAR parses (as untrusted
+input) to NarSize bytes hashing to NarHash, and the `.ls` listing equals the NAR's. Then over
+the directory: every reference is in the cache (closures complete), no NAR is unreferenced, no
+`.ls` lacks its narinfo, no temporaries or unknown files, and the catalog agrees.
+
+`--repair` holds the cache alone (no writer may run meanwhile), un-publishes broken entries and
+every entry whose closure they break (referrers first, as gc does), removes strays, rewrites
+listings from their NARs, rebuilds the catalog in place (keeping access times) and names every
+store path the cache lost. Unsigned entries are reported but kept: their data is intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import BinaryIO
+
+import trio
+import zstandard
+
+from . import listing, nar, nix32, store, zstdseek
+from .cache import CACHE_INFO, TMP_PREFIX, Cache, cache_info_text
+from .catalog import Catalog, Entry
+from .config import Settings
+from .errors import CorruptError, NarfsError
+from .gc import referrers_first, retire
+from .narinfo import NarInfo
+from .progress import Progress, human_size
+from .report import open_catalog
+from .restore import NarStream, decompressed_chunks, trusted_key
+from .signing import PublicKey
+from .storepath import STORE_DIR, hash_part, is_hash
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+KNOWN_DIRS = {"nar", ".narfs", "log", "realisations", "debuginfo"}  # the last three: Nix's
+RECENT = 3600  # with a writer active, unreferenced files younger than this may be in flight
+
+BROKEN = "broken"  # the entry cannot be restored as it is: un-published by --repair
+CLOSURE = "closure"  # the entry references a path the cache lacks: un-published by --repair
+UNSIGNED = "unsigned"  # reported, kept
+STRAY = "stray"  # a file nothing refers to: removed by --repair
+LISTING = "listing"  # a `.ls` that disagrees with its NAR: rewritten by --repair
+CATALOG = "catalog"  # the catalog disagrees with the directory: rebuilt by --repair
+CACHEINFO = "cache-info"  # nix-cache-info missing or wrong: rewritten by --repair
+NOTE = "note"  # said, not counted
+
+
+@dataclass
+class Problem:
+    subject: str  # a store path or a file
+    what: str
+    kind: str
+    hash: str | None = None
+
+    def line(self) -> str:
+        return f"{self.subject}: {self.what}"
+
+
+@dataclass
+class Checked:
+    hash: str
+    info: NarInfo | None = None
+    listing: dict | None = None  # parsed from the NAR
+    problems: list[Problem] = field(default_factory=list)
+
+    def add(self, kind: str, what: str) -> None:
+        subject = self.info.store_path if self.info else f"{self.hash}.narinfo"
+        self.problems.append(Problem(subject, what, kind, self.hash))
+
+
+def _frames(f: BinaryIO, table: zstdseek.SeekTable) -> Iterator[bytes]:
+    dctx = zstandard.ZstdDecompressor()
+    for frame in table.frames:
+        yield zstdseek.read_frame(f, frame, dctx)
+
+
+def _file_hash(f: BinaryIO) -> str:
+    sha = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    f.seek(0)
+    while n := f.readinto(buf):  # type: ignore[attr-defined]
+        sha.update(view[:n])
+    return nix32.format_sha256(sha.digest())
+
+
+def check_entry(cache: Cache, key: PublicKey | None, h: str) -> Checked:
+    """Everything one narinfo claims, checked against the files (runs in a worker thread)."""
+    c = Checked(h)
+    try:
+        info = c.info = cache.read_narinfo(h)
+    except (CorruptError, OSError) as e:
+        c.add(BROKEN, f"unreadable narinfo: {e}")
+        return c
+    if key is not None:
+        ours = [s for s in info.sigs if s.startswith(key.name + ":")]
+        if not ours:
+            c.add(UNSIGNED, f"no signature by {key.name}"
+                  + (f" (only by {', '.join(sorted({s.split(':')[0] for s in info.sigs}))})"
+                     if info.sigs else " (unsigned)"))
+        elif not info.signed_by(key):
+            c.add(BROKEN, f"signature by {key.name} does not verify: forged or damaged narinfo")
+    try:
+        f = cache.open_nar(info)
+    except FileNotFoundError:
+        c.add(BROKEN, f"NAR {info.url} is missing")
+        return c
+    except (CorruptError, OSError) as e:
+        c.add(BROKEN, f"NAR {info.url} unreadable: {e}")
+        return c
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if info.file_size is not None and size != info.file_size:
+            c.add(BROKEN, f"NAR {info.url} is {size} bytes, FileSize says {info.file_size}")
+        if info.file_hash is not None:
+            got = _file_hash(f)
+            if got != info.file_hash:
+                c.add(BROKEN, f"NAR {info.url} hashes to {got}, FileHash says "
+                      f"{info.file_hash}")
+        f.seek(0)
+        try:
+            table = zstdseek.read_table(f, size) if info.compression == "zstd" else None
+            if table is not None and table.size != info.nar_size:
+                raise CorruptError(f"seek table covers {table.size} bytes, NarSize says "
+                                   f"{info.nar_size}")
+            if table is not None:
+                chunks = _frames(f, table)
+            else:
+                f.seek(0)
+                chunks = decompressed_chunks(f, info.compression)
+            stream = NarStream(chunks, info.nar_size)
+            builder = nar.ListingBuilder()
+            nar.parse(stream, builder, info.nar_size)  # type: ignore[arg-type]
+            stream.drain()
+        except CorruptError as e:
+            c.add(BROKEN, f"NAR {info.url} is damaged: {e}")
+            return c
+        except NarfsError as e:  # a compression Python cannot read (br, lz4, lzip)
+            c.add(NOTE, f"not checked: {e}")
+            return c
+    if stream.size != info.nar_size or stream.nar_hash() != info.nar_hash:
+        c.add(BROKEN, f"NAR {info.url} holds {stream.size} bytes hashing to "
+              f"{stream.nar_hash()}, the narinfo says {info.nar_size} bytes, {info.nar_hash}")
+        return c
+    c.listing = builder.root
+    try:
+        ls = cache.read_listing(h, info.nar_size)
+    except (CorruptError, OSError) as e:
+        c.add(LISTING, f"listing {h}.ls unreadable: {e}")
+    else:
+        if ls is not None and ls != builder.root:
+            c.add(LISTING, f"listing {h}.ls disagrees with the NAR")
+    return c
+
+
+@dataclass
+class Scan:
+    hashes: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    strays: list[str] = field(default_factory=list)  # files --repair removes
+    nars: dict[str, str] = field(default_factory=dict)  # URL → file
+    listings: set[str] = field(default_factory=set)
+    recent_skipped: int = 0
+
+
+def scan(cache: Cache, writer_active: bool, now: float) -> Scan:
+    """Classify every name in the cache root and nar/."""
+    s = Scan()
+
+    def stray(path: str, what: str) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if writer_active and now - st.st_mtime < RECENT:
+            s.recent_skipped += 1
+            return
+        if stat.S_ISDIR(st.st_mode):
+            s.problems.append(Problem(path, f"{what} (a directory: remove it by hand)", STRAY))
+            return
+        s.strays.append(path)
+        s.problems.append(Problem(path, what, STRAY))
+
+    for name in sorted(os.listdir(cache.root)):
+        path = os.path.join(cache.root, name)
+        if name == CACHE_INFO:
+            try:
+                with open(path, "rb") as f:
+                    text = f.read(4096).decode(errors="replace")
+            except OSError as e:
+                text = ""
+                log.debug("%s: %s", path, e)
+            if f"StoreDir: {STORE_DIR}" not in text.splitlines():
+                s.problems.append(Problem(path, f"does not declare StoreDir: {STORE_DIR}",
+                                          CACHEINFO))
+        elif name.startswith(TMP_PREFIX):
+            stray(path, "temporary file left by an interrupted writer")
+        elif name.endswith(".narinfo") and is_hash(name[:-8]):
+            s.hashes.append(name[:-8])
+        elif name.endswith(".ls") and is_hash(name[:-3]):
+            s.listings.add(name[:-3])
+        elif name in KNOWN_DIRS and os.path.isdir(path) and not os.path.islink(path):
+            pass
+        else:
+            stray(path, "unknown file in the cache root")
+    if not os.path.exists(os.path.join(cache.root, CACHE_INFO)):
+        s.problems.append(Problem(os.path.join(cache.root, CACHE_INFO),
+                                  "missing: Nix will not take the directory as a cache",
+                                  CACHEINFO))
+    known = set(s.hashes)
+    for h in sorted(s.listings - known):
+        stray(cache.listing_path(h), "listing without a narinfo")
+    try:
+        names = sorted(os.listdir(cache.nar_dir))
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        path = os.path.join(cache.nar_dir, name)
+        if name.startswith(TMP_PREFIX):
+            stray(path, "temporary file left by an interrupted writer")
+        else:
+            s.nars[f"nar/{name}"] = path
+    return s
+
+
+def catalog_problems(catalog: Catalog, cache: Cache, checked: list[Checked]) -> list[Problem]:
+    """Where the (freshly synced) catalog disagrees with the narinfos and NARs."""
+    problems = []
+    good = {c.hash: c for c in checked if c.info is not None}
+    for h, c in good.items():
+        assert c.info is not None
+        try:
+            st = os.stat(cache.narinfo_path(h))
+        except FileNotFoundError:
+            continue
+        got = catalog.paths.get(h)
+        if got is None:
+            problems.append(Problem(c.info.store_path, "missing from the catalog", CATALOG, h))
+        elif got != asdict(Entry.of(c.info, st)):
+            problems.append(Problem(c.info.store_path, "catalog entry disagrees with the "
+                                    "narinfo", CATALOG, h))
+        ls = catalog.listing(h)
+        if ls is not None and c.listing is not None and ls != c.listing:
+            problems.append(Problem(c.info.store_path, "catalog listing disagrees with the NAR",
+                                    CATALOG, h))
+    for h in list(catalog.paths.keys()):
+        if h not in good:
+            problems.append(Problem(f"{cache.root}/{h}.narinfo", "in the catalog but not a "
+                                    "valid narinfo in the directory", CATALOG, h))
+    return problems
+
+
+def rebuild_catalog(catalog: Catalog) -> None:
+    """Rebuild in place (a live mount keeps its connection), access times kept."""
+    for name in ("paths", "listings", "tops"):
+        table = getattr(catalog, name, None)
+        if table is not None:
+            table.clear()
+            table.commit()
+    catalog.sync()
+    stale = [h for h in list(catalog.access.keys()) if h not in catalog.paths]
+    for h in stale:
+        del catalog.access[h]
+    catalog.access.commit()
+
+
+@dataclass
+class Report:
+    checked: list[Checked]
+    problems: list[Problem]
+    file_bytes: int
+    seconds: float
+    recent_skipped: int = 0
+    strays: list[str] = field(default_factory=list)  # files --repair removes
+
+
+async def run_checks(cache: Cache, key: PublicKey | None, hashes: list[str], threads: int
+                     ) -> list[Checked]:
+    limiter = trio.CapacityLimiter(max(1, threads))
+    results: list[Checked] = []
+    total = 0
+    file_sizes: dict[str, int] = {}
+    for h in hashes:  # progress in compressed bytes, read from the narinfos cheaply
+        try:
+            info = cache.read_narinfo(h)
+            file_sizes[h] = info.file_size or info.nar_size
+        except (CorruptError, OSError):
+            file_sizes[h] = 0
+        total += file_sizes[h]
+    bar = Progress(total, "verifying")
+
+    async def one(h: str) -> None:
+        c = await trio.to_thread.run_sync(check_entry, cache, key, h, limiter=limiter)
+        results.append(c)
+        bar.advance(file_sizes[h], h)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for h in hashes:
+                nursery.start_soon(one, h)
+    finally:
+        bar.close()
+    return results
+
+
+async def verify(cache: Cache, key: PublicKey | None, threads: int, writer_active: bool,
+                 catalog: Catalog | None) -> Report:
+    start = time.monotonic()
+    s = scan(cache, writer_active, time.time())
+    checked = await run_checks(cache, key, s.hashes, threads)
+    checked.sort(key=lambda c: c.hash)
+    problems = list(s.problems)
+    for c in checked:
+        problems += c.problems
+    good = {c.hash for c in checked if c.info is not None}
+    urls = {c.info.url for c in checked if c.info is not None}
+    now = time.time()
+    for url, path in sorted(s.nars.items()):
+        if url not in urls:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if writer_active and now - st.st_mtime < RECENT:
+                s.recent_skipped += 1
+                continue
+            s.strays.append(path)
+            problems.append(Problem(path, "stray NAR: no narinfo refers to it", STRAY))
+    for c in checked:
+        if c.info is None:
+            continue
+        for ref in c.info.references:
+            rh = hash_part(ref)
+            if rh != c.hash and rh not in good:
+                problems.append(Problem(c.info.store_path, f"references {STORE_DIR}/{ref}, "
+                                        "which is not in the cache (incomplete closure)",
+                                        CLOSURE, c.hash))
+    if catalog is not None:
+        catalog.sync()
+        problems += catalog_problems(catalog, cache, checked)
+    file_bytes = sum(os.path.getsize(p) for p in s.nars.values() if os.path.isfile(p))
+    return Report(checked, problems, file_bytes, time.monotonic() - start, s.recent_skipped,
+                  s.strays)
+
+
+def doomed_entries(report: Report) -> tuple[list[tuple[str, str | None]], dict[str, str]]:
+    """What --repair un-publishes, referrers first, and why (hash → reason)."""
+    infos = {c.hash: c.info for c in report.checked if c.info is not None}
+    why: dict[str, str] = {}
+    for p in report.problems:
+        if p.kind in (BROKEN, CLOSURE) and p.hash is not None and p.hash not in why:
+            why[p.hash] = p.what
+    referrers: dict[str, list[str]] = {}
+    for h, info in infos.items():
+        for ref in info.references:
+            referrers.setdefault(hash_part(ref), []).append(h)
+    todo = list(why)
+    while todo:
+        h = todo.pop()
+        for r in referrers.get(h, []):
+            if r not in why and r != h:
+                name = infos[h].store_path if h in infos else f"{h}.narinfo"
+                why[r] = f"its closure is broken: references {name}"
+                todo.append(r)
+    parsed = {h: [hash_part(r) for r in infos[h].references] for h in why if h in infos}
+    order = referrers_first(parsed) + sorted(h for h in why if h not in infos)
+    return [(h, infos[h].url if h in infos else None) for h in order], why
+
+
+async def repair(cache: Cache, catalog: Catalog, report: Report) -> tuple[list[str], int]:
+    """Apply the fixes; return the lines that say what was done, and problems left."""
+    lines = []
+    infos = {c.hash: c.info for c in report.checked if c.info is not None}
+    doomed, why = doomed_entries(report)
+    lost_paths = [infos[h].store_path if h in infos else f"{h}.narinfo" for h, _ in doomed]
+    if doomed:
+        freed = retire(cache, catalog, doomed)
+        valid = set()
+        names = [p for p in lost_paths if p.startswith(STORE_DIR)]
+        if names:
+            invalid = set(await store.invalid_paths(names))
+            valid = {p for p in names if p not in invalid}
+        for (h, _), path in zip(doomed, lost_paths, strict=True):
+            hint = (f"; it is still in the store: `narfs archive {path}` archives it again"
+                    if path in valid else "")
+            lines.append(f"lost {path}: {why[h]}{hint}")
+        lines.append(f"un-published {len(doomed)} entries ({freed.nar_files} NAR files, "
+                     f"{human_size(freed.bytes)}): these store paths are no longer in the cache")
+    removed = 0
+    for path in report.strays:
+        try:
+            os.unlink(path)
+            removed += 1
+            lines.append(f"removed {path}")
+        except (FileNotFoundError, IsADirectoryError):
+            pass
+    if removed:
+        cache.sync_nar_dir()
+    gone = {h for h, _ in doomed}
+    for c in report.checked:
+        if c.hash in gone or c.listing is None:
+            continue
+        if any(p.kind == LISTING for p in c.problems):
+            cache.write_atomic(cache.listing_path(c.hash), listing.render(c.listing))
+            lines.append(f"rewrote {cache.listing_path(c.hash)} from its NAR")
+    if any(p.kind == CACHEINFO for p in report.problems):
+        cache.write_atomic(os.path.join(cache.root, CACHE_INFO), cache_info_text().encode())
+        lines.append(f"rewrote {os.path.join(cache.root, CACHE_INFO)}")
+    rebuild_catalog(catalog)
+    lines.append(f"rebuilt the catalog ({len(catalog.paths)} entries, access times kept)")
+    left = [p for p in report.problems if (p.kind == UNSIGNED and p.hash not in gone)
+            or (p.kind == STRAY and p.subject not in report.strays)]
+    unsigned = sum(1 for p in left if p.kind == UNSIGNED)
+    if unsigned:
+        lines.append(f"kept {unsigned} unsigned entries: their data is intact; restore them "
+                     "with --no-check-sigs or re-archive them from the store to sign them")
+    return lines, len(left)
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    cache = Cache(settings.cache_dir)
+    cache.check()
+    key = trusted_key(settings)
+    if key is None:
+        print("narfs verify: no key configured (public_key or secret_key_file): signatures "
+              "are not checked")
+    if args.repair:
+        with cache.writer(exclusive=True), Catalog(cache) as catalog:
+            report = trio.run(verify, cache, key, settings.threads, False, catalog)
+            _print(report, cache)
+            if not [p for p in report.problems if p.kind != NOTE]:
+                return 0
+            lines, left = trio.run(repair, cache, catalog, report)
+            for line in lines:
+                print(f"repair: {line}")
+            return 1 if left else 0
+    active = cache.writer_active()
+    catalog = open_catalog(cache)
+    try:
+        report = trio.run(verify, cache, key, settings.threads, active, catalog)
+    finally:
+        if catalog is not None:
+            catalog.close()
+    if catalog is None:
+        print("narfs verify: the catalog is not writable by this user: not checked")
+    _print(report, cache)
+    return 1 if [p for p in report.problems if p.kind != NOTE] else 0
+
+
+def _print(report: Report, cache: Cache) -> None:
+    counted = [p for p in report.problems if p.kind != NOTE]
+    for p in sorted(report.problems, key=lambda p: (p.subject, p.what)):
+        print(("note: " if p.kind == NOTE else "") + p.line())
+    if report.recent_skipped:
+        print(f"narfs verify: a writer is active: {report.recent_skipped} files younger than "
+              f"{RECENT // 60} min that nothing refers to yet were not judged")
+    n = len(report.checked)
+    rate = report.file_bytes / report.seconds if report.seconds else 0
+    summary = (f"{n} entries, {human_size(report.file_bytes)} of NAR files in {cache.root}, "
+               f"checked in {report.seconds:.1f} s ({human_size(rate)}/s)")
+    if counted:
+        print(f"{len(counted)} problems; {summary}")
+    else:
+        print(f"healthy: {summary}")

@@ -1,0 +1,202 @@
+"""Issue 5: `narfs gc` retires by last access, oldest first, and never breaks a kept closure."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from narfs.cache import Cache
+from narfs.catalog import Catalog, Entry
+from narfs.errors import NarfsError
+from narfs.gc import effective_access, parse_age, parse_size, plan
+from narfs.narinfo import parse as parse_narinfo
+from narfs.storepath import hash_part
+from nixtools import NIX, NixStore, run
+
+if TYPE_CHECKING:
+    from conftest import Narfs
+
+DAY = 86400
+
+
+def age(narfs: Narfs, paths: list[str], seconds: float) -> None:
+    """Archive time is the narinfo's mtime: set it back (the catalog picks it up on sync)."""
+    t = time.time() - seconds
+    for p in paths:
+        os.utime(narfs.cache / f"{hash_part(p)}.narinfo", (t, t))
+
+
+def archived(narfs: Narfs) -> set[str]:
+    return {f"/nix/store/{n[:-8]}" for n in os.listdir(narfs.cache) if n.endswith(".narinfo")}
+
+
+def names(narfs: Narfs) -> set[str]:
+    return {parse_narinfo(p.read_bytes()).store_path for p in narfs.cache.glob("*.narinfo")}
+
+
+def assert_cache_whole(narfs: Narfs) -> None:
+    """Every narinfo's URL exists and Nix reads every kept path's closure from the cache."""
+    kept = sorted(names(narfs))
+    for p in narfs.cache.glob("*.narinfo"):
+        url = parse_narinfo(p.read_bytes()).url
+        assert (narfs.cache / url).is_file(), f"{p.name} names a missing {url}"
+    if kept:
+        run([*NIX, "path-info", "--store", f"file://{narfs.cache}", "-r", *kept])
+
+
+def touch_through_read(narfs: Narfs, paths: list[str]) -> None:
+    """What a read through the mount records: an access on the path read, and nothing else."""
+    with Catalog(Cache(str(narfs.cache))) as catalog:
+        catalog.sync()
+        catalog.touch(hash_part(p) for p in paths)
+
+
+def test_old_paths_go_recent_closures_stay(narfs: Narfs, nixstore: NixStore) -> None:
+    shared = nixstore.text("shared dependency", "narfs-gc-shared")
+    old = nixstore.text("old project", "narfs-gc-old", refs=[shared])
+    dep = nixstore.text("recent dependency", "narfs-gc-dep")
+    recent = nixstore.text("recent project", "narfs-gc-recent", refs=[shared, dep])
+    narfs("archive", old, recent)
+    everything = [shared, old, dep, recent]
+    age(narfs, everything, 400 * DAY)
+    touch_through_read(narfs, [recent])  # only the top was read; its closure stays with it
+    old_nar = parse_narinfo((narfs.cache / f"{hash_part(old)}.narinfo").read_bytes()).url
+
+    out = narfs("gc", "--older-than", "365d")
+    assert f"retired {old} " in out.stdout, out.stdout
+    assert "retired 1 paths" in out.stdout
+    assert names(narfs) == {shared, dep, recent}
+    assert not (narfs.cache / f"{hash_part(old)}.ls").exists()
+    assert not (narfs.cache / old_nar).exists()
+    assert_cache_whole(narfs)
+    again = narfs("gc", "--older-than", "365d")
+    assert "nothing to retire" in again.stdout
+    with Catalog(Cache(str(narfs.cache))) as catalog:  # gc kept the catalog in step
+        assert catalog.get(hash_part(old)) is None and catalog.get(hash_part(recent))
+
+    # A restore is an access too: the whole closure it brought back is recent.
+    age(narfs, [shared, dep, recent], 400 * DAY)
+    with Catalog(Cache(str(narfs.cache))) as catalog:
+        catalog.access.clear()
+        catalog.access.commit()
+    narfs("restore", recent)  # all valid already: nothing to fetch, but it was asked for
+    assert "nothing to retire" in narfs("gc", "--older-than", "365d").stdout
+    assert names(narfs) == {shared, dep, recent}
+
+
+def test_shared_nar_goes_only_with_its_last_narinfo(narfs: Narfs, nixstore: NixStore) -> None:
+    a = nixstore.text("identical contents\n", "narfs-gc-twin-a")
+    b = nixstore.text("identical contents\n", "narfs-gc-twin-b")
+    narfs("archive", a, b)
+    url_a, url_b = (parse_narinfo((narfs.cache / f"{hash_part(p)}.narinfo").read_bytes()).url
+                    for p in (a, b))
+    assert url_a == url_b  # one NAR file, two narinfos
+    age(narfs, [a], 30 * DAY)
+    narfs("gc", "--older-than", "7d")
+    assert names(narfs) == {b}
+    assert (narfs.cache / url_b).is_file()
+    assert_cache_whole(narfs)
+    age(narfs, [b], 30 * DAY)
+    out = narfs("gc", "--older-than", "2w")
+    assert f"retired {b} " in out.stdout
+    assert not (narfs.cache / url_b).exists()
+    assert os.listdir(narfs.cache / "nar") == []
+
+
+def _disk(narfs: Narfs) -> int:
+    total = 0
+    for p in narfs.cache.glob("*.narinfo"):
+        total += p.stat().st_size
+        ls = p.with_suffix(".ls")
+        total += ls.stat().st_size if ls.exists() else 0
+    return total + sum(p.stat().st_size for p in (narfs.cache / "nar").iterdir())
+
+
+def test_max_size_retires_oldest_first(narfs: Narfs, nixstore: NixStore,
+                                       tmp_path: Path) -> None:
+    paths = []
+    for i, kib in enumerate((300, 200, 100)):
+        src = tmp_path / f"blob{i}"
+        src.mkdir()
+        (src / "data").write_bytes(os.urandom(kib << 10))  # incompressible: sizes are known
+        paths.append(nixstore.tree(src, f"narfs-gc-size-{i}"))
+    narfs("archive", *paths)
+    for i, p in enumerate(paths):  # paths[0] is the oldest
+        age(narfs, [p], (3 - i) * DAY)
+    total = _disk(narfs)
+    limit = total - (250 << 10)  # the oldest (300 KiB) alone is enough
+    out = narfs("gc", "--max-size", str(limit))
+    assert names(narfs) == set(paths[1:]), out.stdout
+    assert _disk(narfs) <= limit
+    out = narfs("gc", "--max-size", f"{(_disk(narfs) - 50_000) / 1024:.0f}K")
+    assert names(narfs) == {paths[2]}, out.stdout
+    assert_cache_whole(narfs)
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != ".narfs"]
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            out[os.path.join(dirpath, name)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_dry_run_changes_nothing(narfs: Narfs, nixstore: NixStore) -> None:
+    chain = nixstore.closure(2, "narfs-gc-dry")
+    narfs("archive", chain[-1])
+    age(narfs, chain, 10 * DAY)
+    (narfs.cache / "nar" / ".narfs-tmp-leftover").write_bytes(b"x")
+    before = _files(narfs.cache)
+    out = narfs("gc", "--older-than", "1d", "--dry-run")
+    assert f"would retire {chain[0]}" in out.stdout and f"would retire {chain[1]}" in out.stdout
+    assert "would retire 2 paths" in out.stdout
+    assert _files(narfs.cache) == before
+
+
+def test_ages_and_sizes() -> None:
+    assert parse_age("365d") == 365 * DAY
+    assert parse_age("12h") == 12 * 3600
+    assert parse_age("30s") == parse_age("30") == 30
+    assert parse_age("2w") == 14 * DAY
+    assert parse_size("500G") == 500 << 30
+    assert parse_size("10M") == parse_size("10MiB") == 10 << 20
+    assert parse_size("1GB") == 10**9
+    assert parse_size("12345") == 12345
+    for bad in ("", "12x", "d", "-1d", "1.2.3h"):
+        with pytest.raises(NarfsError):
+            parse_age(bad)
+    for bad in ("", "12X", "G", "10MiBB", "1kib2"):
+        with pytest.raises(NarfsError):
+            parse_size(bad)
+
+
+def _entry(h: str, refs: list[str], url: str | None = None) -> Entry:
+    return Entry(hash=h, name=f"{h}-x", url=url or f"nar/{h}.nar.zst", compression="zstd",
+                 file_size=100, nar_size=100, nar_hash="sha256:x",
+                 references=[f"{r}-x" for r in refs], archived=0.0, mtime_ns=0)
+
+
+def test_plan_is_a_closure_safe_prefix() -> None:
+    h = {k: k * 32 for k in "abcdef"}
+    # a ← b ← c (c references b references a); d alone; e ← f; f was used recently.
+    entries = {h["a"]: _entry(h["a"], []), h["b"]: _entry(h["b"], [h["a"]]),
+               h["c"]: _entry(h["c"], [h["b"], h["c"]]), h["d"]: _entry(h["d"], []),
+               h["e"]: _entry(h["e"], []), h["f"]: _entry(h["f"], [h["e"]])}
+    access = {h["a"]: 1.0, h["b"]: 5.0, h["c"]: 3.0, h["d"]: 2.0, h["e"]: 0.5, h["f"]: 9.0}
+    order = [x for x, _ in effective_access(entries, access)]
+    # c (3) must precede b (5 → its own), and a inherits b's 5; e inherits f's 9.
+    assert order == [h["d"], h["c"], h["b"], h["a"], h["f"], h["e"]]
+    disk = dict.fromkeys(entries, 10)
+    nar_disk = {e.url: 100 for e in entries.values()}
+    chosen, before, after = plan(entries, access, disk, nar_disk, older_than=4.0,
+                                 max_size=None, now=10.0)
+    assert [c.entry.hash for c in chosen] == [h["d"], h["c"], h["b"], h["a"]]
+    assert before == 660 and after == 220
+    chosen, _, after = plan(entries, access, disk, nar_disk, None, 500, 10.0)
+    assert [c.entry.hash for c in chosen] == [h["d"], h["c"]] and after == 440
