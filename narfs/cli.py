@@ -231,13 +231,28 @@ def resolve(command: str) -> Callable[[argparse.Namespace, Settings], int]:
     return getattr(importlib.import_module(module), func)
 
 
+def user_error(group: BaseExceptionGroup) -> BaseException:
+    """The first NarfsError in a group whose every leaf is one (others are bugs: re-raised)."""
+    rest = group.split((NarfsError, KeyboardInterrupt))[1]
+    if rest is not None:
+        return group
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
     overrides = {k: getattr(args, k, None) for k in ("cache_dir", "secret_key_file", "roots_dir")}
     try:
-        settings = config.load(overrides, must_exist=args.command != "init")
-        return resolve(args.command)(args, settings)
+        try:
+            settings = config.load(overrides, must_exist=args.command != "init")
+            return resolve(args.command)(args, settings)
+        except BaseExceptionGroup as group:
+            # trio nurseries wrap what their tasks raise; a user's error stays one line.
+            raise user_error(group) from None
     except NarfsError as e:
         print(f"narfs: error: {e}", file=sys.stderr)
         return 1

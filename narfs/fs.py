@@ -45,7 +45,7 @@ import trio
 
 from .cache import Cache
 from .catalog import Catalog, Entry
-from .errors import CorruptError
+from .errors import CorruptError, NarfsError
 from .reader import Reader
 from .storepath import HASH_LEN, STORE_DIR, is_hash
 from .tree import (
@@ -93,7 +93,7 @@ def _guard(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except (CorruptError, OSError) as e:
+        except (NarfsError, OSError) as e:
             self.log_once(logging.ERROR, f"{fn.__name__}: {e}")
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
@@ -350,7 +350,7 @@ class NarFS(pyfuse3.Operations):
                 if root is None:
                     continue
                 top = Tree.build(h, 0, root, entry.nar_size).top()
-            except (CorruptError, OSError):
+            except (NarfsError, OSError):
                 continue  # left to `tree()`, which falls back to the NAR and logs
             tops[h] = top
             store.append((h, root if fresh else None, top))
@@ -411,7 +411,7 @@ class NarFS(pyfuse3.Operations):
                     continue
                 tree = await trio.to_thread.run_sync(Tree.build, h, p.slot, root, entry.nar_size,
                                                      limiter=self.reader.limiter)
-            except (CorruptError, OSError) as e:
+            except (NarfsError, OSError) as e:
                 reason = str(e)
                 if source != "nar":
                     log.warning("%s: %s listing unusable (%s); trying the next source",
@@ -718,7 +718,7 @@ class NarFS(pyfuse3.Operations):
             return b""
         try:
             return await self.reader.read(entry, offset + off, min(size, length - off))
-        except (CorruptError, OSError) as e:  # name the path: the reader knows only its NAR
+        except (NarfsError, OSError) as e:  # name the path: the reader knows only its NAR
             raise CorruptError(f"{STORE_DIR}/{entry.name}: {e}") from None
 
     @_guard

@@ -15,18 +15,14 @@ Blocking work runs in worker threads: the methods named `*_sync` are the thread 
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
 import logging
-import lzma
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import BinaryIO
 
 import trio
 import zstandard
@@ -35,6 +31,7 @@ from . import nar, nix32, zstdseek
 from .cache import Cache
 from .catalog import Entry
 from .errors import CorruptError
+from .narstream import decompressed_chunks, parse_checked
 from .zstdseek import SeekTable
 
 log = logging.getLogger(__name__)
@@ -230,24 +227,6 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _decompressor(compression: str, raw: BinaryIO) -> BinaryIO:
-    if compression == "xz":
-        return lzma.LZMAFile(raw)  # type: ignore[return-value]
-    if compression == "bzip2":
-        return bz2.BZ2File(raw)  # type: ignore[return-value]
-    if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
-    if compression == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(  # type: ignore[return-value]
-            raw, read_across_frames=True)
-    if compression == "none":
-        return raw
-    raise CorruptError(f"compression {compression!r} is not supported by the mount")
-
-
-_DECODE_ERRORS = (lzma.LZMAError, zstandard.ZstdError, EOFError, OSError)
-
-
 class Source:
     """One open NAR. `users` counts reads in flight, so eviction from the open-source LRU
     closes the descriptor only once no worker thread can still be reading it."""
@@ -332,12 +311,8 @@ class Reader:
                 return Source(key, fd, entry.nar_size, None)
 
             def produce(write: Callable[[bytes], None]) -> None:
-                stream = _decompressor(entry.compression, _At(fd))  # type: ignore[arg-type]
-                try:
-                    while chunk := stream.read(CHUNK):
-                        write(chunk)
-                except _DECODE_ERRORS as e:
-                    raise CorruptError(f"{entry.compression} data is damaged: {e}") from None
+                for chunk in decompressed_chunks(_At(fd), entry.compression):  # type: ignore
+                    write(chunk)
 
             hot_fd = self.hot.open_sync(entry.nar_hash, entry.nar_size, produce)
             os.close(fd)
@@ -445,16 +420,13 @@ class Reader:
 
     def _listing_sync(self, src: Source, entry: Entry) -> dict:
         self.stats.add(nar_parses=1)
-        if src.table is None:
-            return nar.listing_of(_At(src.fd), entry.nar_size,  # type: ignore[arg-type]
-                                 entry.nar_hash)
-        stream = zstandard.ZstdDecompressor().stream_reader(_At(src.fd),
-                                                            read_across_frames=True)
-        try:
-            return nar.listing_of(stream, entry.nar_size,  # type: ignore[arg-type]
-                                 entry.nar_hash)
-        except zstandard.ZstdError as e:
-            raise CorruptError(f"zstd data is damaged: {e}") from None
+        # The whole NAR is read anyway, so its NarHash is checked too: a listing is never built
+        # from bytes other than the ones the (signed) narinfo vouches for.
+        compression = "none" if src.table is None else "zstd"  # the hot tier holds plain NARs
+        builder = nar.ListingBuilder()
+        parse_checked(decompressed_chunks(_At(src.fd), compression),  # type: ignore[arg-type]
+                      builder, entry.nar_size, entry.nar_hash)
+        return builder.root
 
     def close(self) -> None:
         for src in self._sources.values():

@@ -19,33 +19,27 @@ the tree is renamed to DIR only when the whole NAR proved good. On any failure n
 from __future__ import annotations
 
 import argparse
-import bz2
 import ctypes
 import errno
-import gzip
-import hashlib
 import json
 import logging
-import lzma
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 import trio
-import zstandard
 
-from . import nar, nix32, signing, store
+from . import nar, signing, store
 from .cache import TMP_PREFIX, Cache
 from .config import Settings
 from .errors import CorruptError, NarfsError
 from .narinfo import NarInfo
+from .narstream import decompressed_chunks, parse_checked
 from .progress import Progress, human_size
 from .report import entries_with_access, mount_containing, open_catalog, when
 from .signing import PublicKey
@@ -199,6 +193,39 @@ def check_signatures(infos: dict[str, NarInfo], key: PublicKey, cache: Cache) ->
 
 
 # --- copying through Nix --------------------------------------------------------------------
+
+def check_nar(cache: Cache, info: NarInfo) -> None:
+    """Parse one NAR with narfs's own validating parser before Nix imports it.
+
+    Nix (2.8) restores a NAR whose directory entries are unsorted or duplicated and registers
+    the path as valid, though its tree no longer dumps to the NarHash that was checked; so a
+    hostile cache could plant a path `nix-store --verify-path` calls modified. Checked here,
+    it never reaches the store.
+    """
+    try:
+        with cache.open_nar(info) as f:
+            parse_checked(decompressed_chunks(f, info.compression), nar.Validator(),
+                          info.nar_size, info.nar_hash)
+    except (CorruptError, OSError) as e:
+        raise NarfsError(f"{info.store_path}: refusing its NAR in {cache.root}: {e}; nothing "
+                         "was restored, the store is unchanged; run `narfs verify`") from None
+
+
+async def check_nars(cache: Cache, infos: dict[str, NarInfo], threads: int,
+                     total: int) -> None:
+    """check_nar over every path to fetch, `threads` at a time, with progress."""
+    limiter = trio.CapacityLimiter(threads)
+    bar = Progress(total, "checking")
+    try:
+        async with trio.open_nursery() as nursery:
+            for info in infos.values():
+                async def one(info: NarInfo = info) -> None:
+                    await trio.to_thread.run_sync(check_nar, cache, info, limiter=limiter)
+                    bar.advance(info.nar_size)
+                nursery.start_soon(one)
+    finally:
+        bar.close()
+
 
 class Copier:
     """Runs `nix copy --no-recursive` over batches of the missing paths, `jobs` at a time.
@@ -364,79 +391,6 @@ class Copier:
 
 # --- unpacking without Nix ------------------------------------------------------------------
 
-class NarStream:
-    """The decompressed NAR as a readable stream: counts and hashes every byte that comes out
-    of `chunks` (so NarHash and NarSize are those of the whole stream), refuses more than
-    `limit` bytes, and serves the parser's many small reads from a buffer."""
-
-    def __init__(self, chunks: Iterator[bytes], limit: int) -> None:
-        self.chunks = chunks
-        self.limit = limit
-        self.size = 0
-        self.sha = hashlib.sha256()
-        self._buf = b""
-        self._pos = 0
-
-    def _more(self) -> bool:
-        for data in self.chunks:
-            if not data:
-                continue
-            self.size += len(data)
-            if self.size > self.limit:
-                raise CorruptError(f"NAR decompresses to more than its NarSize {self.limit}")
-            self.sha.update(data)
-            self._buf = self._buf[self._pos:] + data
-            self._pos = 0
-            return True
-        return False
-
-    def read(self, n: int) -> bytes:
-        pos = self._pos
-        end = pos + n
-        if end > len(self._buf):  # the parser's many small reads mostly skip this
-            while len(self._buf) - self._pos < n and self._more():
-                pass
-            pos = self._pos
-            end = min(pos + n, len(self._buf))
-        self._pos = end
-        return self._buf[pos:end]
-
-    def drain(self) -> None:
-        self._pos = len(self._buf)
-        while self._more():
-            self._pos = len(self._buf)
-
-    def nar_hash(self) -> str:
-        return nix32.format_sha256(self.sha.digest())
-
-
-_DECODE_ERRORS = (zstandard.ZstdError, lzma.LZMAError, EOFError, OSError, ValueError)
-
-
-def decompressed_chunks(f: BinaryIO, compression: str) -> Iterator[bytes]:
-    """The NAR inside a cache file, for any compression Python reads: zstd (seekable or not:
-    skippable frames are skipped), xz, bzip2, gzip, none."""
-    if compression == "zstd":
-        stream: BinaryIO = zstandard.ZstdDecompressor().stream_reader(  # type: ignore
-            f, read_across_frames=True)
-    elif compression == "xz":
-        stream = lzma.LZMAFile(f)  # type: ignore[assignment]
-    elif compression == "bzip2":
-        stream = bz2.BZ2File(f)  # type: ignore[assignment]
-    elif compression == "gzip":
-        stream = gzip.GzipFile(fileobj=f)  # type: ignore[assignment]
-    elif compression == "none":
-        stream = f
-    else:
-        raise NarfsError(f"compression {compression!r} cannot be read without Nix; restore "
-                         "the path into the store instead (narfs restore without --to)")
-    try:
-        while data := stream.read(CHUNK):
-            yield data
-    except _DECODE_ERRORS as e:
-        raise CorruptError(f"{compression} data is damaged: {e}") from None
-
-
 class Unpacker:
     """A NarVisitor writing the tree under `container_fd` as the entry `name`.
 
@@ -511,6 +465,16 @@ def _rename_noreplace(src: str, dst: str) -> None:
         raise OSError(err, os.strerror(err), dst)
 
 
+def remove_tree(path: str) -> None:
+    """Remove what a failed unpack left. GNU rm walks any depth without recursion and never
+    follows a symlink (shutil.rmtree recurses once per level: a NAR 1024 directories deep
+    ends in RecursionError)."""
+    if os.path.lexists(path):
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", path], check=False)
+    if os.path.lexists(path):
+        log.error("%s: could not remove this leftover of an unpack; remove it by hand", path)
+
+
 def unpack(cache: Cache, info: NarInfo, dest: str) -> Unpacker:
     """Unpack one path's NAR as `dest` (which must not exist), all or nothing."""
     dest = os.path.abspath(dest)
@@ -527,14 +491,11 @@ def unpack(cache: Cache, info: NarInfo, dest: str) -> Unpacker:
         try:
             visitor = Unpacker(container, b"tree")
             with cache.open_nar(info) as f:
-                stream = NarStream(decompressed_chunks(f, info.compression), info.nar_size)
                 try:
-                    nar.parse(stream, visitor, info.nar_size)  # type: ignore[arg-type]
+                    parse_checked(decompressed_chunks(f, info.compression), visitor,
+                                  info.nar_size, info.nar_hash)
                 finally:
                     visitor.close()
-            if stream.size != info.nar_size or stream.nar_hash() != info.nar_hash:
-                raise CorruptError(f"NAR is {stream.size} bytes hashing to {stream.nar_hash()}, "
-                                   f"the narinfo says {info.nar_size} bytes, {info.nar_hash}")
         finally:
             os.close(container)
         _rename_noreplace(os.path.join(tmp, "tree"), dest)
@@ -545,7 +506,7 @@ def unpack(cache: Cache, info: NarInfo, dest: str) -> Unpacker:
         raise NarfsError(f"{e.filename or dest}: cannot unpack ({e.strerror}); nothing was "
                          "left behind") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # fd-based: never follows a symlink inside
+        remove_tree(tmp)
     assert visitor is not None
     return visitor
 
@@ -566,6 +527,8 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
         check_signatures(p.fetch, key, cache)
     nar_bytes = sum(i.nar_size for i in p.fetch.values())
     file_bytes = sum(i.file_size or 0 for i in p.fetch.values())
+    if not args.dry_run:
+        await check_nars(cache, p.fetch, settings.threads, nar_bytes)
     if args.dry_run:
         for path in sorted(p.fetch, key=lambda s: s[44:]):
             print(f"would restore {path} ({human_size(p.fetch[path].nar_size)})")

@@ -35,9 +35,10 @@ from .config import Settings
 from .errors import CorruptError, NarfsError
 from .gc import referrers_first, retire
 from .narinfo import NarInfo
+from .narstream import NarStream, decompressed_chunks
 from .progress import Progress, human_size
 from .report import open_catalog
-from .restore import NarStream, decompressed_chunks, trusted_key
+from .restore import trusted_key
 from .signing import PublicKey
 from .storepath import STORE_DIR, hash_part, is_hash
 

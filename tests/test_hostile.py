@@ -46,17 +46,7 @@ ACCEPTED = {"seek-table-lies"}  # restores may succeed: the NAR itself is intact
 GOOD_CONTENT = "narfs hostile good path: readable through every bad neighbour\n"
 
 # (case, command) → the bug, for whom. Strict: a fix makes the test XPASS and fail.
-KNOWN = {
-    ("unsorted", "restore"): (
-        "restore.py: Nix 2.8 accepts a NAR whose directory entries are unsorted, so `narfs "
-        "restore` registers a path whose contents no longer hash to its NarHash "
-        "(`nix-store --verify-path` then says 'was modified'); narfs must check the NAR with "
-        "its own parser before `nix copy`"),
-    ("deep-nesting", "restore-to"): (
-        "restore.py: unpack() cleans up with shutil.rmtree, which recurses once per level: "
-        "RecursionError traceback on a NAR 1024 directories deep, and the .narfs-tmp-unpack-* "
-        "tree is left in DIR's parent"),
-}
+KNOWN: dict[tuple[str, str], str] = {}  # (case, command) → why a known bug is tolerated
 
 
 def params(command: str) -> list:
