@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import trio
 
 from . import listing, nix32, store
-from .cache import TMP_PREFIX, Cache, _fsync_dir, describe_os_error
+from .cache import TMP_PREFIX, Cache, describe_os_error, fsync_dir
 from .config import Settings
 from .errors import NarfsError
 from .nar import NarSerialiser
@@ -222,19 +222,37 @@ class Archiver:
                 os.rename(w.nar_tmp, cache.nar_path(w.entry.url))
                 os.rename(w.listing_tmp, cache.listing_path(w.entry.hash))
             cache.sync_nar_dir()
-            _fsync_dir(cache.root)
-            for w in ready:
-                os.rename(w.narinfo_tmp, cache.narinfo_path(w.entry.hash))
-                result.archived.append(w.entry)
-                log.info("archived %s (%s, ratio %.2f)", w.info.path[11:],
-                         human_size(w.info.nar_size),
-                         (w.entry.file_size or 0) / max(w.info.nar_size, 1))
-            _fsync_dir(cache.root)
+            fsync_dir(cache.root)
+            with cache.publish_lock(exclusive=False):
+                for w in ready:
+                    gone = self._retired_meanwhile(w)
+                    if gone is not None:
+                        w.discard()
+                        self._fail(result, w.info.path, NarfsError(
+                            f"not published: {gone} was retired from the cache meanwhile "
+                            "(narfs gc); archive it again"))
+                        continue
+                    os.rename(w.narinfo_tmp, cache.narinfo_path(w.entry.hash))
+                    result.archived.append(w.entry)
+                    log.info("archived %s (%s, ratio %.2f)", w.info.path[11:],
+                             human_size(w.info.nar_size),
+                             (w.entry.file_size or 0) / max(w.info.nar_size, 1))
+            fsync_dir(cache.root)
         except OSError as e:
             for w in ready:
                 w.discard()
                 if w.entry not in result.archived:
                     self._fail(result, w.info.path, e)
+
+    def _retired_meanwhile(self, w: _Written) -> str | None:
+        """What of a narinfo's NAR and references gc removed since they were checked
+        (called under the publish lock); None when everything is still there."""
+        if not os.path.exists(self.cache.nar_path(w.entry.url)):
+            return w.entry.url
+        for ref in w.entry.references:
+            if ref != w.entry.name and not self.cache.has(hash_part(ref)):
+                return ref
+        return None
 
     def _temporary(self, directory: str, data: bytes) -> str:
         """A new temporary beside its final name holding `data`; not synced (see _commit)."""

@@ -37,7 +37,7 @@ def cache_info_text(priority: int = PRIORITY) -> str:
     return f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {priority}\n"
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -184,10 +184,10 @@ class Cache:
     def publish(self, info: NarInfo) -> None:
         """The commit point: the narinfo appears, then the directory entry is made durable."""
         self.write_atomic(self.narinfo_path(info.hash), info.render().encode())
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def sync_nar_dir(self) -> None:
-        _fsync_dir(self.nar_dir)
+        fsync_dir(self.nar_dir)
 
     def unpublish(self, h: str) -> None:
         """Withdraw an entry from Nix's view first, so nothing ever points at a missing NAR."""
@@ -195,7 +195,7 @@ class Cache:
             os.unlink(self.narinfo_path(h))
         except FileNotFoundError:
             return
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def state_path(self, name: str) -> str:
         d = os.path.join(self.root, ".narfs")
@@ -246,6 +246,20 @@ class Cache:
         finally:
             os.close(fd)
         return False
+
+    @contextmanager
+    def publish_lock(self, exclusive: bool) -> Iterator[None]:
+        """Writers publish narinfos under the shared lock; gc retires entries under the
+        exclusive one. Each holds it for milliseconds, and the writer checks, holding it, that
+        the NAR and every reference of a narinfo are still there before renaming it into place.
+        Invariant kept: no narinfo appears whose NAR or reference gc has just removed."""
+        fd = os.open(self.state_path("publish.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
 
     def remove_temporaries(self) -> list[str]:
         """Delete what an interrupted writer left behind; callers hold the exclusive lock."""

@@ -157,6 +157,13 @@ def retire(cache: Cache, catalog: Catalog, doomed: Iterable[tuple[str, str | Non
     first): un-publish every narinfo, then drop listings and the NARs nothing names any more."""
     doomed = list(doomed)
     freed = Freed()
+    with cache.publish_lock(exclusive=True):
+        _retire(cache, catalog, doomed, freed)
+    return freed
+
+
+def _retire(cache: Cache, catalog: Catalog, doomed: list[tuple[str, str | None]],
+            freed: Freed) -> None:
     for h, _ in doomed:
         freed.bytes += _size(cache.narinfo_path(h))
         cache.unpublish(h)
@@ -170,7 +177,6 @@ def retire(cache: Cache, catalog: Catalog, doomed: Iterable[tuple[str, str | Non
         freed.bytes += n
     if os.path.isdir(cache.nar_dir):
         cache.sync_nar_dir()
-    return freed
 
 
 # --- the command ----------------------------------------------------------------------------

@@ -200,3 +200,40 @@ def test_plan_is_a_closure_safe_prefix() -> None:
     assert before == 660 and after == 220
     chosen, _, after = plan(entries, access, disk, nar_disk, None, 500, 10.0)
     assert [c.entry.hash for c in chosen] == [h["d"], h["c"]] and after == 440
+
+
+def test_gc_racing_an_archive_never_leaves_a_broken_closure(narfs: Narfs,
+                                                           nixstore: NixStore) -> None:
+    """gc retires a reference while an archive that skipped it (the cache had it) is between
+    writing its files and publishing: the referrer must not be published."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import trio
+
+    from narfs import store
+    from narfs.archive import Archiver, Result
+    from narfs.config import load
+    from narfs.gc import retire
+    from narfs.signing import load_secret_key
+
+    dep = nixstore.text("dependency retired mid-archive", "narfs-gc-race-dep")
+    top = nixstore.text("referrer", "narfs-gc-race-top", refs=[dep])
+    narfs("archive", dep)
+    cache = Cache(str(narfs.cache))
+    settings = load({"cache_dir": str(narfs.cache), "secret_key_file": str(narfs.key)})
+    infos = trio.run(store.closure_infos, [top])
+    with ThreadPoolExecutor(2) as ex:
+        archiver = Archiver(cache, settings, load_secret_key(str(narfs.key)), ex)
+        result = Result()
+        written = archiver._write_batch([infos[top]], result)  # dep skipped: cached
+        dep_info = cache.read_narinfo(hash_part(dep))
+        with Catalog(cache) as catalog:
+            catalog.sync()
+            retire(cache, catalog, [(hash_part(dep), dep_info.url)])
+        archiver._commit(written, result)
+    assert top in result.failed and "retired" in result.failed[top], result.failed
+    assert archived(narfs) == set(), "a narinfo was published whose reference gc removed"
+    assert not list(narfs.cache.glob("nar/.narfs-tmp-*")), "temporaries left behind"
+    narfs("archive", top)  # a second run brings both back
+    assert names(narfs) == {dep, top}
+    assert_cache_whole(narfs)
