@@ -29,13 +29,13 @@ from .catalog import Catalog
 from .config import Settings
 from .errors import NarfsError
 from .fs import NarFS
+from .mounts import narfs_mounts
 from .reader import HotTier, Reader
 from .storepath import is_hash
 from .watch import Notifier
 
 log = logging.getLogger(__name__)
 
-FSTYPE = "fuse.narfs"
 FULL_SYNC = 300.0
 POLL = 2.0
 DEBOUNCE = 0.05
@@ -73,7 +73,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     mountpoint = os.path.realpath(args.mountpoint)  # as /proc/mounts will show it
     if not os.path.isdir(mountpoint):
         raise NarfsError(f"{mountpoint}: mount point is not a directory; create it first")
-    if mountpoint in mounts():
+    if mountpoint in {m.mountpoint for m in narfs_mounts(trusted=False)}:
         raise NarfsError(f"{mountpoint}: a narfs mount is already there; "
                          f"`narfs umount {mountpoint}` first")
     allow_other = settings.allow_other or "allow_other" in parse_options(args.options)
@@ -289,30 +289,9 @@ async def _refresh(fs: NarFS, hashes: set[str] | None) -> None:
 # --- /proc/mounts and umount --------------------------------------------------------------
 
 
-def _unescape(field: str) -> str:
-    """/proc/mounts escapes space, tab, newline and backslash as octal (\\040 ...)."""
-    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
-
-
-def mounts() -> dict[str, str]:
-    """narfs mounts now: mount point → cache directory."""
-    found = {}
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 3 and fields[2] == FSTYPE:
-                    source = _unescape(fields[0])
-                    cache = source[len("narfs:"):] if source.startswith("narfs:") else ""
-                    found[_unescape(fields[1])] = cache.replace("\\,", ",")
-    except FileNotFoundError:
-        pass
-    return found
-
-
 def umount_main(args: argparse.Namespace, settings: Settings) -> int:
     mountpoint = os.path.realpath(args.mountpoint)
-    if mountpoint not in mounts():
+    if mountpoint not in {m.mountpoint for m in narfs_mounts(trusted=False)}:
         raise NarfsError(f"{mountpoint}: not a narfs mount (see /proc/mounts)")
     proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if proc.returncode != 0:

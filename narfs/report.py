@@ -1,7 +1,5 @@
 """`narfs ls` and `narfs status`: what is archived, how big, how compressed, what waits.
 
-Also the one reader of /proc/mounts for narfs mounts (fsname `narfs:<cache dir>`, type
-`fuse.narfs`), which `restore` uses to turn a file inside a mount into its store path.
 Everything read here that another process wrote (watch.json, /proc/mounts, narinfos) is treated
 as untrusted: a bad value shows as unknown, never as a traceback.
 """
@@ -13,7 +11,6 @@ import fnmatch
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,65 +19,14 @@ from .cache import Cache
 from .catalog import Catalog, Entry
 from .config import Settings
 from .errors import CorruptError, NarfsError
+from .mounts import narfs_mounts
 from .progress import human_size
 from .storepath import STORE_DIR
 
 log = logging.getLogger(__name__)
 
-FSTYPE = "fuse.narfs"
-FSNAME_PREFIX = "narfs:"
 WATCH_STATE = "watch.json"
 MAX_STATE = 1 << 16
-
-
-# --- mounts ---------------------------------------------------------------------------------
-
-def _unescape(field: str) -> str:
-    """/proc/mounts escapes space, tab, newline and backslash as octal (`\\040`)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-@dataclass(frozen=True)
-class Mount:
-    mountpoint: str
-    cache_dir: str
-
-
-def narfs_mounts(mounts_file: str = "/proc/self/mounts") -> list[Mount]:
-    """Every live narfs mount and the cache it serves."""
-    try:
-        with open(mounts_file, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    found = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3 or fields[2] != FSTYPE:
-            continue
-        fsname, mountpoint = _unescape(fields[0]), _unescape(fields[1])
-        if fsname.startswith(FSNAME_PREFIX):  # the mount escapes commas for libfuse
-            cache_dir = fsname[len(FSNAME_PREFIX):].replace("\\,", ",")
-            found.append(Mount(mountpoint, cache_dir))
-    return found
-
-
-def mount_containing(path: str) -> tuple[Mount, str] | None:
-    """The innermost narfs mount holding `path` (taken lexically: abspath, never realpath, so
-    symlinks inside the mount are not followed) and the path relative to its mountpoint."""
-    target = os.path.abspath(path)
-    best: tuple[Mount, str] | None = None
-    for m in narfs_mounts():
-        mp = m.mountpoint.rstrip("/") or "/"
-        if target == mp:
-            rel = ""
-        elif target.startswith(mp.rstrip("/") + "/"):
-            rel = target[len(mp.rstrip("/")) + 1:]
-        else:
-            continue
-        if best is None or len(mp) > len(best[0].mountpoint):
-            best = (m, rel)
-    return best
 
 
 # --- reading the archive --------------------------------------------------------------------

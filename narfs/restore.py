@@ -38,10 +38,11 @@ from . import nar, signing, store
 from .cache import TMP_PREFIX, Cache
 from .config import Settings
 from .errors import CorruptError, NarfsError
+from .mounts import mount_containing
 from .narinfo import NarInfo
 from .narstream import decompressed_chunks, parse_checked
 from .progress import Progress, human_size
-from .report import entries_with_access, mount_containing, open_catalog, when
+from .report import entries_with_access, open_catalog, when
 from .signing import PublicKey
 from .storepath import STORE_DIR, hash_part, is_base_name, is_hash, user_store_path
 

@@ -14,9 +14,9 @@ import pytest
 
 from narfs.cache import Cache
 from narfs.catalog import Catalog
+from narfs.mounts import narfs_mounts
 from narfs.narinfo import parse as parse_narinfo
 from narfs.progress import human_size
-from narfs.report import narfs_mounts
 from narfs.storepath import hash_part
 from nixtools import NixStore
 
@@ -127,11 +127,15 @@ def test_mount_table_parsing(tmp_path: Path) -> None:
     table = tmp_path / "mounts"
     table.write_text(
         "/dev/vda / ext4 rw,relatime 0 0\n"
-        "narfs:/var/lib/narfs/cache /mnt/nar-archive fuse.narfs ro,nosuid 0 0\n"
-        "narfs:/srv/my\\040cache /mnt/with\\040space fuse.narfs ro 0 0\n"
+        "narfs:/var/lib/narfs/cache /mnt/nar-archive fuse.narfs ro,nosuid,user_id=0 0 0\n"
+        "narfs:/srv/my\\040cache /mnt/with\\040space fuse.narfs ro,user_id=0,group_id=0 0 0\n"
+        "narfs:/home/eve/fake /mnt/eve fuse.narfs ro,user_id=4242,group_id=4242 0 0\n"
         "other:/x /mnt/other fuse.sshfs rw 0 0\n"
         "garbage\n")
     found = [(m.mountpoint, m.cache_dir) for m in narfs_mounts(str(table))]
     assert found == [("/mnt/nar-archive", "/var/lib/narfs/cache"),
                      ("/mnt/with space", "/srv/my cache")]
     assert narfs_mounts(str(tmp_path / "missing")) == []
+    # Anybody can mount a fuse.narfs naming any cache: restore trusts only root's and its own.
+    every = [m.mountpoint for m in narfs_mounts(str(table), trusted=False)]
+    assert every == ["/mnt/nar-archive", "/mnt/with space", "/mnt/eve"]

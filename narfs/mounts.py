@@ -1,0 +1,73 @@
+"""narfs mounts as /proc/mounts shows them: fsname `narfs:<cache dir>`, type `fuse.narfs`.
+
+The one reader of the mount table: `narfs umount`, `status` and `restore <file in a mount>` (which
+turns a file inside a mount into its store path and its cache) all go through it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+FSTYPE = "fuse.narfs"
+FSNAME_PREFIX = "narfs:"
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts escapes space, tab, newline and backslash as octal (`\\040`)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+@dataclass(frozen=True)
+class Mount:
+    mountpoint: str
+    cache_dir: str
+
+
+def _made_by_us(options: list[str]) -> bool:
+    owner = next((o[8:] for o in options if o.startswith("user_id=")), None)
+    return owner is not None and owner.isdigit() and int(owner) in (0, os.getuid())
+
+
+def narfs_mounts(mounts_file: str = "/proc/self/mounts", trusted: bool = True) -> list[Mount]:
+    """Every live narfs mount and the cache it serves.
+
+    With `trusted`, only mounts made by root or by this user count: anybody may make a FUSE
+    mount of type fuse.narfs with any fsname, and restore would then read the cache it names."""
+    try:
+        with open(mounts_file, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3 or fields[2] != FSTYPE:
+            continue
+        fsname, mountpoint = _unescape(fields[0]), _unescape(fields[1])
+        options = fields[3].split(",") if len(fields) > 3 else []
+        if trusted and not _made_by_us(options):
+            continue
+        if fsname.startswith(FSNAME_PREFIX):  # the mount escapes commas for libfuse
+            cache_dir = fsname[len(FSNAME_PREFIX):].replace("\\,", ",")
+            found.append(Mount(mountpoint, cache_dir))
+    return found
+
+
+def mount_containing(path: str) -> tuple[Mount, str] | None:
+    """The innermost narfs mount holding `path` (taken lexically: abspath, never realpath, so
+    symlinks inside the mount are not followed) and the path relative to its mountpoint."""
+    target = os.path.abspath(path)
+    best: tuple[Mount, str] | None = None
+    for m in narfs_mounts():
+        mp = m.mountpoint.rstrip("/") or "/"
+        if target == mp:
+            rel = ""
+        elif target.startswith(mp.rstrip("/") + "/"):
+            rel = target[len(mp.rstrip("/")) + 1:]
+        else:
+            continue
+        if best is None or len(mp) > len(best[0].mountpoint):
+            best = (m, rel)
+    return best
