@@ -97,6 +97,38 @@ class NixStore:
         self.paths.clear()
 
 
+def rich_tree(root: Path, big: int = 0) -> Path:
+    """Every kind of node Nix stores: executables (several exec-bit patterns), symlinks
+    (relative, absolute, dangling, to a directory), empty files and dirs, nesting, non-ASCII
+    names, names that sort differently bytewise than by case rules; with `big`, a file of that
+    many bytes (half incompressible) spanning several zstd frames."""
+    root.mkdir()
+    (root / "empty-file").write_bytes(b"")
+    (root / "empty-dir").mkdir()
+    (root / "bin").mkdir()
+    for name, mode in (("tool", 0o755), ("user-only", 0o744), ("group-only", 0o654)):
+        f = root / "bin" / name
+        f.write_text(f"#!/bin/sh\necho {name}\n")
+        f.chmod(mode)
+    (root / "rel-link").symlink_to("bin/tool")
+    (root / "abs-link").symlink_to("/etc/hostname")
+    (root / "dangling").symlink_to("does/not/exist")
+    (root / "dir-link").symlink_to("nested")
+    (root / "ünïcödé — 名前.txt").write_text("non-ASCII name\n")
+    (root / "B").write_text("upper\n")
+    (root / "a").write_text("lower\n")
+    (root / "a b").write_text("space\n")
+    deep = root / "nested"
+    for i in range(12):
+        deep = deep / f"level-{i}"
+    deep.mkdir(parents=True)
+    (deep / "leaf").write_bytes(bytes(range(256)) * 40)
+    (root / "nested" / "empty-dir").mkdir()
+    if big:
+        (root / "big.bin").write_bytes(os.urandom(big // 2) + b"narfs" * (big // 10))
+    return root
+
+
 def delete_paths(paths: list[str]) -> None:
     """Delete store paths so a restore has to bring them back; fails loudly if they stay.
 

@@ -6,34 +6,12 @@ import os
 from pathlib import Path
 
 from conftest import Narfs, nix_copy_from
-from nixtools import NIX, NixStore, delete_paths, run
-
-
-def make_rich_tree(root: Path, big: int) -> None:
-    """Every kind of node Nix stores, and a file spanning several zstd frames."""
-    root.mkdir()
-    (root / "empty-file").write_bytes(b"")
-    (root / "empty-dir").mkdir()
-    (root / "bin").mkdir()
-    exe = root / "bin" / "tool"
-    exe.write_text("#!/bin/sh\necho tool\n")
-    exe.chmod(0o755)
-    (root / "rel-link").symlink_to("bin/tool")
-    (root / "abs-link").symlink_to("/etc/hostname")
-    (root / "dangling").symlink_to("does/not/exist")
-    (root / "ünïcödé — 名前.txt").write_text("non-ASCII name\n")
-    deep = root
-    for i in range(40):
-        deep = deep / f"d{i}"
-    deep.mkdir(parents=True)
-    (deep / "leaf").write_text("deep\n")
-    # Incompressible enough to need several frames at a small frame size.
-    (root / "big.bin").write_bytes(os.urandom(big // 2) + b"narfs" * (big // 10))
+from nixtools import NIX, NixStore, delete_paths, rich_tree, run
 
 
 def test_round_trip_through_nix(narfs: Narfs, nixstore: NixStore, tmp_path: Path) -> None:
     src = tmp_path / "tree"
-    make_rich_tree(src, 3 << 20)
+    rich_tree(src, 3 << 20)
     dep = nixstore.text("a dependency", "narfs-dep")
     top = nixstore.tree(src, "narfs-rich", refs=[dep])
     narfs.config.write_text(narfs.config.read_text() + "frame_size = 1048576\n")

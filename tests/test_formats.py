@@ -26,7 +26,7 @@ from narfs import listing, nix32, signing, zstdseek
 from narfs import narinfo as narinfo_mod
 from narfs.errors import CorruptError, NarfsError
 from narfs.nar import listing_of
-from nixtools import NIX, NixStore, run
+from nixtools import NIX, NixStore, rich_tree, run
 
 # --- nix-base32 ----------------------------------------------------------------------------
 
@@ -101,35 +101,6 @@ def test_nix32_decode_rejects_foreign_characters() -> None:
 
 
 # --- trees and caches made by Nix ------------------------------------------------------------
-
-
-def rich_tree(root: Path) -> Path:
-    """Executables, symlinks (relative, absolute, dangling), empty files and dirs, nesting,
-    non-ASCII names, names that sort differently bytewise than by Unicode case rules."""
-    root.mkdir()
-    (root / "empty").write_bytes(b"")
-    (root / "empty-dir").mkdir()
-    (root / "bin").mkdir()
-    for name, mode in (("tool", 0o755), ("user-only", 0o744), ("group-only", 0o654)):
-        f = root / "bin" / name
-        f.write_text(f"#!/bin/sh\necho {name}\n")
-        f.chmod(mode)
-    (root / "rel-link").symlink_to("bin/tool")
-    (root / "abs-link").symlink_to("/etc/hostname")
-    (root / "dangling").symlink_to("does/not/exist")
-    (root / "dir-link").symlink_to("nested")
-    (root / "ünïcödé — 名前.txt").write_text("non-ASCII name\n")
-    (root / "B").write_text("upper\n")
-    (root / "a").write_text("lower\n")
-    (root / "a b").write_text("space\n")
-    deep = root / "nested"
-    for i in range(12):
-        deep = deep / f"level-{i}"
-    deep.mkdir(parents=True)
-    (deep / "leaf").write_bytes(bytes(range(256)) * 40)
-    (root / "nested" / "empty-dir").mkdir()
-    (root / "medium.bin").write_bytes(random.Random(1).randbytes(200_000))
-    return root
 
 
 def nix_copy_to(url: str, paths: list[str]) -> None:
@@ -430,7 +401,8 @@ def test_listing_equals_nix_write_nar_listing(nixstore: NixStore, narfs: Narfs,
     root = theirs["root"]["entries"]
     assert root["bin"]["entries"]["tool"]["executable"] is True
     assert "executable" not in root["bin"]["entries"]["group-only"]
-    assert root["empty"] == {"type": "regular", "size": 0, "narOffset": root["empty"]["narOffset"]}
+    assert root["empty-file"] == {"type": "regular", "size": 0,
+                                  "narOffset": root["empty-file"]["narOffset"]}
     assert root["empty-dir"] == {"type": "directory", "entries": {}}
     assert root["dangling"] == {"type": "symlink", "target": "does/not/exist"}
     # The parser's listing of Nix's own NAR is the same too, and passes listing validation.

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 from mounting import Mount, mounted
-from test_archive_roundtrip import make_rich_tree
 
 from conftest import Narfs
 from narfs.cache import Cache
 from narfs.catalog import Catalog
-from nixtools import NIX, NixStore, run
+from nixtools import NIX, NixStore, rich_tree, run
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     tmp = tmp_path_factory.mktemp("src")
     store = NixStore(tmp / "nix")
     try:
-        make_rich_tree(tmp / "tree", 3 << 20)
+        rich_tree(tmp / "tree", 3 << 20)
         (tmp / "single").write_text("a store path that is one file; narfs finds it\n")
         (tmp / "link").symlink_to("/etc/hostname")
         yield {"rich": store.tree(tmp / "tree", "narfs-rich"),

@@ -22,7 +22,7 @@ from narfs.catalog import Catalog
 from narfs.narinfo import NarInfo
 from narfs.signing import load_secret_key
 from narfs.storepath import hash_part
-from nixtools import NIX, NixStore, delete_paths, run
+from nixtools import NIX, NixStore, delete_paths, rich_tree, run
 
 if TYPE_CHECKING:
     from conftest import Narfs
@@ -164,25 +164,6 @@ def test_restore_a_file_inside_a_live_mount(narfs: Narfs, nixstore: NixStore,
         assert root.returncode == 1 and "root of the narfs mount" in root.stderr
 
 
-def make_tree(root: Path) -> None:
-    """Every kind of node a NAR holds."""
-    root.mkdir()
-    (root / "empty-file").write_bytes(b"")
-    (root / "empty-dir").mkdir()
-    (root / "bin").mkdir()
-    tool = root / "bin" / "tool"
-    tool.write_text("#!/bin/sh\necho tool\n")
-    tool.chmod(0o755)
-    (root / "rel-link").symlink_to("bin/tool")
-    (root / "abs-link").symlink_to("/etc/hostname")
-    (root / "dangling").symlink_to("does/not/exist")
-    (root / "dir-link").symlink_to("bin")
-    (root / "ünïcödé.txt").write_text("non-ASCII name\n")
-    deep = root / "a" / "b" / "c"
-    deep.mkdir(parents=True)
-    (deep / "leaf").write_bytes(os.urandom(3 << 20))  # several 1 MiB frames
-
-
 def snapshot(root: Path) -> dict[str, tuple]:
     """Type, permission bits, size and link target of everything under root."""
     out = {}
@@ -207,7 +188,7 @@ def same_tree(a: Path, b: Path) -> None:
 
 def test_to_equals_nix_store_restore(narfs: Narfs, nixstore: NixStore, tmp_path: Path) -> None:
     src = tmp_path / "src"
-    make_tree(src)
+    rich_tree(src, 3 << 20)
     path = nixstore.tree(src, "narfs-to")
     narfs.config.write_text(narfs.config.read_text() + "frame_size = 1048576\n")
     narfs("archive", path)
