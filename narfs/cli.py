@@ -11,8 +11,10 @@ import dataclasses
 import importlib
 import logging
 import os
+import shutil
 import socket
 import sys
+import sysconfig
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
@@ -194,17 +196,17 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _hook_path() -> str:
-    import shutil
-    import sysconfig
-
-    found = shutil.which("narfs-hook")
-    return found or os.path.join(sysconfig.get_path("scripts"), "narfs-hook")
+    """The narfs-hook installed beside this narfs (its venv's bin), else the one on PATH."""
+    beside = os.path.join(sysconfig.get_path("scripts"), "narfs-hook")
+    return beside if os.path.exists(beside) else shutil.which("narfs-hook") or beside
 
 
 async def _archive(args: argparse.Namespace, settings: Settings) -> int:
     if not args.all and not args.paths:
         raise NarfsError("archive: name store paths to archive, or --all for the whole store")
     paths = list(dict.fromkeys(user_store_path(p) for p in args.paths))
+    if sys.stderr.isatty():  # the progress bar says it; per-path lines are for logs
+        logging.getLogger("narfs.archive").setLevel(logging.WARNING)
     invalid = await store.invalid_paths(paths)
     if invalid:
         raise NarfsError(f"{invalid[0]}: not a valid path in the Nix store; build or "
