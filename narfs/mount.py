@@ -30,9 +30,9 @@ from .config import Settings
 from .errors import NarfsError
 from .fs import NarFS
 from .mounts import narfs_mounts
+from .notify import Notifier
 from .reader import HotTier, Reader
 from .storepath import is_hash
-from .watch import Notifier
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`narfs watch`: archive whatever the roots dir pins, then unpin it (issue 4).
 
 The layers, each testable without the ones above it:
-- `Notifier`: sd_notify(3) datagrams (READY, STATUS, STOPPING) to $NOTIFY_SOCKET, nothing else.
+- `Notifier` (notify.py): sd_notify(3) datagrams (READY, STATUS, STOPPING) to $NOTIFY_SOCKET.
 - `RootsDir`: the roots dir, kept existing, and an inotify watch saying which names to look at.
 - `classify`: what one entry of the roots dir is: a pin holding a store path, or bad input.
 - `Service`: the jobs that archive each pinned path's closure with retry, the cache it writes
@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import stat
 import time
 from collections.abc import Iterable
@@ -54,6 +53,7 @@ from .cache import TMP_PREFIX, Cache, describe_os_error
 from .cli import make_archiver
 from .config import Settings
 from .errors import NarfsError
+from .notify import Notifier
 from .storepath import STORE_DIR, hash_part, is_base_name
 
 log = logging.getLogger(__name__)
@@ -80,40 +80,6 @@ class AlreadyRunning(NarfsError):
 
 
 # --- sd_notify ----------------------------------------------------------------------------------
-
-
-class Notifier:
-    """sd_notify(3) without libsystemd: one datagram per message, silently nothing without a socket.
-
-    A few lines of socket code instead of a dependency; abstract addresses (`@name`) included.
-    """
-
-    def __init__(self, address: str | None) -> None:
-        self.address = address
-        self.sock: socket.socket | None = None
-        if address:
-            if address.startswith("@"):
-                self.address = "\0" + address[1:]
-            kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
-            self.sock = socket.socket(socket.AF_UNIX, kind)
-
-    @classmethod
-    def from_environment(cls) -> Notifier:
-        # Popped so that the Nix commands narfs runs never notify on the service's behalf.
-        return cls(os.environ.pop("NOTIFY_SOCKET", None))
-
-    def send(self, *fields: str) -> None:
-        if self.sock is None:
-            return
-        try:
-            self.sock.sendto("\n".join(fields).encode(), self.address)
-        except OSError as e:  # systemd gone or its queue full: never worth stopping for
-            log.debug("sd_notify to %s failed: %s", self.address, e)
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
 
 
 # --- the roots dir ------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ import trio
 from inotify_simple import INotify, flags
 
 from conftest import Narfs, nix_copy_from
-from narfs.watch import Notifier, RootsDir, backoff, classify, store_path_of
+from narfs.notify import Notifier
+from narfs.watch import RootsDir, backoff, classify, store_path_of
 from nixtools import NIX, NixStore, delete_paths, nix_string, run
 
 HOOK = Path(__file__).resolve().parent.parent / "systemd" / "narfs-hook"
