@@ -1,30 +1,31 @@
 #!/usr/bin/env python3
 """Benchmark `narfs archive` against `nix copy --to 'file://DIR?compression=zstd'` (issue 2).
 
-    python tests/bench/bench_archive.py --out bench-out [--reps 3] [--small 500]
+    python tests/bench/bench_archive.py [--out bench-out] [--quick] [--reps 5] [--small 500]
+        [--skip include,doc,both,large,small,limit,frames] [--dest /dev/shm]
 
-Run as root on a machine with Nix (single-user, NIX_REMOTE=local). On the same store paths in
-the same run, alternating which goes first, it times both commands end to end (process start
-included; each into a fresh directory) and compares compressed sizes:
+Run as root on a machine with Nix (single-user, NIX_REMOTE=local). On the corpus of common.py,
+in the same run, alternating which goes first, it times both commands end to end (process
+start included; each into a fresh directory) and compares compressed sizes:
 
-  * large real trees: /usr/include and /usr/share/doc added with `nix-store --add`
-    (through read-only bind mounts with unique names, so the paths are this run's alone);
-  * 500 small salted paths, built by one `nix-build`;
-  * frame size and level: the NAR of /usr/include compressed in 1, 2, 4, 8 MiB frames at
+  * large real trees: /usr/include and /usr/share/doc added with `nix-store --add` (through
+    read-only bind mounts with unique names, so the paths are this run's alone), each alone
+    and (full profile) both together; a large file (shared libraries end to end);
+  * a closure of 500 small salted paths, built by one `nix-build`;
+  * limit: `narfs archive` of a path against `zstd -3 -T0` over the same NAR bytes (a file in
+    the page cache): how close archiving comes to compression alone on this machine;
+  * frames (when run alone): the NAR of /usr/include compressed in 1, 2, 4, 8 MiB frames at
     zstd levels 3..6, against Nix's own zstd NAR: size, compression speed and the cost of
     reading one small file (decompressing the frames that cover it, against decompressing
     Nix's single-frame NAR up to that file).
 
-Prints a table and writes rows {benchmark, narfs_s, anchor, anchor_s, ratio, ...} to
-OUT/results.json. Everything it adds to the store is deleted at the end. Targets (issue 2):
-wall ≤ 0.5× nix copy on large trees, ≤ 1.0× on small paths, compressed size ≤ 1.05×.
+Rows are merged into OUT/results.json. Everything added to the store is deleted at the end.
+Targets (issue 2): wall ≤ 0.5× nix copy on large trees, ≤ 1.0× on small paths, compressed
+size ≤ 1.05×.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import random
 import resource
 import shutil
@@ -33,109 +34,59 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import zstandard
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import (
+    ENV,
+    NARFS,
+    NIX,
+    Context,
+    MiB,
+    alternate,
+    row,
+    run,
+    runs_row,
+    show,
+    standalone,
+    timed,
+)
 
 from narfs import zstdseek
 from narfs.config import Settings
 from narfs.nar import NarSerialiser
 from narfs.narinfo import parse as parse_narinfo
 
-NIX = ["nix", "--extra-experimental-features", "nix-command"]
-ENV = {**os.environ, "NIX_REMOTE": "local",
-       "NIX_CONFIG": "substituters =\nbuild-users-group =\n"}
-MiB = 1 << 20
-
-
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=kw.pop("env", ENV), **kw)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:6])} failed ({proc.returncode}):\n{proc.stderr}")
-    return proc
-
-
-class Paths:
-    """What the benchmark adds to the store, deleted again by `cleanup`."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.paths: list[str] = []
-        self.links: list[Path] = []
-
-    def add_tree(self, src: str) -> str:
-        view = self.work / f"{os.path.basename(src)}-narfs-bench-{uuid.uuid4().hex[:8]}"
-        view.mkdir()
-        run(["mount", "--bind", "-o", "ro", src, str(view)])
-        try:
-            path = run(["nix-store", "--add", str(view)]).stdout.strip()
-        finally:
-            run(["umount", str(view)])
-            view.rmdir()
-        self.paths.append(path)
-        return path
-
-    def build_small(self, n: int) -> list[str]:
-        """`n` small salted paths (a few files of text and random bytes each), one nix-build."""
-        salt = uuid.uuid4().hex
-        script = ("mkdir -p $out/bin $out/share/doc && echo \"$salt $i\" > $out/share/doc/README"
-                  " && head -c $((512 + i * 37 % 8192)) /dev/urandom | base64 > $out/data"
-                  " && printf '#!/bin/sh\\necho %s\\n' $i > $out/bin/tool"
-                  " && chmod +x $out/bin/tool")
-        expr = (f"builtins.genList (i: derivation {{ name = \"narfs-bench-small-${{toString i}}\";"
-                f" system = builtins.currentSystem; builder = \"/bin/sh\";"
-                f" PATH = \"/usr/bin:/bin\"; salt = \"{salt}\"; i = toString i;"
-                f" args = [ \"-c\" {json.dumps(script)} ]; }}) {n}")
-        link = self.work / "small"
-        out = run(["nix-build", "-E", expr, "--out-link", str(link), "-j", "4"]).stdout.split()
-        self.links += [p for p in self.work.iterdir() if p.name.startswith("small")]
-        self.paths += out
-        return out
-
-    def cleanup(self) -> None:
-        for link in self.links:
-            if link.is_symlink():
-                link.unlink()
-        drvs = []
-        for p in self.paths:
-            q = subprocess.run(["nix-store", "--query", "--deriver", p], capture_output=True,
-                               text=True, env=ENV).stdout.strip()
-            if q.endswith(".drv") and os.path.exists(q):
-                drvs.append(q)
-        doomed = [p for p in self.paths + drvs if os.path.exists(p)]
-        if doomed:
-            subprocess.run(["nix-store", "--delete", *doomed], capture_output=True, env=ENV)
-
 
 class Runner:
-    """Runs both commands into fresh directories and keeps their timings."""
+    """Runs both commands into fresh directories under `dest`."""
 
-    def __init__(self, work: Path, dest: Path) -> None:
-        self.work = dest
-        self.key = work / "bench.key"
-        self.config = work / "narfs.toml"
-        self.narfs_env = {**ENV, "NARFS_CONFIG": str(self.config)}
-        run([sys.executable, "-m", "narfs.cli", "-q", "init", "--cache", str(work / "init"),
-             "--secret-key", str(self.key)], env=self.narfs_env)
+    def __init__(self, ctx: Context, dest: Path) -> None:
+        self.dest = dest
+        self.key = ctx.key
+        self.env = ctx.env
+        dest.mkdir(parents=True, exist_ok=True)
 
     def narfs(self, paths: list[str]) -> tuple[float, float, Path]:
-        cache = self.work / "narfs-cache"
+        cache = self.dest / "narfs-cache"
         shutil.rmtree(cache, ignore_errors=True)
-        run([sys.executable, "-m", "narfs.cli", "-q", "init", "--cache", str(cache),
-             "--secret-key", str(self.key)], env=self.narfs_env)
-        wall, cpu = timed([sys.executable, "-m", "narfs.cli", "-q", "archive", "--cache",
-                           str(cache), "--secret-key", str(self.key), *paths], self.narfs_env)
+        run([*NARFS, "init", "--cache", str(cache), "--secret-key", str(self.key)],
+            env=self.env)
+        wall, cpu = timed_cpu([*NARFS, "archive", "--cache", str(cache), "--secret-key",
+                               str(self.key), *paths], self.env)
         return wall, cpu, cache
 
     def nix(self, paths: list[str]) -> tuple[float, float, Path]:
-        cache = self.work / "nix-cache"
+        cache = self.dest / "nix-cache"
         shutil.rmtree(cache, ignore_errors=True)
-        wall, cpu = timed([*NIX, "copy", "--to", f"file://{cache}?compression=zstd", *paths], ENV)
+        wall, cpu = timed_cpu([*NIX, "copy", "--to", f"file://{cache}?compression=zstd",
+                               *paths], ENV)
         return wall, cpu, cache
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+def timed_cpu(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Wall seconds and CPU seconds (user + system, the command and what it waited for)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -153,34 +104,87 @@ def file_sizes(cache: Path) -> dict[str, int]:
     return out
 
 
-def compare(runner: Runner, name: str, paths: list[str], reps: int, target: float) -> dict:
+def compare(runner: Runner, name: str, label: str, paths: list[str], reps: int,
+            target: float | None) -> list[dict]:
+    """Wall time of both commands, alternated, and the compressed size: two rows."""
     # Warm the page cache for both (the first reader would otherwise pay for the disk).
     for p in paths[:1000]:
         subprocess.run(["nix-store", "--dump", p], stdout=subprocess.DEVNULL, env=ENV)
-    wall: dict[str, list[float]] = {"narfs": [], "nix": []}
-    cpu: dict[str, list[float]] = {"narfs": [], "nix": []}
+    cpu: dict[str, list[float]] = {"narfs": [], "nix copy": []}
     sizes: dict[str, dict[str, int]] = {}
-    for rep in range(reps):
-        order = [("narfs", runner.narfs), ("nix", runner.nix)]
-        if rep % 2:
-            order.reverse()
-        for who, fn in order:
-            seconds, cpu_seconds, cache = fn(paths)
-            wall[who].append(seconds)
-            cpu[who].append(cpu_seconds)
-            sizes[who] = file_sizes(cache)
-    assert set(sizes["narfs"]) == set(sizes["nix"]) == set(paths), "caches differ in paths"
-    nb, xb = sum(sizes["narfs"].values()), sum(sizes["nix"].values())
+
+    def one(who: str) -> float:
+        seconds, cpu_seconds, cache = (runner.narfs if who == "narfs" else runner.nix)(paths)
+        cpu[who].append(cpu_seconds)
+        sizes[who] = file_sizes(cache)
+        return seconds
+
+    times = alternate(reps, {"narfs": lambda: one("narfs"), "nix copy": lambda: one("nix copy")},
+                      name)
+    assert set(sizes["narfs"]) == set(sizes["nix copy"]) == set(paths), "caches differ in paths"
+    nb, xb = sum(sizes["narfs"].values()), sum(sizes["nix copy"].values())
     med = statistics.median
-    row = {"benchmark": name, "narfs_s": med(wall["narfs"]),
-           "anchor": "nix copy --to file://DIR?compression=zstd",
-           "anchor_s": med(wall["nix"]), "target": target, "paths": len(paths),
-           "narfs_bytes": nb, "anchor_bytes": xb, "size_ratio": nb / xb,
-           "min_ratio": min(wall["narfs"]) / min(wall["nix"]),
-           "narfs_cpu_s": med(cpu["narfs"]), "anchor_cpu_s": med(cpu["nix"]),
-           "narfs_runs": wall["narfs"], "anchor_runs": wall["nix"]}
-    row["ratio"] = row["narfs_s"] / row["anchor_s"]
-    return row
+    return [
+        runs_row(name, times, "narfs", "nix copy", target=target,
+                 notes="wall, process start included, each into a fresh directory; anchor "
+                       "nix copy --to file://DIR?compression=zstd",
+                 paths=len(paths), min_ratio=min(times["narfs"]) / min(times["nix copy"]),
+                 narfs_cpu_s=med(cpu["narfs"]), anchor_cpu_s=med(cpu["nix copy"])),
+        row(f"compressed size: {label}", nb, "nix copy", xb, target=1.05, unit="bytes",
+            notes="NAR file bytes: narfs's seekable zstd against nix copy's zstd",
+            paths=len(paths)),
+    ]
+
+
+def limit_rows(ctx: Context) -> list[dict]:
+    """narfs archive of a path against `zstd -3 -T0` over that path's NAR, the same bytes:
+    how close archiving comes to compression alone."""
+    work = ctx.work / "limit"
+    work.mkdir()
+    rows = []
+    for label, path in ((ctx.tree_label("include"), ctx.tree("include")),
+                        (f"a {ctx.profile.large_mib} MiB file", ctx.large())):
+        nar = work / "path.nar"
+        with open(nar, "wb") as f:
+            subprocess.run(["nix-store", "--dump", path], stdout=f, check=True, env=ENV)
+        cache = work / "cache"
+
+        def narfs(path: str = path, cache: Path = cache) -> float:
+            shutil.rmtree(cache, ignore_errors=True)
+            run([*NARFS, "init", "--cache", str(cache), "--secret-key", str(ctx.key)],
+                env=ctx.env)
+            return timed([*NARFS, "archive", "--cache", str(cache), "--secret-key",
+                          str(ctx.key), path], env=ctx.env)
+
+        def zstd(nar: Path = nar) -> float:
+            return timed(["zstd", "-q", "-f", "-3", "-T0", str(nar), "-o",
+                          str(work / "path.nar.zst")])
+
+        narfs()  # page cache warm for both: the store tree and the NAR file
+        times = alternate(ctx.reps, {"narfs": narfs, "zstd": zstd}, f"limit {label}")
+        size = nar.stat().st_size
+        rows.append(runs_row(f"compress {label} (physical limit)", times, "narfs", "zstd",
+                             notes=f"{size / MiB:.0f} MiB NAR; zstd -3 -T0 file to file, the "
+                                   "NAR in the page cache; narfs archive also reads the store, "
+                                   "serialises, hashes, writes frames, .ls, a signed narinfo, "
+                                   "fsyncs (process start included)",
+                             nar_bytes=size))
+        show(rows[-1:])
+        nar.unlink()
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def frame_rows(ctx: Context) -> list[dict]:
+    """The frame-size and level study on /usr/include's NAR (issue 2's choice of default)."""
+    extra = ctx.profile.extra
+    path = ctx.tree("include")
+    runner = Runner(ctx, ctx.work / "frames")
+    _, _, nix_cache = runner.nix([path])
+    return frame_study(path, nix_cache,
+                       [int(x) * MiB for x in str(extra.get("frames", "1,2,4,8")).split(",")],
+                       [int(x) for x in str(extra.get("levels", "3,4,5,6")).split(",")],
+                       ctx.work, int(extra.get("samples", 200)))
 
 
 def frame_study(path: str, nix_cache: Path, sizes: list[int], levels: list[int],
@@ -245,100 +249,64 @@ def frame_study(path: str, nix_cache: Path, sizes: list[int], levels: list[int],
                     start = table.frames[table.covering(offset, size)[0]].offset
                     assert data[offset - start:offset - start + size] == \
                         nar[offset:offset + size]
-            narfs_s = statistics.median(reads)
-            rows.append({
-                "benchmark": f"read one small file, {frame_size // MiB} MiB frames, "
-                             f"zstd -{level}",
-                "narfs_s": narfs_s,
-                "anchor": "nix zstd NAR (one frame): decompress up to the file",
-                "anchor_s": anchor_s, "ratio": narfs_s / anchor_s,
-                "frame_size": frame_size, "level": level,
-                "narfs_bytes": out.stat().st_size, "anchor_bytes": nix_bytes,
-                "size_ratio": out.stat().st_size / nix_bytes,
-                "compress_MBps": len(nar) / compress_s / 1e6, "nar_bytes": len(nar),
-                "samples": len(picks)})
+            rows.append(row(
+                f"read one small file, {frame_size // MiB} MiB frames, zstd -{level}",
+                statistics.median(reads), "zstd", anchor_s, n=len(picks),
+                notes="decompress the frames covering the file, against decompressing Nix's "
+                      "single-frame zstd NAR up to the file (python-zstandard both)",
+                frame_size=frame_size, level=level, narfs_bytes=out.stat().st_size,
+                anchor_bytes=nix_bytes, size_ratio=out.stat().st_size / nix_bytes,
+                compress_MBps=len(nar) / compress_s / 1e6, nar_bytes=len(nar)))
     return rows
 
 
-def show(rows: list[dict]) -> None:
-    print(f"{'benchmark':58} {'narfs s':>9} {'anchor s':>9} {'ratio':>6} {'size×':>6}"
-          f" {'target':>6}  extra")
-    for r in rows:
-        extra = (f"{r['compress_MBps']:.0f} MB/s compress" if "compress_MBps" in r
-                 else f"min ratio {r['min_ratio']:.2f}, CPU s {r['narfs_cpu_s']:.2f} vs "
-                      f"{r['anchor_cpu_s']:.2f}; runs {_fmt(r['narfs_runs'])} vs "
-                      f"{_fmt(r['anchor_runs'])}")
-        target = f"≤{r['target']}" if "target" in r else ""
-        print(f"{r['benchmark'][:58]:58} {r['narfs_s']:9.4f} {r['anchor_s']:9.4f} "
-              f"{r['ratio']:6.2f} {r['size_ratio']:6.3f} {target:>6}  {extra}")
-
-
-def _fmt(xs: list[float]) -> str:
-    return "/".join(f"{x:.2f}" for x in xs)
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path, help="directory for results.json")
-    ap.add_argument("--reps", type=int, default=3, help="timed runs of each command (median)")
-    ap.add_argument("--small", type=int, default=500, help="number of small paths")
-    ap.add_argument("--samples", type=int, default=200, help="small files read per frame size")
-    ap.add_argument("--levels", default="3,4,5,6", help="zstd levels for the frame study")
-    ap.add_argument("--frames", default="1,2,4,8", help="frame sizes (MiB) for the study")
-    ap.add_argument("--skip", default="", help="comma list of: include,doc,both,small,frames")
-    ap.add_argument("--dest", type=Path, help="where the caches are written (default: a temporary "
-                    "directory under $TMPDIR); e.g. /dev/shm to take the disk out of the figures")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root: the benchmark adds to /nix/store and bind-mounts trees")
-    skip = set(filter(None, args.skip.split(",")))
-    args.out.mkdir(parents=True, exist_ok=True)
+def rows(ctx: Context, quick: bool) -> list[dict]:
+    dest = ctx.profile.extra.get("dest")
+    dest_dir = Path(tempfile.mkdtemp(prefix="narfs-bench-", dir=dest)) if dest \
+        else ctx.work / "archive"
     s = Settings()
     print(f"narfs defaults: frame_size {s.frame_size // MiB} MiB, zstd level {s.zstd_level}, "
-          f"{s.threads} threads; {os.cpu_count()} cores", flush=True)
-    rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="narfs-bench-") as tmp:
-        work = Path(tmp)
-        store = Paths(work)
-        dest = Path(tempfile.mkdtemp(prefix="narfs-bench-", dir=args.dest)) if args.dest \
-            else work
-        try:
-            runner = Runner(work, dest)
-            include = store.add_tree("/usr/include")
-            doc = store.add_tree("/usr/share/doc") if "doc" not in skip else None
-            for name, paths, key in (("/usr/include", [include], "include"),
-                                     ("/usr/share/doc", [doc], "doc"),
-                                     ("/usr/include + /usr/share/doc", [include, doc], "both")):
-                if key in skip or None in paths:
-                    continue
-                print(f"timing {name} ...", flush=True)
-                rows.append(compare(runner, f"archive {name}", paths, args.reps, 0.5))
-                show(rows[-1:])
-            if "small" not in skip:
-                print(f"building {args.small} small paths ...", flush=True)
-                small = store.build_small(args.small)
-                print(f"timing {args.small} small paths ...", flush=True)
-                rows.append(compare(runner, f"archive {args.small} small paths", small,
-                                    args.reps, 1.0))
-                show(rows[-1:])
-            if "frames" not in skip:
-                print("frame size study on /usr/include ...", flush=True)
-                _, _, nix_cache = runner.nix([include])
-                rows += frame_study(include, nix_cache,
-                                    [int(x) * MiB for x in args.frames.split(",")],
-                                    [int(x) for x in args.levels.split(",")], work,
-                                    args.samples)
-        finally:
-            store.cleanup()
-            if args.dest:
-                shutil.rmtree(dest, ignore_errors=True)
-    print()
-    show(rows)
-    out = args.out / "results.json"
-    out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"\nwrote {out}")
-    return 0
+          f"{s.threads} threads", flush=True)
+    out: list[dict] = []
+    try:
+        runner = Runner(ctx, dest_dir)
+        cases = [(k, f"archive {ctx.tree_label(k)} (large tree)", ctx.tree_label(k),
+                  lambda k=k: [ctx.tree(k)], 0.5) for k in ctx.profile.trees]
+        if ctx.profile.name == "full":
+            both = " + ".join(ctx.tree_label(k) for k in ctx.profile.trees)
+            cases.append(("both", f"archive {both} (large trees)", both,
+                          lambda: [ctx.tree(k) for k in ctx.profile.trees], 0.5))
+        cases += [("large", f"archive a {ctx.profile.large_mib} MiB file", "a large file",
+                   lambda: [ctx.large()], None),
+                  ("small", f"archive {ctx.profile.small_paths} small paths (one closure)",
+                   "small paths", ctx.small, 1.0)]
+        for key, name, label, paths, target in cases:
+            if key not in ctx.skip:
+                out += compare(runner, name, label, paths(), ctx.reps, target)
+                show(out[-2:])
+        if "limit" not in ctx.skip:
+            out += limit_rows(ctx)
+    finally:
+        if dest:
+            shutil.rmtree(dest_dir, ignore_errors=True)
+    return out
+
+
+def rows_alone(ctx: Context, quick: bool) -> list[dict]:
+    """Run alone, the frame study comes too (unless --skip frames)."""
+    out = rows(ctx, quick)
+    if "frames" not in ctx.skip:
+        print("frame size study on /usr/include ...", flush=True)
+        out += frame_rows(ctx)
+    return out
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(standalone(__doc__, rows_alone, {
+        "--small": ("small_paths", int, "number of small paths"),
+        "--samples": ("extra.samples", int, "small files read per frame size (frame study)"),
+        "--levels": ("extra.levels", str, "zstd levels for the frame study, e.g. 3,4,5,6"),
+        "--frames": ("extra.frames", str, "frame sizes (MiB) for the frame study, e.g. 1,2,4,8"),
+        "--dest": ("extra.dest", str, "where the caches are written (default: the work "
+                                       "directory); e.g. /dev/shm to take the disk out"),
+    }))

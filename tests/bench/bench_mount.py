@@ -1,234 +1,236 @@
 #!/usr/bin/env python3
 """Benchmark `narfs mount` (issue 3).
 
-    python tests/bench/bench_mount.py --out bench-out [--paths 100000] [--reps 3]
+    python tests/bench/bench_mount.py [--out bench-out] [--quick] [--paths 100000] [--reps 5]
+                                      [--skip read,positions,tree,ratarmount,many]
 
-Run as root on a machine with Nix (single-user, NIX_REMOTE=local) and FUSE. Rows:
+Run as root on a machine with Nix (single-user, NIX_REMOTE=local) and FUSE. On the corpus of
+common.py (/usr/include and /usr/share/doc added to the store, a large file, a closure of small
+paths, all archived by narfs into one cache), alternating narfs with its anchor:
 
-  * cold read of one small file deep in a 130 MB store path (a copy of /usr/include), on a
-    fresh mount with the page cache dropped, against `nix store cat --store file://DIR`;
-  * `ls -lR` and `grep -r` over that path through the mount against the same tree in
-    /nix/store on local disk, warm (second run) and cold (fresh mount, page cache dropped);
-  * a cache of N tiny synthetic paths (written with narfs's own writers, not via Nix): time
-    until `narfs mount` returns once the catalog exists, the first `ls MOUNTPOINT | wc -l`,
-    and the mount's RSS, against the issue's targets (2 s, 2 s, 200 MB).
+  * read: cold read of one small file deep in /usr/include's path (a 111 MiB NAR), on a fresh
+    mount with the page cache dropped, against `nix store cat --store file://DIR`; and the same
+    for files spread along the NAR (the read-by-position plot);
+  * tree: `ls -lR` and `grep -r` over both trees, warm (after one run) and cold (fresh mount,
+    caches dropped), through the mount against the native directories in /nix/store and
+    against ratarmount mounting the same trees as a multi-frame .tar.zst (bench_ratarmount.py);
+  * many: a cache of N tiny synthetic paths (narfs's own writers, not Nix): `narfs mount`
+    returning once the catalog exists, `ls MOUNTPOINT | wc -l`, and the mount's RSS, against
+    the issue's targets (2 s, 2 s, 200 MB).
 
-Prints a table and merges rows {benchmark, narfs_s, anchor, anchor_s, ratio} into
-OUT/results.json (rows of the same benchmark are replaced). Everything it adds to the store is
-deleted at the end; every mount is unmounted.
+Rows are merged into OUT/results.json. Everything added to the store is deleted at the end;
+every mount is unmounted.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import os
-import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_ratarmount
 import synthetic
+from common import (
+    NIX,
+    Context,
+    Mount,
+    alternate,
+    drop_caches,
+    median,
+    row,
+    runs_row,
+    show,
+    standalone,
+    timed,
+)
 
-NIX = ["nix", "--extra-experimental-features", "nix-command"]
-ENV = {**os.environ, "NIX_REMOTE": "local",
-       "NIX_CONFIG": "substituters =\nbuild-users-group =\n"}
-NARFS = [sys.executable, "-m", "narfs.cli", "-q"]
+from narfs.narinfo import parse as parse_narinfo
 
-
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, **kw)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, cmd[:6]))} failed ({proc.returncode}):\n"
-                         f"{proc.stderr}")
-    return proc
-
-
-def timed(cmd: list[str], **kw) -> float:
-    t = time.perf_counter()
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
-                   env=ENV, **kw)
-    return time.perf_counter() - t
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+OPS = {"ls -lR": ["ls", "-lR"],
+       # a rare identifier: grep reads every byte, as a search for a symbol does
+       "grep -r": ["grep", "-r", "PTHREAD_MUTEX_INITIALIZER"]}
+TREE_TARGETS = {"cold": 5.0, "warm": 1.5}  # issue 3, against the native directory
+NATIVE = "native directory"
 
 
-class Mount:
-    """`narfs mount` (daemonised, as users run it); `ready` is how long the command took."""
-
-    def __init__(self, cache: Path, mountpoint: Path) -> None:
-        self.cache = cache
-        self.path = mountpoint
-        self.ready = 0.0
-
-    def __enter__(self) -> Mount:
-        self.path.mkdir(exist_ok=True)
-        t = time.perf_counter()
-        run([*NARFS, "mount", "--cache", str(self.cache), str(self.path)])
-        self.ready = time.perf_counter() - t
-        return self
-
-    def pid(self) -> int:
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    argv = (d / "cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if b"mount" in argv and str(self.path).encode() in argv:
-                    return int(d.name)
-        raise SystemExit(f"no narfs process serves {self.path}")
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid()}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    def __exit__(self, *exc: object) -> None:
-        pid = self.pid()
-        if subprocess.run(["fusermount3", "-u", str(self.path)]).returncode:
-            subprocess.run(["fusermount3", "-uz", str(self.path)])
-        for _ in range(200):
-            if not Path(f"/proc/{pid}").exists():
-                break
-            time.sleep(0.05)
+def regular_files(node: dict, prefix: str = "") -> Iterator[tuple[str, int, int]]:
+    """(relative path, size, narOffset) of every regular file in a listing."""
+    if node["type"] == "directory":
+        for name, child in node["entries"].items():
+            yield from regular_files(child, f"{prefix}/{name}" if prefix else name)
+    elif node["type"] == "regular":
+        yield prefix, node["size"], node["narOffset"]
 
 
-def row(benchmark: str, narfs_s: float, anchor: str, anchor_s: float,
-        target: float | None = None) -> dict:
-    r = {"benchmark": benchmark, "narfs_s": round(narfs_s, 4), "anchor": anchor,
-         "anchor_s": round(anchor_s, 4), "ratio": round(narfs_s / anchor_s, 4)}
-    if target is not None:
-        r["target_ratio"] = target
-    print(f"{benchmark:<48} narfs {narfs_s:9.4f}  {anchor:<34} {anchor_s:9.4f}  "
-          f"ratio {r['ratio']:.4f}" + (f" (target ≤ {target})" if target else ""), flush=True)
-    return r
+def read_rows(ctx: Context) -> list[dict]:
+    cache, path = ctx.cache(), ctx.tree("include")
+    name = os.path.basename(path)
+    root = json.loads((cache / f"{name[:32]}.ls").read_bytes())["root"]
+    nar_size = parse_narinfo((cache / f"{name[:32]}.narinfo").read_bytes()).nar_size or 0
+    files = [f for f in regular_files(root) if 0 < f[1] < 50_000]
+    deep = max(files, key=lambda f: (f[0].count("/"), f[0]))[0]
+    mib = nar_size / (1 << 20)
+    print(f"read: {path} ({mib:.0f} MiB NAR), deep file {deep}", flush=True)
+    mnt = ctx.work / "mnt-read"
 
-
-def best(reps: int, fn: Callable[[], float]) -> float:
-    return statistics.median(fn() for _ in range(reps))
-
-
-def tree_rows(work: Path, reps: int) -> list[dict]:
-    rows = []
-    src = work / f"narfs-bench-include-{uuid.uuid4().hex[:8]}"
-    shutil.copytree("/usr/include", src, symlinks=True)
-    store_path = run(["nix-store", "--add", str(src)]).stdout.strip()
-    shutil.rmtree(src)
-    try:
-        cache = work / "cache"
-        run([*NARFS, "init", "--cache", str(cache), "--secret-key", str(work / "key")])
-        run([*NARFS, "archive", "--cache", str(cache), store_path])
-        name = os.path.basename(store_path)
-        deep = max((p for p in Path(store_path).rglob("*") if p.is_file()
-                    and p.stat().st_size < 50_000), key=lambda p: (len(p.parts), str(p)))
-        rel = deep.relative_to(store_path)
-        nar_size = json.loads(run([*NIX, "path-info", "--json", store_path]).stdout)[0]
-        print(f"tree: {store_path} ({nar_size['narSize'] >> 20} MiB NAR), deep file {rel}")
-        mnt = work / "mnt"
-
-        def cold_read() -> float:
-            with Mount(cache, mnt) as m:
-                drop_caches()
-                t = time.perf_counter()
-                (m.path / name / rel).read_bytes()
-                return time.perf_counter() - t
-
-        def nix_cat() -> float:
+    def narfs_cold(rel: str) -> float:
+        with Mount(cache, mnt, ctx.env) as m:
             drop_caches()
-            return timed([*NIX, "store", "cat", "--store", f"file://{cache}",
-                          f"{store_path}/{rel}"])
+            t = time.perf_counter()
+            (m.path / name / rel).read_bytes()
+            return time.perf_counter() - t
 
-        rows.append(row("cold read of a deep file in a 130 MB path", best(reps, cold_read),
-                        "nix store cat --store file://DIR", best(reps, nix_cat), 0.02))
-        for what, cmd in (("ls -lR", ["ls", "-lR"]), ("grep -r", ["grep", "-r", "define"])):
-            def local_cold(cmd: list[str] = cmd) -> float:
-                drop_caches()
-                return timed([*cmd, store_path])
+    def nix_cat(rel: str) -> float:
+        drop_caches()
+        return timed([*NIX, "store", "cat", "--store", f"file://{cache}", f"{path}/{rel}"])
 
-            def mount_cold(cmd: list[str] = cmd) -> float:
-                with Mount(cache, mnt) as m:
-                    drop_caches()
-                    return timed([*cmd, str(m.path / name)])
-
-            rows.append(row(f"{what} cold (fresh mount)", best(reps, mount_cold),
-                            f"{what} on local disk, cold", best(reps, local_cold), 5))
-            with Mount(cache, mnt) as m:
-                timed([*cmd, str(m.path / name)])
-                timed([*cmd, store_path])
-                warm_mount = best(reps, lambda cmd=cmd, m=m: timed([*cmd, str(m.path / name)]))
-                warm_local = best(reps, lambda cmd=cmd: timed([*cmd, store_path]))
-            rows.append(row(f"{what} warm", warm_mount, f"{what} on local disk, warm",
-                            warm_local, 1.5))
-    finally:
-        subprocess.run(["nix-store", "--delete", store_path], capture_output=True, env=ENV)
+    times = alternate(ctx.reps, {"narfs": lambda: narfs_cold(deep),
+                                 "nix store cat": lambda: nix_cat(deep)}, "cold read")
+    rows = [runs_row(f"cold read of one file deep in a {mib:.0f} MiB path", times, "narfs",
+                     "nix store cat", target=0.02,
+                     notes=f"{ctx.tree_label('include')}: {deep}; fresh mount, page cache "
+                           "dropped; nix store cat --store file://DIR")]
+    if "positions" not in ctx.skip:  # one cold read per position: a profile, not a median
+        picks: list[tuple[str, int, int]] = []
+        by_offset = sorted(files, key=lambda f: f[2])
+        for k in range(ctx.profile.positions):
+            want = (k + 0.5) / ctx.profile.positions * nar_size
+            picks.append(min(by_offset, key=lambda f: abs(f[2] - want)))
+        series = []
+        for rel, size, offset in dict.fromkeys(picks):
+            t = alternate(1, {"narfs": lambda rel=rel: narfs_cold(rel),
+                              "nix store cat": lambda rel=rel: nix_cat(rel)})
+            series.append({"file": rel, "size": size, "nar_offset": offset,
+                           "narfs_s": t["narfs"][0], "anchor_s": t["nix store cat"][0]})
+            print(f"  position {offset / (1 << 20):6.1f} MiB: narfs {t['narfs'][0]:.4f} s, "
+                  f"nix store cat {t['nix store cat'][0]:.4f} s", flush=True)
+        ctx.series["read_by_position"] = {"path": ctx.tree_label("include"),
+                                          "nar_size": nar_size, "points": series}
     return rows
 
 
-def many_rows(work: Path, n: int) -> list[dict]:
-    cache = work / "many"
+class Native:
+    """The trees where Nix keeps them, on local disk."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[list[str]]:
+        yield self.paths
+
+
+class NarfsTrees:
+    """The same trees through a fresh `narfs mount` of the corpus cache."""
+
+    def __init__(self, ctx: Context, mountpoint: Path, bases: list[str]) -> None:
+        self.ctx = ctx
+        self.mountpoint = mountpoint
+        self.bases = bases
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[list[str]]:
+        with Mount(self.ctx.cache(), self.mountpoint, self.ctx.env) as m:
+            yield [str(m.path / b) for b in self.bases]
+
+
+def tree_rows(ctx: Context, ratarmount: bool = True) -> list[dict]:
+    """ls -lR and grep -r, cold and warm: narfs against the native directory and ratarmount,
+    all three interleaved in each repetition."""
+    keys = list(ctx.profile.trees)
+    paths = [ctx.tree(k) for k in keys]
+    bases = [os.path.basename(p) for p in paths]
+    label = " + ".join(ctx.tree_label(k) for k in keys)
+    sides = {"narfs": NarfsTrees(ctx, ctx.work / "mnt-tree", bases), NATIVE: Native(paths)}
+    if ratarmount:
+        sides["ratarmount"] = bench_ratarmount.Trees(ctx, paths, ctx.work / "mnt-ratar")
+    anchors = [s for s in sides if s != "narfs"]
+    rows = []
+    for op, cmd in OPS.items():
+        def cold(side: str, cmd: list[str] = cmd) -> float:
+            with sides[side].opened() as dirs:
+                drop_caches()
+                return timed([*cmd, *dirs], ok=(0, 1))
+
+        times = alternate(ctx.reps, {s: lambda s=s: cold(s) for s in sides}, f"{op} cold")
+        for a in anchors:
+            rows.append(runs_row(f"{op} over {label}, cold", times, "narfs", a,
+                                 target=TREE_TARGETS["cold"] if a == NATIVE else 1.0,
+                                 notes="fresh mount (ratarmount: index exists), page cache "
+                                       "dropped", op=op, temperature="cold"))
+        with contextlib.ExitStack() as stack:
+            dirs = {s: stack.enter_context(side.opened()) for s, side in sides.items()}
+            for s in sides:  # warm: the first run fills the caches
+                timed([*cmd, *dirs[s]], ok=(0, 1))
+            times = alternate(ctx.reps, {
+                s: lambda s=s, cmd=cmd, dirs=dirs: timed([*cmd, *dirs[s]], ok=(0, 1))
+                for s in sides}, f"{op} warm")
+        for a in anchors:
+            rows.append(runs_row(f"{op} over {label}, warm", times, "narfs", a,
+                                 target=TREE_TARGETS["warm"] if a == NATIVE else 1.0,
+                                 notes="same mount, after one run", op=op,
+                                 temperature="warm"))
+    return rows
+
+
+def many_rows(ctx: Context) -> list[dict]:
+    n = ctx.profile.synthetic_paths
+    cache = ctx.work / "many"
     t = time.perf_counter()
     synthetic.make_cache(str(cache), n)
-    print(f"{n} synthetic paths written in {time.perf_counter() - t:.1f} s", flush=True)
-    mnt = work / "mnt-many"
-    with Mount(cache, mnt) as m:  # builds the catalog, then learns every top in the background
-        print(f"first mount (catalog built): {m.ready:.1f} s", flush=True)
+    print(f"many: {n} synthetic paths written in {time.perf_counter() - t:.1f} s", flush=True)
+    mnt = ctx.work / "mnt-many"
+    with Mount(cache, mnt, ctx.env) as m:  # builds the catalog, learns every top
+        print(f"  first mount (catalog built): {m.ready:.1f} s", flush=True)
         t = time.perf_counter()
         count = len(os.listdir(m.path))
-        print(f"first listing (tops learnt): {time.perf_counter() - t:.1f} s", flush=True)
-        assert count == n + 1, count
-    with Mount(cache, mnt) as m:
-        ready = m.ready
-        t = time.perf_counter()
-        out = subprocess.run(f"ls {m.path} | wc -l", shell=True, capture_output=True,
-                             text=True).stdout
-        listed = time.perf_counter() - t
-        assert int(out) == n, out
-        time.sleep(3)  # let the start-up sync finish: RSS at rest, after it
-        rss = m.rss_mb()
-    return [row(f"{n} paths: mount ready (catalog exists)", ready, "target", 2.0),
-            row(f"{n} paths: ls MOUNTPOINT | wc -l", listed, "target", 2.0),
-            {**row(f"{n} paths: mount RSS (MB)", rss, "target (MB)", 200.0), "unit": "MB"}]
+        print(f"  first listing: {time.perf_counter() - t:.1f} s", flush=True)
+        assert count == n + 1, count  # + the .by-name view
+    ready, listed = [], []
+    rss = 0.0
+    for i in range(ctx.reps):
+        with Mount(cache, mnt, ctx.env) as m:
+            ready.append(m.ready)
+            t = time.perf_counter()
+            out = subprocess.run(f"ls {m.path} | wc -l", shell=True, capture_output=True,
+                                 text=True).stdout
+            listed.append(time.perf_counter() - t)
+            assert int(out) == n, out
+            if i == ctx.reps - 1:
+                time.sleep(3)  # RSS at rest, after the start-up sync
+                rss = m.rss_mb()
+    note = f"{n:,} synthetic paths" + ("" if n >= 100_000 else
+                                        f" ({ctx.profile.name} run; issue 3 asks 100,000)")
+    return [row(f"mount start, {n:,} archived paths (catalog exists)", median(ready),
+                "target", 2.0, target=1.0, n=len(ready), notes=note + "; `narfs mount` "
+                "returning, daemonised", narfs_runs=ready),
+            row(f"ls MOUNTPOINT | wc -l, {n:,} archived paths", median(listed), "target",
+                2.0, target=1.0, n=len(listed), notes=note + "; first listing of a fresh "
+                "mount", narfs_runs=listed),
+            row(f"mount RSS, {n:,} archived paths", rss, "target", 200.0, target=1.0,
+                unit="MB", notes=note + "; after the listing and 3 s at rest")]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, type=Path, help="directory for results.json")
-    ap.add_argument("--paths", type=int, default=100_000)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--skip-tree", action="store_true")
-    ap.add_argument("--skip-many", action="store_true")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root: the benchmark drops the page cache")
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="narfs-bench-mount-") as tmp:
-        work = Path(tmp)
-        (work / "narfs.toml").write_text(f'cache_dir = "{work / "cache"}"\n')
-        ENV["NARFS_CONFIG"] = str(work / "narfs.toml")  # not the machine's /etc/narfs
-        if not args.skip_tree:
-            rows += tree_rows(work, args.reps)
-        if not args.skip_many:
-            rows += many_rows(work, args.paths)
-    out = args.out / "results.json"
-    old = json.loads(out.read_text()) if out.exists() else []
-    names = {r["benchmark"] for r in rows}
-    out.write_text(json.dumps([r for r in old if r["benchmark"] not in names] + rows,
-                              indent=1) + "\n")
-    print(f"wrote {out}")
-    return 0
+def rows(ctx: Context, quick: bool) -> list[dict]:
+    out: list[dict] = []
+    if "read" not in ctx.skip:
+        out += read_rows(ctx)
+        show(out[-1:])
+    if "tree" not in ctx.skip:
+        out += tree_rows(ctx, ratarmount="ratarmount" not in ctx.skip)
+        show(out[-4:])
+    if "many" not in ctx.skip:
+        out += many_rows(ctx)
+        show(out[-3:])
+    return out
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(standalone(__doc__, rows, {
+        "--paths": ("synthetic_paths", int, "synthetic archived paths for the scale rows")}))
