@@ -41,7 +41,7 @@ from .errors import NarfsError
 from .nar import NarSerialiser
 from .narinfo import NarInfo
 from .progress import Progress, human_size
-from .signing import SecretKey
+from .signing import SecretKey, load_secret_key
 from .store import PathInfo
 from .storepath import hash_part, name_part
 from .zstdseek import SeekableWriter
@@ -142,6 +142,20 @@ class Archiver:
         # Set by a stopping service (`narfs watch`): NAR writes end at their next chunk, remove
         # their temporary and fail the path, so shutdown neither waits for nor leaves a big write.
         self.stop = threading.Event()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, executor: ThreadPoolExecutor) -> Archiver:
+        """The one place an Archiver is assembled from settings (narfs archive, narfs watch):
+        the cache must be writable and the key, when one is configured, valid."""
+        cache = Cache(settings.cache_dir)
+        cache.check_writable()
+        key = None
+        if settings.secret_key_file:
+            key = load_secret_key(settings.secret_key_file)
+        else:
+            log.warning("no secret_key_file configured: narinfos are written unsigned "
+                        "(run `narfs init` or pass --secret-key)")
+        return cls(cache, settings, key, executor)
 
     async def archive(self, paths: list[str], progress: bool = True) -> Result:
         """Archive the closures of `paths` (valid store paths) and report what happened."""

@@ -142,21 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_key(settings: Settings) -> signing.SecretKey | None:
-    if not settings.secret_key_file:
-        log.warning("no secret_key_file configured: narinfos are written unsigned "
-                    "(run `narfs init` or pass --secret-key)")
-        return None
-    return signing.load_secret_key(settings.secret_key_file)
-
-
-def make_archiver(settings: Settings, executor: ThreadPoolExecutor) -> Archiver:
-    """The one place an Archiver is assembled from settings (archive, watch)."""
-    cache = Cache(settings.cache_dir)
-    cache.check_writable()
-    return Archiver(cache, settings, load_key(settings), executor)
-
-
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     cache = Cache(settings.cache_dir)
     created = cache.init()
@@ -212,7 +197,7 @@ async def _archive(args: argparse.Namespace, settings: Settings) -> int:
         raise NarfsError(f"{invalid[0]}: not a valid path in the Nix store; build or "
                          f"substitute it first ({len(invalid)} invalid in all)")
     with ThreadPoolExecutor(settings.threads, thread_name_prefix="zstd") as executor:
-        archiver = make_archiver(settings, executor)
+        archiver = Archiver.from_settings(settings, executor)
         with archiver.cache.writer():
             if args.all:
                 result = await archiver.archive_infos(await store.all_infos())

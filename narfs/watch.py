@@ -50,7 +50,6 @@ from inotify_simple import INotify, flags
 from . import store
 from .archive import Archiver
 from .cache import TMP_PREFIX, Cache, describe_os_error
-from .cli import make_archiver
 from .config import Settings
 from .errors import NarfsError
 from .notify import Notifier
@@ -326,7 +325,7 @@ class Service:
                 if name.startswith(f"{TMP_PREFIX}{STATE_FILE}-"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(state_dir, name))
-            archiver = make_archiver(self.settings, self.executor)
+            archiver = Archiver.from_settings(self.settings, self.executor)
             self._held = stack.pop_all()
         return archiver
 
