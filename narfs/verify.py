@@ -174,25 +174,30 @@ class Scan:
     nars: dict[str, str] = field(default_factory=dict)  # URL → file
     listings: set[str] = field(default_factory=set)
     recent_skipped: int = 0
+    writer_active: bool = False
+    now: float = 0.0
 
-
-def scan(cache: Cache, writer_active: bool, now: float) -> Scan:
-    """Classify every name in the cache root and nar/."""
-    s = Scan()
-
-    def stray(path: str, what: str) -> None:
+    def stray(self, path: str, what: str) -> None:
+        """Report a file nothing should hold; while a writer runs, young files are its own."""
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             return
-        if writer_active and now - st.st_mtime < RECENT:
-            s.recent_skipped += 1
+        if self.writer_active and self.now - st.st_mtime < RECENT:
+            self.recent_skipped += 1
             return
         if stat.S_ISDIR(st.st_mode):
-            s.problems.append(Problem(path, f"{what} (a directory: remove it by hand)", STRAY))
+            self.problems.append(Problem(path, f"{what} (a directory: remove it by hand)",
+                                         STRAY))
             return
-        s.strays.append(path)
-        s.problems.append(Problem(path, what, STRAY))
+        self.strays.append(path)
+        self.problems.append(Problem(path, what, STRAY))
+
+
+def scan(cache: Cache, writer_active: bool, now: float) -> Scan:
+    """Classify every name in the cache root and nar/."""
+    s = Scan(writer_active=writer_active, now=now)
+    stray = s.stray
 
     for name in sorted(os.listdir(cache.root)):
         path = os.path.join(cache.root, name)
@@ -322,23 +327,14 @@ async def verify(cache: Cache, key: PublicKey | None, threads: int, writer_activ
     s = scan(cache, writer_active, time.time())
     checked = await run_checks(cache, key, s.hashes, threads)
     checked.sort(key=lambda c: c.hash)
+    good = {c.hash for c in checked if c.info is not None}
+    urls = {c.info.url for c in checked if c.info is not None}
+    for url, path in sorted(s.nars.items()):
+        if url not in urls:
+            s.stray(path, "stray NAR: no narinfo refers to it")
     problems = list(s.problems)
     for c in checked:
         problems += c.problems
-    good = {c.hash for c in checked if c.info is not None}
-    urls = {c.info.url for c in checked if c.info is not None}
-    now = time.time()
-    for url, path in sorted(s.nars.items()):
-        if url not in urls:
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if writer_active and now - st.st_mtime < RECENT:
-                s.recent_skipped += 1
-                continue
-            s.strays.append(path)
-            problems.append(Problem(path, "stray NAR: no narinfo refers to it", STRAY))
     for c in checked:
         if c.info is None:
             continue
