@@ -371,6 +371,46 @@ def test_build_is_archived_while_the_service_runs(rig: Rig, narfs: Narfs) -> Non
     assert service.stop() < 5 and service.proc.returncode == 0
 
 
+def test_with_the_nix_daemon_the_hook_runs_under_it(rig: Rig, narfs: Narfs,
+                                                    tmp_path: Path) -> None:
+    """Multi-user Nix: builds happen in nix-daemon (root), which runs the post-build-hook
+    with its own environment; the client names neither the hook nor the roots dir, so a pin
+    can only come from the daemon. narfs watch reaches the store through the daemon too."""
+    sock = tmp_path / "daemon.sock"
+    daemon_env = {**os.environ, "NIX_DAEMON_SOCKET_PATH": str(sock),
+                  "NARFS_ROOTS": str(rig.roots),
+                  "NIX_CONFIG": os.environ["NIX_CONFIG"] + f"post-build-hook = {HOOK}\n"}
+    daemon_env.pop("NIX_REMOTE", None)
+    client = {**os.environ, "NIX_REMOTE": "daemon", "NIX_DAEMON_SOCKET_PATH": str(sock)}
+    client.pop("NARFS_ROOTS", None)
+    with open(tmp_path / "daemon.log", "wb") as log:
+        daemon = subprocess.Popen(["nix-daemon"], env=daemon_env, stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(sock.exists, 15, "nix-daemon's socket")
+        service = rig.start(env=client)
+        service.wait_log(r"watching .*: 0 pins waiting")
+        expr = (f"derivation {{ name = \"narfs-daemon\"; system = builtins.currentSystem; "
+                f"builder = \"/bin/sh\"; salt = {nix_string(uuid.uuid4().hex)}; "
+                "args = [ \"-c\" \"echo $salt > $out\" ]; }")
+        top = run(["nix-build", "-E", expr, "--no-out-link"], env=client).stdout.split()[0]
+        drv = run(["nix-store", "--query", "--deriver", top]).stdout.strip()
+        rig.nixstore.paths += [top, drv]
+        wait_for(lambda: narinfo(narfs.cache, top).is_file() and not rig.pin(top).is_symlink(),
+                 20, "the daemon's hook pinned the build and watch archived it", service)
+        verify(narfs.cache, [top], narfs.public_key)
+        assert "post-build-hook" not in (tmp_path / "daemon.log").read_text(), \
+            "the hook complained under the daemon"
+        assert service.stop() < 5 and service.proc.returncode == 0
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+
+
 def test_pins_outlive_gc_while_stopped_and_are_caught_up(rig: Rig, narfs: Narfs) -> None:
     """No service: pins are GC roots (delete refused, listed as roots). Start: catch-up
     archives every pin waiting, the same path pinned twice is archived once."""
