@@ -173,6 +173,18 @@ class Narfs:
         return load_secret_key(str(self.key)).public.text()
 
 
+def on_a_terminal(narfs: Narfs, *args: str) -> str:
+    """Run narfs under script(1), as on a terminal 120 columns wide; its whole output."""
+    import shlex
+
+    # script's terminal has no size unless given one, and tqdm draws nothing 0 columns wide.
+    cmd = "stty cols 120 rows 40; " + shlex.join([sys.executable, "-m", "narfs.cli", *args])
+    proc = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True,
+                          text=True, env=narfs.env, timeout=300)
+    assert proc.returncode == 0, f"narfs {' '.join(args)} on a terminal:\n{proc.stdout}"
+    return proc.stdout
+
+
 def nix_copy_from(cache: Path, paths: list[str], public_key: str) -> None:
     """Restore through Nix itself, signatures required and only our key trusted."""
     run(["nix", "--extra-experimental-features", "nix-command", "copy", "--from",

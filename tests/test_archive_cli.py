@@ -24,7 +24,7 @@ from conftest import Narfs
 from narfs import narinfo as narinfo_mod
 from narfs.progress import human_size
 from narfs.signing import generate_secret_key, load_secret_key
-from nixtools import NIX, NixStore, delete_paths, nix_string, run
+from nixtools import NIX, NixStore, delete_paths, nix_string, on_a_terminal, run
 
 TMP = ".narfs-tmp-"
 
@@ -462,23 +462,15 @@ def test_a_terminal_gets_a_progress_bar_and_logs_get_lines(narfs: Narfs, nixstor
                                                            tmp_path: Path) -> None:
     """On a terminal: a progress bar, no line per path; elsewhere: one plain line per path.
     Both end with the summary line."""
-    import shlex
-    import sys
-
     big = tmp_path / "big"
     big.mkdir()
     (big / "data").write_bytes(os.urandom(24 << 20))
     on_tty = nixstore.tree(big, "narfs-progress-tty")
     piped = nixstore.text("piped", "narfs-progress-pipe")
-    # script(1)'s terminal has no size unless given one, and tqdm draws nothing 0 columns wide.
-    cmd = "stty cols 120 rows 40; " + shlex.join([sys.executable, "-m", "narfs.cli", "archive",
-                                                  on_tty])
-    tty = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True,
-                         env=narfs.env, timeout=120)
-    assert tty.returncode == 0, tty.stdout + tty.stderr
-    assert re.search(r"archiving: +\d+%\|", tty.stdout), f"no progress bar:\n{tty.stdout!r}"
-    assert "narfs: archived" not in tty.stdout, "per-path log lines on a terminal"
-    assert "archived 1 paths:" in tty.stdout
+    tty = on_a_terminal(narfs, "archive", on_tty)
+    assert re.search(r"archiving: +\d+%\|", tty), f"no progress bar:\n{tty!r}"
+    assert "narfs: archived" not in tty, "per-path log lines on a terminal"
+    assert "archived 1 paths:" in tty
     out = narfs("archive", piped)
     assert "%|" not in out.stderr, "a progress bar drawn into a pipe"
     assert re.search(r"^narfs: archived [a-z0-9]{32}-narfs-progress-pipe \(", out.stderr, re.M)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import stat
 import subprocess
 import time
@@ -22,7 +23,7 @@ from narfs.catalog import Catalog
 from narfs.narinfo import NarInfo
 from narfs.signing import load_secret_key
 from narfs.storepath import hash_part
-from nixtools import NIX, NixStore, delete_paths, rich_tree, run
+from nixtools import NIX, NixStore, delete_paths, on_a_terminal, rich_tree, run
 
 if TYPE_CHECKING:
     from conftest import Narfs
@@ -335,3 +336,19 @@ def test_copier_runs_wide_closures_side_by_side_and_chains_in_one_batch() -> Non
     tail = [sorted(b) for b in batches[1:-1]]
     assert len(tail) == 2 and all(b for b in tail), batches  # x | y, z, w: about half each
     assert batches[-1][0].endswith("-top") and batches[0][0].endswith("-base")
+
+
+def test_restore_and_verify_show_progress_on_a_terminal(narfs: Narfs, nixstore: NixStore,
+                                                        tmp_path: Path) -> None:
+    src = tmp_path / "big"
+    src.mkdir()
+    (src / "data").write_bytes(os.urandom(16 << 20))
+    top = nixstore.tree(src, "narfs-restore-progress")
+    narfs("archive", top)
+    assert re.search(r"verifying: +\d+%\|", on_a_terminal(narfs, "verify")), "no verify bar"
+    nixstore.unroot()
+    delete_paths([top])
+    out = on_a_terminal(narfs, "restore", top)
+    assert re.search(r"(checking|restoring): +\d+%\|", out), f"no restore bar:\n{out!r}"
+    assert f"restored {top}" in out
+    run(["nix-store", "--verify-path", top])
