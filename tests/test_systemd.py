@@ -559,3 +559,16 @@ def test_nix_substitutes_through_nginx(served_cache: tuple[str, Path, str]) -> N
                if not p.name.startswith(".") and p.name != NAR[4:])
     assert stat.S_ISREG(nar.stat().st_mode) and nar.name.endswith(".nar.zst")
     assert fetch(f"{url}/nar/{nar.name}")[:2] == (200, "application/x-nix-nar")
+
+
+def test_toml_example_names_every_setting_and_only_real_ones() -> None:
+    """README sends users to the example for every key: set or commented out, each Settings
+    field appears, and the file loads as a narfs config."""
+    from dataclasses import fields
+
+    from narfs.config import Settings
+
+    text = (SYSTEMD / "narfs.toml.example").read_text()
+    named = set(re.findall(r"^#? ?([a-z_]+) = ", text, re.M))
+    assert named == {f.name for f in fields(Settings)}
+    assert set(tomllib.loads(text)) <= named
