@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             settings = config.load(overrides, must_exist=args.command != "init")
-            return resolve(args.command)(args, settings)
+            rc = resolve(args.command)(args, settings)
+            sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+            return rc
         except BaseExceptionGroup as group:
             # trio nurseries wrap what their tasks raise; a user's error stays one line.
             raise user_error(group) from None
@@ -246,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("narfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `narfs ls | head`: the reader left, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except PermissionError as e:
         print(f"narfs: error: {e.filename}: permission denied; run as root or as the owner "
               "of the cache", file=sys.stderr)

@@ -98,7 +98,7 @@ def _by_name(name: str, cache: Cache) -> str:
 def resolve(arg: str, cache: Cache) -> Target:
     """A store path, `<hash>-<name>`, a bare hash, a name, or a path inside a narfs mount."""
     found = mount_containing(arg) if "/" in arg or os.path.lexists(arg) else None
-    if found is not None or "/" in arg:
+    if found is not None or "/" in arg or os.path.islink(arg):
         if found is not None:
             mount, rel = found
             top = rel.split("/", 1)[0]
@@ -109,7 +109,7 @@ def resolve(arg: str, cache: Cache) -> Target:
                 raise NarfsError(f"{arg}: {top!r} in the narfs mount {mount.mountpoint} is not "
                                  "a store path")
             target = Target(arg, Cache(mount.cache_dir), hash_part(top))
-        elif arg.startswith(STORE_DIR + "/"):
+        elif arg.startswith(STORE_DIR + "/") or os.path.islink(arg):
             target = Target(arg, cache, hash_part(user_store_path(arg)))
         else:
             raise NarfsError(f"{arg}: neither a store path ({STORE_DIR}/<hash>-<name>) nor a "

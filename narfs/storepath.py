@@ -1,5 +1,6 @@
 """Store path names: what Nix accepts, checked wherever one comes from outside."""
 
+import os
 import re
 
 from .errors import CorruptError, NarfsError
@@ -42,8 +43,14 @@ def name_part(name_or_path: str) -> str:
 
 
 def user_store_path(arg: str) -> str:
-    """A store path a user typed: accept a file inside one, give the top-level path."""
+    """A store path a user typed: accept a file inside one, or a symlink to one such as
+    `./result` (as Nix's commands do; even once the path it names was garbage-collected, which
+    is what restore is for); give the top-level path."""
     prefix = STORE_DIR + "/"
+    if not arg.startswith(prefix) and os.path.islink(arg):
+        resolved = os.path.realpath(arg)
+        if resolved.startswith(prefix):
+            arg = resolved
     if not arg.startswith(prefix):
         raise NarfsError(f"{arg}: not in {STORE_DIR}; give a store path such as "
                          f"{STORE_DIR}/<hash>-<name>")

@@ -352,3 +352,23 @@ def test_restore_and_verify_show_progress_on_a_terminal(narfs: Narfs, nixstore: 
     assert re.search(r"(checking|restoring): +\d+%\|", out), f"no restore bar:\n{out!r}"
     assert f"restored {top}" in out
     run(["nix-store", "--verify-path", top])
+
+
+def test_an_out_link_names_its_path_even_once_collected(narfs: Narfs, nixstore: NixStore,
+                                                        tmp_path: Path) -> None:
+    """`narfs archive ./result` and, after the GC took the path, `narfs restore ./result`:
+    Nix users hold on to out-links, and a dangling one still names its store path."""
+    top = nixstore.text("behind an out-link", "narfs-out-link")
+    work = tmp_path / "work"  # not tmp_path itself: its narfs/ dir would shadow the package
+    work.mkdir()
+    link = work / "result"
+    link.symlink_to(top)
+    out = narfs("archive", "result", cwd=str(work))
+    assert "archived 1 paths" in out.stdout, out.stdout + out.stderr
+    nixstore.unroot()
+    delete_paths([top])
+    assert link.is_symlink() and not link.exists()
+    back = narfs("restore", "result", cwd=str(work))
+    assert f"restored {top}" in back.stdout, back.stdout + back.stderr
+    run(["nix-store", "--verify-path", top])
+
