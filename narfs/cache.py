@@ -1,12 +1,13 @@
-"""The cache directory: a plain Nix binary cache, and the commit protocol that keeps it whole.
+"""The cache directory: a plain Nix binary cache, its layout, and the locks writers share.
 
 Layout (what Nix reads):  nix-cache-info, <hash>.narinfo, <hash>.ls, nar/<filehash>.nar.<ext>
 narfs's own derived data: .narfs/ (catalog, hot tier); temporaries: .narfs-tmp-* in the directory
 of the file they become.
 
-Commit order (DESIGN contract 3): NAR → fsync → rename; `.ls` likewise; narinfo last, then fsync
-of the directory. A narinfo exists only once everything it points at is durable, so a crash
-leaves either no narinfo or a complete entry, plus temporaries that `remove_temporaries` clears.
+Commit order (DESIGN contract 3) is kept by archive.py, per batch: temporaries, syncfs, NARs and
+`.ls` renamed and their directories fsynced, narinfos last, then an fsync of the directory. A
+narinfo exists only once everything it points at is durable, so a crash leaves either no
+narinfo or a complete entry, plus temporaries that `remove_temporaries` clears.
 """
 
 from __future__ import annotations
@@ -180,11 +181,6 @@ class Cache:
     def write_atomic(self, final: str, data: bytes) -> None:
         with self.temporary(final) as f:
             f.write(data)
-
-    def publish(self, info: NarInfo) -> None:
-        """The commit point: the narinfo appears, then the directory entry is made durable."""
-        self.write_atomic(self.narinfo_path(info.hash), info.render().encode())
-        fsync_dir(self.root)
 
     def sync_nar_dir(self) -> None:
         fsync_dir(self.nar_dir)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import BinaryIO, Protocol
 
 from .errors import CorruptError, NarfsError
@@ -358,14 +358,3 @@ def listing_of(stream: BinaryIO, size: int | None = None) -> dict:
     builder = ListingBuilder()
     parse(stream, builder, size)
     return builder.root
-
-
-def walk_files(root: dict, on_file: Callable[[str, dict], None], prefix: str = "") -> None:
-    """Call `on_file(relative path, node)` for every node of a listing, parents first."""
-    stack = [(prefix, root)]
-    while stack:
-        rel, node = stack.pop()
-        on_file(rel, node)
-        if node.get("type") == "directory":
-            for name, child in sorted(node["entries"].items(), reverse=True):
-                stack.append((f"{rel}/{name}", child))

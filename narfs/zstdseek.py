@@ -9,11 +9,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import io
-import os
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -221,18 +219,3 @@ class SeekableWriter:
         for fut in self._pending:
             fut.cancel()
         self._pending.clear()
-
-
-def decompress_stream(f: BinaryIO, write: Callable[[bytes], object]) -> None:
-    """Decompress every frame of a zstd file (seekable or not), skippable frames ignored."""
-    dctx = zstandard.ZstdDecompressor()
-    try:
-        reader = dctx.stream_reader(f, read_across_frames=True)
-        while chunk := reader.read(1 << 20):
-            write(chunk)
-    except zstandard.ZstdError as e:
-        raise CorruptError(f"zstd data is damaged: {e}") from None
-
-
-def file_size(f: BinaryIO) -> int:
-    return os.fstat(f.fileno()).st_size
