@@ -207,3 +207,9 @@ def test_a_read_decompresses_only_the_frames_it_needs(narfs: Narfs, nixstore: Ni
         assert 1 <= frames <= 2, (before, after)
         assert read <= 2 * (4 << 20) + 4096, (before, after)
         assert after["frame_cache_bytes"] <= 256 << 20
+        # Contents never change, so files open with keep_cache: a second open and read is
+        # served from the kernel's page cache and never reaches narfs's read path.
+        assert (m / base(p) / "m-target").read_bytes() == data
+        again = m.stats()
+        for counter in ("frames_decompressed", "frame_hits", "frame_bytes_read"):
+            assert again[counter] == after[counter], (counter, after, again)
