@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
 
 import trio
 
-from . import nix32
+from . import nixversions
 from .errors import NarfsError
+from .nixversions import PathInfo
 
 log = logging.getLogger(__name__)
 
 NIX = ["nix", "--extra-experimental-features", "nix-command"]
-
-
-@dataclass
-class PathInfo:
-    path: str
-    nar_hash: str  # sha256:<nix32>
-    nar_size: int
-    references: list[str] = field(default_factory=list)  # full store paths
-    deriver: str | None = None
-    sigs: list[str] = field(default_factory=list)
-    ca: str | None = None
-    registration_time: int = 0
 
 
 async def run(cmd: list[str], stdin: bytes | None = None) -> bytes:
@@ -43,18 +30,11 @@ async def run(cmd: list[str], stdin: bytes | None = None) -> bytes:
     return proc.stdout
 
 
-def _info(doc: dict) -> PathInfo:
-    deriver = doc.get("deriver")
-    return PathInfo(
-        path=doc["path"],
-        nar_hash=nix32.format_sha256(nix32.parse_sha256(doc["narHash"])),
-        nar_size=int(doc["narSize"]),
-        references=sorted(doc.get("references", [])),
-        deriver=deriver or None,
-        sigs=list(doc.get("signatures", [])),
-        ca=doc.get("ca") or None,
-        registration_time=int(doc.get("registrationTime", 0)),
-    )
+async def _path_infos(*args: str) -> dict[str, PathInfo]:
+    """`nix path-info` JSON, whatever the version prints, as PathInfo by store path."""
+    v = await nixversions.detect()
+    out = await run([*NIX, "path-info", *nixversions.path_info_args(v), *args])
+    return {i.path: i for i in nixversions.path_infos(out, v)}
 
 
 async def invalid_paths(paths: list[str]) -> list[str]:
@@ -69,10 +49,8 @@ async def closure_infos(paths: list[str]) -> dict[str, PathInfo]:
     """Metadata for the closures of `paths`, from one `nix path-info --json -r` call."""
     if not paths:
         return {}
-    out = await run([*NIX, "path-info", "--json", "--recursive", *paths])
-    return {d["path"]: _info(d) for d in json.loads(out) if d.get("valid", True)}
+    return await _path_infos("--recursive", *paths)
 
 
 async def all_infos() -> dict[str, PathInfo]:
-    out = await run([*NIX, "path-info", "--json", "--all"])
-    return {d["path"]: _info(d) for d in json.loads(out) if d.get("valid", True)}
+    return await _path_infos("--all")

@@ -129,6 +129,14 @@ def rich_tree(root: Path, big: int = 0) -> Path:
     return root
 
 
+def gc_roots() -> dict[str, str]:
+    """`nix-store --gc --print-roots` as link → store path, in whatever form this Nix prints."""
+    from narfs.nixversions import parse_root_line
+
+    out = run(["nix-store", "--gc", "--print-roots"]).stdout.splitlines()
+    return dict(r for r in map(parse_root_line, out) if r is not None)
+
+
 def delete_paths(paths: list[str]) -> None:
     """Delete store paths so a restore has to bring them back; fails loudly if they stay.
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from nixtools import nix_string, run
+from nixtools import gc_roots, nix_string, run
 
 HOOK_IN_TREE = Path(__file__).resolve().parent.parent / "systemd" / "narfs-hook"
 GCROOTS = Path("/nix/var/nix/gcroots")
@@ -285,9 +285,9 @@ def test_end_to_end_nix_build_pins_a_gc_root(gcroots_dir: Path) -> None:
         assert "post-build-hook: narfs-hook" not in proc.stderr, proc.stderr
         assert_pinned(gcroots_dir, outputs)
 
-        roots = run(["nix-store", "--gc", "--print-roots"]).stdout.splitlines()
+        roots = gc_roots()
         for p in outputs:
-            assert f"{gcroots_dir / os.path.basename(p)} -> {p}" in roots
+            assert roots.get(str(gcroots_dir / os.path.basename(p))) == p, roots
 
         refused = run(["nix-store", "--delete", outputs[0]], check=False)
         assert refused.returncode != 0

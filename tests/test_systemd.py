@@ -36,7 +36,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+from narfs.nixversions import config_show_args, detect
 from nixtools import NIX, NixStore, run
 
 SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
@@ -230,7 +232,7 @@ def test_nix_conf_example_is_accepted_by_nix(tmp_path: Path) -> None:
     env = {**os.environ, "NIX_CONF_DIR": str(tmp_path),
            "NIX_USER_CONF_FILES": str(tmp_path / "none")}
     env.pop("NIX_CONFIG", None)  # conftest's would override the example
-    proc = run([*NIX, "show-config"], env=env)
+    proc = run([*NIX, *config_show_args(trio.run(detect))], env=env)
     assert proc.stderr == ""
     shown = dict(line.split(" = ", 1) for line in proc.stdout.splitlines() if " = " in line)
     assert shown["post-build-hook"] == "/usr/local/bin/narfs-hook"

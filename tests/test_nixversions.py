@@ -1,0 +1,145 @@
+"""Every Nix version difference narfs knows (narfs/nixversions.py): the parsers against output
+captured from each version, and the live `nix` on PATH (this suite also runs in chroots with
+Debian's Nix 2.26 and 2.34, see .ci/run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import trio
+
+from narfs import nixversions
+from narfs.errors import NarfsError
+from narfs.nixversions import NixVersion, parse_version
+
+P = "/nix/store/ab3li50xq0nl4q5lxdyinb8w8y13my9s-f"
+NAR_HASH = "sha256:1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h"  # the SRI below
+SRI = "sha256-EFUdrtf6Rn0LWIJufrmg8q99aT3jGfLvd1//zaJEufY="
+CA = "fixed:r:sha256:1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h"
+INVALID = "/nix/store/00000000000000000000000000000000-x"
+
+# `nix path-info --json P INVALID` as each version prints it (captured 2026-12 from Debian's
+# nix-bin; Lix's shape is 2.18's, from its source).
+NIX_2_8 = [{"path": INVALID, "valid": False},
+           {"path": P, "narHash": SRI, "narSize": 120, "references": [], "ca": CA,
+            "registrationTime": 1796285315}]
+NIX_2_26 = {INVALID: None,
+            P: {"ca": CA, "deriver": None, "narHash": SRI, "narSize": 120, "references": [],
+                "registrationTime": 1796285165, "signatures": [], "ultimate": False}}
+NIX_2_34_FORMAT_1 = {P: {"ca": CA, "deriver": None, "narHash": SRI, "narSize": 120,
+                         "references": [], "registrationTime": 1796285165, "signatures": [],
+                         "storeDir": "/nix/store", "ultimate": False, "version": 1}}
+NIX_2_34_FORMAT_2 = {"info": {P[11:]: {"ca": {"hash": SRI, "method": "nar"}, "deriver": None,
+                                       "narHash": SRI, "narSize": 120, "references": [],
+                                       "registrationTime": 1796285165, "signatures": [],
+                                       "storeDir": "/nix/store", "ultimate": False,
+                                       "version": 2}},
+                     "storeDir": "/nix/store", "version": 2}
+V2_8 = NixVersion((2, 8, 0))
+V2_26 = NixVersion((2, 26, 3))
+V2_34 = NixVersion((2, 34, 8))
+LIX = NixVersion((2, 93, 0), lix=True)
+
+
+@pytest.mark.parametrize("doc, v", [(NIX_2_8, V2_8), (NIX_2_8, LIX), (NIX_2_26, V2_26),
+                                    (NIX_2_34_FORMAT_1, V2_34), (NIX_2_34_FORMAT_2, V2_34)],
+                         ids=["2.8", "lix", "2.26", "2.34-format-1", "2.34-format-2"])
+def test_path_info_of_every_shape_reads_the_same(doc: object, v: NixVersion) -> None:
+    [info] = nixversions.path_infos(json.dumps(doc).encode(), v)
+    assert (info.path, info.nar_hash, info.nar_size, info.ca) == (P, NAR_HASH, 120, CA)
+    assert info.references == [] and info.sigs == [] and info.deriver is None
+
+
+def test_path_info_nulls_and_base_names_become_full_paths() -> None:
+    ref = "0c1kpmyc9zbpnsqg5gjq7hxk8v1i8yxf-dep"
+    doc = {"info": {P[11:]: {"narHash": {"algorithm": "sha256", "format": "base64",
+                                         "hash": SRI[7:]},
+                             "narSize": 120, "references": [ref], "deriver": "x-f.drv",
+                             "signatures": [{"keyName": "k-1", "sig": "c2ln"}],
+                             "registrationTime": None, "ca": None}}}
+    [info] = nixversions.path_infos(json.dumps(doc).encode(), V2_34)
+    assert info.references == [f"/nix/store/{ref}"]
+    assert info.deriver == "/nix/store/x-f.drv"
+    assert info.sigs == ["k-1:c2ln"] and info.registration_time == 0 and info.ca is None
+    assert info.nar_hash == NAR_HASH
+
+
+@pytest.mark.parametrize("out", [b"not json", b"42", b'{"p": 7}', b'[{"path": "/nix/store/x"}]',
+                                 b'{"/nix/store/x": {"narHash": "md5-x", "narSize": 1}}',
+                                 b'{"/nix/store/x": {"narHash": "' + SRI.encode()
+                                 + b'", "narSize": -1}}'])
+def test_unknown_shape_is_one_line_naming_the_version(out: bytes) -> None:
+    with pytest.raises(NarfsError) as e:
+        nixversions.path_infos(out, V2_34)
+    assert "2.34.8" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("line, release, lix", [
+    ("nix (Nix) 2.8.0", (2, 8, 0), False),
+    ("nix (Nix) 2.34.8", (2, 34, 8), False),
+    ("nix (Lix, like Nix) 2.92.0-dev-pre20250117-0d14c2b", (2, 92, 0), True),
+    ("nix (Determinate Nix 3.8.2) 2.30.2", (2, 30, 2), False),
+    ("nix (Nix) 2.18", (2, 18, 0), False),
+])
+def test_version_line(line: str, release: tuple[int, int, int], lix: bool) -> None:
+    v = parse_version(line)
+    assert (v.release, v.lix) == (release, lix)
+
+
+def test_flags_follow_the_version() -> None:
+    assert nixversions.path_info_args(V2_26) == ["--json"]
+    assert nixversions.path_info_args(LIX) == ["--json"]  # Lix's 2.9x has no --json-format
+    assert nixversions.path_info_args(V2_34)[-2:] == ["--json-format", "1"]
+    assert nixversions.restore_depth_limit(V2_26) is None
+    assert nixversions.restore_depth_limit(LIX) is None
+    assert nixversions.restore_depth_limit(V2_34) == 64
+    assert nixversions.config_show_args(V2_8) == ["show-config"]
+    assert nixversions.config_show_args(V2_34) == ["config", "show"]
+
+
+def test_print_roots_lines_of_every_version() -> None:
+    assert nixversions.parse_root_line(f"/r/a b -> {P}") == ("/r/a b", P)
+    assert nixversions.parse_root_line(f"'/r/a b' -> {P}") == ("/r/a b", P)  # 2.34
+    assert nixversions.parse_root_line("{censored} -> " + P) == ("{censored}", P)
+    assert nixversions.parse_root_line("garbage") is None
+
+
+# --- against the live Nix ---------------------------------------------------------------------
+
+def live() -> NixVersion:
+    return trio.run(nixversions.detect)
+
+
+def test_detects_the_nix_on_path() -> None:
+    first = subprocess.run(["nix", "--version"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()[0]
+    v = live()
+    assert v == parse_version(first) and v.release >= (2, 8, 0)
+
+
+def test_path_info_flags_are_accepted_without_a_warning(tmp_path) -> None:
+    """The flags narfs passes make this Nix print JSON narfs reads, and nothing on stderr."""
+    v = live()
+    f = tmp_path / "f"
+    f.write_text("narfs nixversions\n")
+    path = subprocess.run(["nix-store", "--add", str(f)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    try:
+        proc = subprocess.run(["nix", "--extra-experimental-features", "nix-command",
+                               "path-info", *nixversions.path_info_args(v), path],
+                              capture_output=True, check=True)
+        assert proc.stderr == b"", proc.stderr
+        [info] = nixversions.path_infos(proc.stdout, v)
+        assert info.path == path and info.nar_size > 0
+    finally:
+        subprocess.run(["nix-store", "--delete", path], capture_output=True, check=False)
+
+
+def test_config_show_works_on_this_nix() -> None:
+    v = live()
+    proc = subprocess.run(["nix", "--extra-experimental-features", "nix-command",
+                           *nixversions.config_show_args(v)], capture_output=True, text=True,
+                          check=True)
+    assert "store =" in proc.stdout and "deprecated" not in proc.stderr, proc.stderr
