@@ -308,7 +308,18 @@ def _show(path: Path) -> str:
     return "/" + "/".join(os.fsdecode(p) for p in path)
 
 
-class ListingBuilder:
+class DepthGauge:
+    """Keeps the depth of the deepest node seen (the root is 0): Nix 2.34 refuses NARs nested
+    64 deep, so restore and verify need it (nixversions.restore_depth_limit)."""
+
+    deepest = 0
+
+    def _saw(self, path: Path) -> None:
+        if len(path) > self.deepest:
+            self.deepest = len(path)
+
+
+class ListingBuilder(DepthGauge):
     """A NarVisitor that builds the `.ls` root node (DESIGN: Listing) of the NAR it is fed."""
 
     def __init__(self) -> None:
@@ -322,6 +333,7 @@ class ListingBuilder:
             return node
         child: dict = {}
         node["entries"][os.fsdecode(path[-1])] = child
+        self._saw(path)
         return child
 
     def directory(self, path: Path) -> None:
@@ -339,18 +351,18 @@ class ListingBuilder:
         node["narOffset"] = offset
 
 
-class Validator:
-    """A NarVisitor that keeps nothing: for parsing a NAR only to know it is well formed."""
+class Validator(DepthGauge):
+    """A NarVisitor that keeps only the depth: for parsing a NAR to know it is well formed."""
 
     def directory(self, path: Path) -> None:
-        pass
+        self._saw(path)
 
     def symlink(self, path: Path, target: bytes) -> None:
-        pass
+        self._saw(path)
 
     def regular(self, path: Path, executable: bool, size: int, offset: int,
                 chunks: Iterator[bytes]) -> None:
-        pass
+        self._saw(path)
 
 
 def listing_of(stream: BinaryIO, size: int | None = None) -> dict:

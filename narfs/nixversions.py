@@ -254,6 +254,16 @@ def restore_depth_limit(v: NixVersion) -> int | None:
     return NAR_DEPTH_LIMIT if v.at_least(2, 34) else None
 
 
+def depth_refusal(v: NixVersion | None, deepest: int) -> str | None:
+    """Why this Nix cannot import a NAR whose deepest node is `deepest` levels down, or None."""
+    limit = restore_depth_limit(v) if v is not None else None
+    if limit is None or deepest < limit:
+        return None
+    return (f"nests {deepest} directories deep and Nix {'.'.join(map(str, v.release))} refuses "
+            f"NARs nested {limit} or deeper, so it cannot go back into /nix/store through this "
+            "Nix; `narfs restore --to DIR` unpacks it anywhere else")
+
+
 def config_show_args(v: NixVersion) -> list[str]:
     """`nix config show` where it exists (2.20+, Lix), else the older `nix show-config`."""
     return ["config", "show"] if v.lix or v.at_least(2, 20) else ["show-config"]

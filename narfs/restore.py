@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import nar, signing, store
+from . import nar, nixversions, signing, store
 from .cache import TMP_PREFIX, Cache
 from .config import Settings
 from .errors import CorruptError, NarfsError
@@ -195,33 +195,40 @@ def check_signatures(infos: dict[str, NarInfo], key: PublicKey, cache: Cache) ->
 
 # --- copying through Nix --------------------------------------------------------------------
 
-def check_nar(cache: Cache, info: NarInfo) -> None:
+def check_nar(cache: Cache, info: NarInfo, nix: nixversions.NixVersion | None) -> None:
     """Parse one NAR with narfs's own validating parser before Nix imports it.
 
     Nix (2.8) restores a NAR whose directory entries are unsorted or duplicated and registers
     the path as valid, though its tree no longer dumps to the NarHash that was checked; so a
     hostile cache could plant a path `nix-store --verify-path` calls modified. Checked here,
-    it never reaches the store.
+    it never reaches the store. A NAR this Nix would refuse for its depth is refused here, before
+    Nix starts, with the way out.
     """
+    validator = nar.Validator()
     try:
         with cache.open_nar(info) as f:
-            parse_checked(decompressed_chunks(f, info.compression), nar.Validator(),
+            parse_checked(decompressed_chunks(f, info.compression), validator,
                           info.nar_size, info.nar_hash)
     except (CorruptError, OSError) as e:
         raise NarfsError(f"{info.store_path}: refusing its NAR in {cache.root}: {e}; nothing "
                          "was restored, the store is unchanged; run `narfs verify`") from None
+    refusal = nixversions.depth_refusal(nix, validator.deepest)
+    if refusal:
+        raise NarfsError(f"{info.store_path}: {refusal}; nothing was restored, the store is "
+                         "unchanged")
 
 
 async def check_nars(cache: Cache, infos: dict[str, NarInfo], threads: int,
                      total: int) -> None:
     """check_nar over every path to fetch, `threads` at a time, with progress."""
     limiter = trio.CapacityLimiter(threads)
+    nix = await nixversions.detect()
     bar = Progress(total, "checking")
     try:
         async with trio.open_nursery() as nursery:
             for info in infos.values():
                 async def one(info: NarInfo = info) -> None:
-                    await trio.to_thread.run_sync(check_nar, cache, info, limiter=limiter)
+                    await trio.to_thread.run_sync(check_nar, cache, info, nix, limiter=limiter)
                     bar.advance(info.nar_size)
                 nursery.start_soon(one)
     finally:

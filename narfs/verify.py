@@ -28,7 +28,7 @@ from typing import BinaryIO
 import trio
 import zstandard
 
-from . import listing, nar, nix32, store, zstdseek
+from . import listing, nar, nix32, nixversions, store, zstdseek
 from .cache import CACHE_INFO, TMP_PREFIX, Cache, cache_info_text
 from .catalog import Catalog, Entry
 from .config import Settings
@@ -56,6 +56,8 @@ LISTING = "listing"  # a `.ls` that disagrees with its NAR: rewritten by --repai
 CATALOG = "catalog"  # the catalog disagrees with the directory: rebuilt by --repair
 CACHEINFO = "cache-info"  # nix-cache-info missing or wrong: rewritten by --repair
 NOTE = "note"  # said, not counted
+WARNING = "warning"  # intact, but this machine's Nix cannot restore it: said, not counted
+SAID = (NOTE, WARNING)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Checked:
     hash: str
     info: NarInfo | None = None
     listing: dict | None = None  # parsed from the NAR
+    deepest: int = 0  # nesting depth of the NAR's deepest node
     problems: list[Problem] = field(default_factory=list)
 
     def add(self, kind: str, what: str) -> None:
@@ -156,6 +159,7 @@ def check_entry(cache: Cache, key: PublicKey | None, h: str) -> Checked:
               f"{stream.nar_hash()}, the narinfo says {info.nar_size} bytes, {info.nar_hash}")
         return c
     c.listing = builder.root
+    c.deepest = builder.deepest
     try:
         ls = cache.read_listing(h, info.nar_size)
     except (CorruptError, OSError) as e:
@@ -335,6 +339,7 @@ async def verify(cache: Cache, key: PublicKey | None, threads: int, writer_activ
     problems = list(s.problems)
     for c in checked:
         problems += c.problems
+    problems += await restorability(checked)
     for c in checked:
         if c.info is None:
             continue
@@ -350,6 +355,21 @@ async def verify(cache: Cache, key: PublicKey | None, threads: int, writer_activ
     file_bytes = sum(os.path.getsize(p) for p in s.nars.values() if os.path.isfile(p))
     return Report(checked, problems, file_bytes, time.monotonic() - start, s.recent_skipped,
                   s.strays)
+
+
+async def restorability(checked: list[Checked]) -> list[Problem]:
+    """Intact entries this machine's Nix would refuse to restore (nixversions)."""
+    try:
+        nix = await nixversions.detect()
+    except NarfsError as e:
+        return [Problem("nix", f"{e}: whether Nix can restore each entry is not checked",
+                        NOTE)]
+    out = []
+    for c in checked:
+        refusal = nixversions.depth_refusal(nix, c.deepest)
+        if refusal and c.info is not None and c.listing is not None:
+            out.append(Problem(c.info.store_path, refusal, WARNING, c.hash))
+    return out
 
 
 def doomed_entries(report: Report) -> tuple[list[tuple[str, str | None]], dict[str, str]]:
@@ -437,7 +457,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         with cache.writer(exclusive=True), Catalog(cache) as catalog:
             report = trio.run(verify, cache, key, settings.threads, False, catalog)
             _print(report, cache)
-            if not [p for p in report.problems if p.kind != NOTE]:
+            if not [p for p in report.problems if p.kind not in SAID]:
                 return 0
             lines, left = trio.run(repair, cache, catalog, report)
             for line in lines:
@@ -453,13 +473,13 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     if catalog is None:
         print("narfs verify: the catalog is not writable by this user: not checked")
     _print(report, cache)
-    return 1 if [p for p in report.problems if p.kind != NOTE] else 0
+    return 1 if [p for p in report.problems if p.kind not in SAID] else 0
 
 
 def _print(report: Report, cache: Cache) -> None:
-    counted = [p for p in report.problems if p.kind != NOTE]
+    counted = [p for p in report.problems if p.kind not in SAID]
     for p in sorted(report.problems, key=lambda p: (p.subject, p.what)):
-        print(("note: " if p.kind == NOTE else "") + p.line())
+        print((f"{p.kind}: " if p.kind in SAID else "") + p.line())
     if report.recent_skipped:
         print(f"narfs verify: a writer is active: {report.recent_skipped} files younger than "
               f"{RECENT // 60} min that nothing refers to yet were not judged")

@@ -5,14 +5,20 @@ Debian's Nix 2.26 and 2.34, see .ci/run)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import trio
 
+import hostile
+from conftest import Narfs
 from narfs import nixversions
 from narfs.errors import NarfsError
 from narfs.nixversions import NixVersion, parse_version
+from narfs.signing import load_secret_key
+from nixtools import run
 
 P = "/nix/store/ab3li50xq0nl4q5lxdyinb8w8y13my9s-f"
 NAR_HASH = "sha256:1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h"  # the SRI below
@@ -119,7 +125,7 @@ def test_detects_the_nix_on_path() -> None:
     assert v == parse_version(first) and v.release >= (2, 8, 0)
 
 
-def test_path_info_flags_are_accepted_without_a_warning(tmp_path) -> None:
+def test_path_info_flags_are_accepted_without_a_warning(tmp_path: Path) -> None:
     """The flags narfs passes make this Nix print JSON narfs reads, and nothing on stderr."""
     v = live()
     f = tmp_path / "f"
@@ -143,3 +149,35 @@ def test_config_show_works_on_this_nix() -> None:
                            *nixversions.config_show_args(v)], capture_output=True, text=True,
                           check=True)
     assert "store =" in proc.stdout and "deprecated" not in proc.stderr, proc.stderr
+
+
+def test_a_nar_too_deep_for_this_nix_is_said_by_verify_and_restore(narfs: Narfs,
+                                                                     tmp_path: Path) -> None:
+    """Nix 2.34 refuses NARs nested 64 deep; older Nix takes them. verify warns (exit 0: the
+    data is intact), restore refuses in one line before Nix runs, `restore --to` unpacks it."""
+    limit = nixversions.restore_depth_limit(live())
+    path = hostile.write_entry(narfs.cache, load_secret_key(str(narfs.key)), hostile._deep(70),
+                               "narfs-deep")
+    verify = narfs("verify", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    warnings = [line for line in verify.stdout.splitlines() if line.startswith("warning:")]
+    restore = narfs("restore", path, check=False)
+    try:
+        if limit is None:
+            assert warnings == [], verify.stdout
+            assert restore.returncode == 0, restore.stderr
+            run(["nix-store", "--verify-path", path])
+        else:
+            assert warnings == [f"warning: {path}: nests 70 directories deep and Nix "
+                                f"{'.'.join(map(str, live().release))} refuses NARs nested "
+                                "64 or deeper, so it cannot go back into /nix/store through "
+                                "this Nix; `narfs restore --to DIR` unpacks it anywhere else"]
+            assert restore.returncode != 0
+            [line] = restore.stderr.strip().splitlines()
+            assert line.startswith(f"narfs: {path}: nests 70") and "restore --to" in line
+            assert not os.path.exists(path)
+    finally:
+        if os.path.exists(path):
+            run(["nix-store", "--delete", path])
+    narfs("restore", "--to", str(tmp_path / "out"), path)
+    assert (tmp_path / "out" / "/".join(["d"] * 70)).read_bytes() == b"bottom"
