@@ -19,6 +19,8 @@ def parse(data: bytes, nar_size: int | None = None) -> dict:
 
     Invariants on return: every node has a known type; names are safe single components;
     every regular file's [narOffset, narOffset+size) lies inside the NAR when its size is known.
+    narOffset may be absent (Hydra's listings since 2026, Harmonia's): whoever reads file
+    contents through a listing needs it and completes the listing from the NAR instead.
     """
     if len(data) > MAX_SIZE:
         raise CorruptError(f"listing is {len(data)} bytes, larger than narfs accepts")
@@ -50,7 +52,7 @@ def parse(data: bytes, nar_size: int | None = None) -> dict:
             size, offset = node.get("size"), node.get("narOffset")
             if not _count(size) or (offset is not None and not _count(offset)):
                 raise CorruptError("listing regular file without a valid size")
-            if nar_size is not None and (offset is None or offset + size > nar_size):
+            if nar_size is not None and offset is not None and offset + size > nar_size:
                 raise CorruptError("listing points a file outside its NAR")
             if node.get("executable", False) not in (True, False):
                 raise CorruptError("listing executable flag is not a boolean")
@@ -66,3 +68,36 @@ def parse(data: bytes, nar_size: int | None = None) -> dict:
 
 def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
+
+
+def agrees(ls: dict, from_nar: dict) -> bool:
+    """Whether a `.ls` root says what the listing parsed from its NAR says. Listings written by
+    Hydra (since 2026) and Harmonia carry no narOffset at all; such a listing agrees when all
+    the rest matches (the mount completes it from the NAR)."""
+    if ls == from_nar:
+        return True
+    return not _any_offset(ls) and ls == _without_offsets(from_nar)
+
+
+def _any_offset(root: dict) -> bool:
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if "narOffset" in node:
+            return True
+        stack.extend(node.get("entries", {}).values())
+    return False
+
+
+def _without_offsets(root: dict) -> dict:
+    out: dict = {}
+    stack = [(root, out)]
+    while stack:
+        node, copy = stack.pop()
+        copy.update((k, v) for k, v in node.items() if k not in ("narOffset", "entries"))
+        if "entries" in node:
+            copy["entries"] = {}
+            for name, child in node["entries"].items():
+                copy["entries"][name] = {}
+                stack.append((child, copy["entries"][name]))
+    return out

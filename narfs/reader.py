@@ -298,7 +298,11 @@ class Reader:
         f.close()
         try:
             if entry.compression == "zstd":
-                table = zstdseek.read_table(_At(fd), os.fstat(fd).st_size)  # type: ignore
+                size = os.fstat(fd).st_size
+                # narfs's seekable NARs carry a seek table; Nix 2.35's independent frames can
+                # be indexed from their headers (nixversions); single-frame NARs cannot.
+                table = (zstdseek.read_table(_At(fd), size)  # type: ignore[arg-type]
+                         or zstdseek.index_frames(_At(fd), size))  # type: ignore[arg-type]
                 if table is not None:
                     if table.size != entry.nar_size:
                         raise CorruptError(f"seek table covers {table.size} bytes, NarSize "

@@ -165,7 +165,7 @@ def check_entry(cache: Cache, key: PublicKey | None, h: str) -> Checked:
     except (CorruptError, OSError) as e:
         c.add(LISTING, f"listing {h}.ls unreadable: {e}")
     else:
-        if ls is not None and ls != builder.root:
+        if ls is not None and not listing.agrees(ls, builder.root):
             c.add(LISTING, f"listing {h}.ls disagrees with the NAR")
     return c
 

@@ -97,6 +97,67 @@ def read_table(f: BinaryIO, file_size: int) -> SeekTable | None:
     return SeekTable(frames)
 
 
+ZSTD_MAGIC = 0xFD2FB528
+SKIPPABLE_MASK = 0xFFFFFFF0  # skippable frames: magic 0x184D2A50 to 0x184D2A5F
+MAX_INDEXED_FRAME = 64 << 20  # larger frames go through the hot tier: one read, one frame
+MAX_INDEXED_FRAMES = 1 << 20
+_BLOCK_HEADER = 3
+
+
+def index_frames(f: BinaryIO, file_size: int) -> SeekTable | None:
+    """A seek table read off the frame headers of a zstd file made of independent frames that
+    each declare their decompressed size, as Nix 2.35 writes NARs (16 MiB frames, no seek
+    table); None when a frame does not declare its size or is too large to read one at a time.
+
+    Frame and block headers are walked without decompressing anything: a few small reads per
+    128 KiB block, once per opened NAR. Every size is checked against the file.
+    """
+    frames: list[Frame] = []
+    pos = dec = 0
+    while pos < file_size:
+        f.seek(pos)
+        head = f.read(18)  # the largest frame header
+        if len(head) < 8:
+            raise CorruptError(f"zstd stream ends inside a frame header at {pos}")
+        magic, skip = struct.unpack_from("<II", head)
+        if magic & SKIPPABLE_MASK == SKIPPABLE_MAGIC & SKIPPABLE_MASK:
+            pos += 8 + skip
+            continue
+        if magic != ZSTD_MAGIC:
+            raise CorruptError(f"no zstd frame at {pos}")
+        try:
+            params = zstandard.get_frame_parameters(head)
+            end = pos + zstandard.frame_header_size(head)
+        except zstandard.ZstdError as e:
+            raise CorruptError(f"zstd frame header at {pos} is damaged: {e}") from None
+        size = params.content_size
+        if size == zstandard.CONTENTSIZE_UNKNOWN or size > MAX_INDEXED_FRAME \
+                or len(frames) >= MAX_INDEXED_FRAMES:
+            return None
+        while True:  # blocks: 3-byte header (last, type, size); an RLE block holds one byte
+            f.seek(end)
+            raw = f.read(_BLOCK_HEADER)
+            if len(raw) != _BLOCK_HEADER:
+                raise CorruptError(f"zstd frame at {pos} is truncated")
+            header = int.from_bytes(raw, "little")
+            kind = (header >> 1) & 3
+            if kind == 3:
+                raise CorruptError(f"zstd frame at {pos} has a reserved block type")
+            end += _BLOCK_HEADER + (1 if kind == 1 else header >> 3)
+            if end > file_size:
+                raise CorruptError(f"zstd frame at {pos} runs past the end of the file")
+            if header & 1:
+                break
+        end += 4 if params.has_checksum else 0
+        if size:
+            frames.append(Frame(pos, end - pos, dec, size))
+        dec += size
+        pos = end
+    if pos != file_size:
+        raise CorruptError("zstd stream runs past the end of the file")
+    return SeekTable(frames)
+
+
 def read_frame(f: BinaryIO, frame: Frame, dctx: zstandard.ZstdDecompressor | None = None) -> bytes:
     """Decompress one frame, insisting it yields exactly the size the table promises.
 

@@ -4,6 +4,7 @@ Debian's Nix 2.26 and 2.34, see .ci/run)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -11,14 +12,17 @@ from pathlib import Path
 
 import pytest
 import trio
+import zstandard
+from mounting import mounted
+from test_mount import assert_same
 
 import hostile
 from conftest import Narfs
-from narfs import nixversions
+from narfs import narinfo, nix32, nixversions
 from narfs.errors import NarfsError
 from narfs.nixversions import NixVersion, parse_version
 from narfs.signing import load_secret_key
-from nixtools import run
+from nixtools import NIX, NixStore, rich_tree, run
 
 P = "/nix/store/ab3li50xq0nl4q5lxdyinb8w8y13my9s-f"
 NAR_HASH = "sha256:1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h"  # the SRI below
@@ -181,3 +185,80 @@ def test_a_nar_too_deep_for_this_nix_is_said_by_verify_and_restore(narfs: Narfs,
             run(["nix-store", "--delete", path])
     narfs("restore", "--to", str(tmp_path / "out"), path)
     assert (tmp_path / "out" / "/".join(["d"] * 70)).read_bytes() == b"bottom"
+
+
+def _nix_copy_cache(tmp_path: Path, paths: list[str], url_opts: str) -> Narfs:
+    n = Narfs(tmp_path / "narfs")
+    n.root.mkdir()
+    n.config.write_text(f'cache_dir = "{n.cache}"\n')
+    run([*NIX, "copy", "--to", f"file://{n.cache}?{url_opts}", *paths])
+    return n
+
+
+def _as_nix_2_35(cache: Path, frame: int) -> None:
+    """Rewrite every NAR of an uncompressed cache the way Nix 2.35 writes zstd NARs:
+    independent frames declaring their content size, no seek table (NixOS/nix#15550). The
+    signature covers neither URL nor FileHash, so the narinfos stay validly signed."""
+    zc = zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=True)
+    for f in cache.glob("*.narinfo"):
+        info = narinfo.parse(f.read_bytes())
+        raw = (cache / info.url).read_bytes()
+        data = b"".join(zc.compress(raw[i:i + frame]) for i in range(0, len(raw), frame))
+        file_hash = nix32.encode(hashlib.sha256(data).digest())
+        (cache / info.url).unlink()
+        info.url, info.compression = f"nar/{file_hash}.nar.zst", "zstd"
+        info.file_hash, info.file_size = f"sha256:{file_hash}", len(data)
+        (cache / info.url).write_bytes(data)
+        f.write_text(info.render())
+
+
+def test_nix_2_35_zstd_nars_are_read_frame_by_frame(nixstore: NixStore, tmp_path: Path) -> None:
+    """Independent frames with their sizes in the headers are indexed, not copied whole into
+    the hot tier: 50 KB deep in a 24 MiB path costs one or two 1 MiB frames."""
+    src = tmp_path / "big"
+    src.mkdir()
+    for i in range(12):
+        (src / f"a{i:02}.bin").write_bytes(os.urandom(1 << 20))
+    (src / "m-target").write_bytes(os.urandom(50_000))
+    for i in range(12):
+        (src / f"z{i:02}.bin").write_bytes(os.urandom(1 << 20))
+    p = nixstore.tree(src, "narfs-nix-2-35")
+    n = _nix_copy_cache(tmp_path, [p], "compression=none&write-nar-listing=true")
+    _as_nix_2_35(n.cache, 1 << 20)
+    with mounted(n, tmp_path / "mnt") as m:
+        before = m.stats()
+        data = (m / os.path.basename(p) / "m-target").read_bytes()
+        after = m.stats()
+    assert data == (src / "m-target").read_bytes()
+    assert after["hot_fills"] == 0, after
+    assert 1 <= after["frames_decompressed"] - before["frames_decompressed"] <= 2, after
+    # Nix itself reads such a NAR as one stream.
+    cat = subprocess.run([*NIX, "store", "cat", "--store", f"file://{n.cache}",
+                          f"{p}/m-target"], capture_output=True, check=True)
+    assert cat.stdout == data
+
+
+def _strip_offsets(node: dict) -> None:
+    node.pop("narOffset", None)
+    for child in node.get("entries", {}).values():
+        _strip_offsets(child)
+
+
+def test_listings_without_nar_offsets_are_completed_from_the_nar(nixstore: NixStore,
+                                                                  tmp_path: Path) -> None:
+    """Hydra's and Harmonia's `.ls` have no narOffset: the mount builds the listing from the NAR
+    (checked against NarHash) once and reads right; verify does not call the cache damaged."""
+    rich = nixstore.tree(rich_tree(tmp_path / "tree", 1 << 20), "narfs-hydra-ls")
+    n = _nix_copy_cache(tmp_path, [rich], "compression=zstd&write-nar-listing=true")
+    [ls] = n.cache.glob("*.ls")
+    doc = json.loads(ls.read_bytes())
+    _strip_offsets(doc["root"])
+    ls.write_text(json.dumps(doc))
+    for _ in range(2):
+        with mounted(n, tmp_path / "mnt") as m:
+            assert_same(m / os.path.basename(rich), rich)
+            parses = m.stats()["nar_parses"]
+        assert parses == (1 if _ == 0 else 0), parses  # the completed listing is kept
+    verify = n("verify", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert json.loads(ls.read_bytes()) == doc, "verify must not rewrite an honest listing"
