@@ -51,7 +51,7 @@ def _check_tools() -> None:
         assert shutil.which(tool), f"{tool} not installed"
     beside = Path(sys.executable).parent / "ratarmount"  # a venv's bin/ need not be on PATH
     assert os.access(beside, os.X_OK) or shutil.which("ratarmount"), \
-        "ratarmount not installed (pip install -e '.[test]')"
+        "ratarmount not installed (pip install -e '.[test,bench]')"
     import matplotlib  # noqa: F401  (the report's plots)
 
 

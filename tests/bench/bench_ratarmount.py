@@ -39,7 +39,7 @@ def command() -> str:
     here = Path(sys.executable).parent / "ratarmount"
     found = str(here) if os.access(here, os.X_OK) else shutil.which("ratarmount")
     if not found:
-        raise SystemExit("ratarmount not found: pip install -e '.[test]'")
+        raise SystemExit("ratarmount not found: pip install -e '.[test,bench]'")
     return found
 
 
