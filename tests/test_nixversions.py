@@ -7,7 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -262,3 +266,71 @@ def test_listings_without_nar_offsets_are_completed_from_the_nar(nixstore: NixSt
     verify = n("verify", check=False)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert json.loads(ls.read_bytes()) == doc, "verify must not rewrite an honest listing"
+
+
+# --- a Nix narfs does not know --------------------------------------------------------------
+# No future or too-old Nix is installable here, so these put a stand-in `nix` first on PATH that
+# passes everything to the real one except the one answer it changes.
+
+def stand_in_nix(tmp_path: Path, case: str) -> dict[str, str]:
+    real = shutil.which("nix")
+    assert real
+    bindir = tmp_path / f"nix-{case}"
+    bindir.mkdir()
+    answer = {"too-old": 'case "$*" in *--version*) echo "nix (Nix) 2.7.0"; exit 0;; esac',
+              "future-json": 'case "$*" in *path-info*) echo \'{"version": 9, "paths": {}}\';'
+                             " exit 0;; esac"}[case]
+    (bindir / "nix").write_text(f'#!/bin/sh\n{answer}\nexec {real} "$@"\n')
+    (bindir / "nix").chmod(0o755)
+    return {"PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("case, says", [
+    ("too-old", "Nix 2.7 is too old: narfs needs Nix 2.8 or newer, or Lix"),
+    ("future-json", "nix path-info --json of nix (Nix) "),
+])
+def test_an_unknown_nix_is_one_line_and_nothing_is_written(narfs: Narfs, nixstore: NixStore,
+                                                           tmp_path: Path, case: str,
+                                                           says: str) -> None:
+    p = nixstore.text("narfs unknown nix")
+    def published() -> list[str]:  # .narfs/ holds narfs's locks, made by any writer
+        return sorted(str(f.relative_to(narfs.cache)) for f in narfs.cache.rglob("*")
+                      if ".narfs" not in f.parts)
+
+    before = published()
+    proc = narfs("archive", p, check=False,
+                 env={**narfs.env, **stand_in_nix(tmp_path, case)})
+    assert proc.returncode != 0
+    [line] = proc.stderr.strip().splitlines()
+    assert says in line, line
+    assert published() == before
+
+
+def test_watch_with_an_unknown_nix_keeps_the_pin(narfs: Narfs, nixstore: NixStore,
+                                                 tmp_path: Path) -> None:
+    """The service reports the Nix it cannot read and leaves the pin, so nothing is lost."""
+    p = nixstore.text("narfs unknown nix watch")
+    roots = Path("/nix/var/nix/gcroots") / f"narfs-test-{uuid.uuid4().hex[:12]}"
+    roots.mkdir()
+    pin = roots / os.path.basename(p)
+    pin.symlink_to(p)
+    log = tmp_path / "watch.log"
+    env = {**narfs.env, **stand_in_nix(tmp_path, "future-json")}
+    try:
+        with open(log, "wb") as out:
+            service = subprocess.Popen([sys.executable, "-m", "narfs.cli", "watch", "--roots",
+                                        str(roots)], env=env, stdout=out,
+                                       stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while "narfs does not know this output" not in log.read_text():
+                assert service.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            assert "Traceback" not in log.read_text()
+            assert pin.is_symlink() and not list(narfs.cache.glob("*.narinfo"))
+        finally:
+            service.terminate()
+            service.wait(10)
+    finally:
+        shutil.rmtree(roots)
