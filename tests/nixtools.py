@@ -7,12 +7,18 @@ at teardown. Nothing else in /nix is touched.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+
+import trio
+
+from narfs import nixversions
+from narfs.nixversions import NixVersion, PathInfo
 
 NIX = ["nix", "--extra-experimental-features", "nix-command"]
 
@@ -129,12 +135,24 @@ def rich_tree(root: Path, big: int = 0) -> Path:
     return root
 
 
+@functools.cache
+def nix_version() -> NixVersion:
+    return trio.run(nixversions.detect)
+
+
+def path_infos(*args: str) -> dict[str, PathInfo]:
+    """`nix path-info ARGS` as narfs reads it (narfs/nixversions.py), by store path: the tests
+    never depend on one version's JSON shape."""
+    v = nix_version()
+    out = subprocess.run([*NIX, "path-info", *nixversions.path_info_args(v), *args],
+                         capture_output=True, check=True).stdout
+    return {i.path: i for i in nixversions.path_infos(out, v)}
+
+
 def gc_roots() -> dict[str, str]:
     """`nix-store --gc --print-roots` as link → store path, in whatever form this Nix prints."""
-    from narfs.nixversions import parse_root_line
-
     out = run(["nix-store", "--gc", "--print-roots"]).stdout.splitlines()
-    return dict(r for r in map(parse_root_line, out) if r is not None)
+    return dict(r for r in map(nixversions.parse_root_line, out) if r is not None)
 
 
 def delete_paths(paths: list[str]) -> None:

@@ -7,7 +7,6 @@ SIGKILL in the middle of a large path leaves nothing a rerun trips over.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -24,7 +23,7 @@ from conftest import Narfs
 from narfs import narinfo as narinfo_mod
 from narfs.progress import human_size
 from narfs.signing import generate_secret_key, load_secret_key
-from nixtools import NIX, NixStore, delete_paths, nix_string, on_a_terminal, run
+from nixtools import NIX, NixStore, delete_paths, nix_string, on_a_terminal, path_infos, run
 
 TMP = ".narfs-tmp-"
 
@@ -420,8 +419,7 @@ def test_sigkill_in_the_middle_of_a_large_path(narfs: Narfs, nixstore: NixStore)
 
 
 def _valid_paths() -> set[str]:
-    return {d["path"] for d in json.loads(run([*NIX, "path-info", "--json", "--all"]).stdout)
-            if d.get("valid", True)}
+    return set(path_infos("--all"))
 
 
 def _failures(proc: subprocess.CompletedProcess) -> list[str]:

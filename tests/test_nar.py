@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import random
 import shutil
@@ -33,7 +32,7 @@ from narfs.nar import (
     listing_of,
     parse,
 )
-from nixtools import NIX, run
+from nixtools import path_infos, run
 
 # --- comparing streams -----------------------------------------------------------------------
 
@@ -102,10 +101,9 @@ def test_serialiser_equals_nix_store_dump_on_usr_include(usr_include: str,
         diff = first_difference(hashed(), theirs)
     assert diff is None, f"narfs's NAR of {usr_include} differs from nix-store --dump at {diff}"
     assert ser.offset == dump.stat().st_size
-    registered = json.loads(run([*NIX, "path-info", "--json", usr_include]).stdout)[0]
-    assert nix32.format_sha256(sha.digest()) == \
-        nix32.format_sha256(nix32.parse_sha256(registered["narHash"]))
-    assert ser.offset == registered["narSize"]
+    registered = path_infos(usr_include)[usr_include]
+    assert nix32.format_sha256(sha.digest()) == registered.nar_hash
+    assert ser.offset == registered.nar_size
     # The parser reads the same NAR back into the listing the serialiser produced.
     with open(dump, "rb") as f:
         assert listing_of(f, ser.offset) == ser.listing

@@ -39,6 +39,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parent.parent))
 from common import (
     ENV,
     NARFS,
@@ -54,6 +55,7 @@ from common import (
 )
 
 from narfs.signing import load_secret_key
+from nixtools import path_infos
 
 TREES = {"include": "/usr/include", "python": "/usr/lib/python3", "doc": "/usr/share/doc"}
 
@@ -181,9 +183,8 @@ def compare_restore(b: Bench, shape: str, small: int, reps: int, settle: float) 
         b.delete(closure)
     print(f"  settling {settle:.0f} s after the deletes ...", flush=True)
     time.sleep(settle)
-    infos = json.loads(run([*NIX, "path-info", "--json", "-r", "--store", f"file://{b.cache}",
-                            copies[0][0]]).stdout)
-    size = sum(d["narSize"] for d in infos)
+    infos = path_infos("-r", "--store", f"file://{b.cache}", copies[0][0])
+    size = sum(i.nar_size for i in infos.values())
     left = iter(copies)
     times = alternate(reps, {"narfs": lambda: b.restore("narfs", *next(left)),
                              "nix copy --from": lambda: b.restore("nix", *next(left))},
