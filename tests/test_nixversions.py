@@ -5,9 +5,11 @@ Debian's Nix 2.26 and 2.34, see .ci/run)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -17,13 +19,15 @@ from pathlib import Path
 import pytest
 import trio
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mounting import mounted
 from test_mount import assert_same
 
 import hostile
 from conftest import Narfs
-from narfs import narinfo, nix32, nixversions
-from narfs.errors import NarfsError
+from narfs import narinfo, nix32, nixversions, zstdseek
+from narfs.errors import CorruptError, NarfsError
 from narfs.nixversions import NixVersion, parse_version
 from narfs.signing import load_secret_key
 from nixtools import NIX, NixStore, rich_tree, run
@@ -236,6 +240,8 @@ def test_nix_2_35_zstd_nars_are_read_frame_by_frame(nixstore: NixStore, tmp_path
     assert data == (src / "m-target").read_bytes()
     assert after["hot_fills"] == 0, after
     assert 1 <= after["frames_decompressed"] - before["frames_decompressed"] <= 2, after
+    verify = n("verify", check=False)  # reads every frame, checks NarHash
+    assert verify.returncode == 0, verify.stdout + verify.stderr
     # Nix itself reads such a NAR as one stream.
     cat = subprocess.run([*NIX, "store", "cat", "--store", f"file://{n.cache}",
                           f"{p}/m-target"], capture_output=True, check=True)
@@ -334,3 +340,50 @@ def test_watch_with_an_unknown_nix_keeps_the_pin(narfs: Narfs, nixstore: NixStor
             service.wait(10)
     finally:
         shutil.rmtree(roots)
+
+
+# --- Nix 2.35's zstd NARs, in-process -----------------------------------------------------------
+
+def _independent_frames(data: bytes, frame: int, checksum: bool = True) -> bytes:
+    zc = zstandard.ZstdCompressor(write_content_size=True, write_checksum=checksum)
+    return b"".join(zc.compress(data[i:i + frame]) for i in range(0, len(data), frame))
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.binary(max_size=20_000), frame=st.integers(1, 5000), checksum=st.booleans(),
+       skippable=st.binary(max_size=40))
+def test_frame_headers_index_what_the_frames_hold(data: bytes, frame: int, checksum: bool,
+                                                  skippable: bytes) -> None:
+    blob = _independent_frames(data, frame, checksum)
+    # a skippable frame (user metadata) anywhere is stepped over
+    blob = struct.pack("<II", 0x184D2A53, len(skippable)) + skippable + blob
+    table = zstdseek.index_frames(io.BytesIO(blob), len(blob))
+    assert table is not None and table.size == len(data)
+    f = io.BytesIO(blob)
+    assert b"".join(zstdseek.read_frame(f, fr) for fr in table.frames) == data
+
+
+def test_frames_without_sizes_or_too_large_are_not_indexed() -> None:
+    data = os.urandom(3000)
+    stream = zstandard.ZstdCompressor().compressobj()  # streaming: no content size, like Nix
+    blob = stream.compress(data) + stream.flush()
+    assert zstdseek.index_frames(io.BytesIO(blob), len(blob)) is None
+    big = zstandard.ZstdCompressor(write_content_size=True).compress(
+        bytes(zstdseek.MAX_INDEXED_FRAME + 1))
+    assert zstdseek.index_frames(io.BytesIO(big), len(big)) is None
+
+
+@pytest.mark.parametrize("damage", ["truncated", "reserved-block", "garbage-magic", "tail"])
+def test_lying_frame_headers_are_corrupt(damage: str) -> None:
+    blob = bytearray(_independent_frames(os.urandom(5000), 2000, checksum=False))
+    if damage == "truncated":
+        blob = blob[:-10]
+    elif damage == "reserved-block":
+        header = zstandard.frame_header_size(bytes(blob[:18]))
+        blob[header] |= 0b110  # block type 3
+    elif damage == "garbage-magic":
+        blob[:4] = b"\0\0\0\0"
+    else:
+        blob += b"\x28\xb5\x2f"  # three bytes of a magic, then the end
+    with pytest.raises(CorruptError):
+        zstdseek.index_frames(io.BytesIO(bytes(blob)), len(blob))
