@@ -91,6 +91,8 @@ def test_watch_unit(units: dict) -> None:
     u = units["narfs-watch.service"]
     assert one(u, "Service", "Type") == "notify"
     assert one(u, "Service", "ExecStart") == f"{NARFS} watch"
+    # the sandbox binds /nix/store and /nix/var, which Nix makes only on first use
+    assert one(u, "Service", "ExecStartPre") == "+/bin/mkdir -p /nix/store /nix/var/nix"
     assert one(u, "Service", "Restart") == "always"
     assert one(u, "Service", "RestartSec")
     assert one(u, "Service", "TimeoutStopSec") == "30"
@@ -98,8 +100,8 @@ def test_watch_unit(units: dict) -> None:
     assert one(u, "Service", "ProtectSystem") == "strict"
     # the cache dir, the roots dir, and Nix's state that every nix-store call writes
     rw = words(u, "Service", "ReadWritePaths")
-    assert {"/var/lib/narfs", "/nix/var", "-/nix/var/nix/gcroots/narfs"} <= set(rw)
-    assert words(u, "Service", "BindReadOnlyPaths") == ["/nix/store"]
+    assert {"/var/lib/narfs", "-/nix/var", "-/nix/var/nix/gcroots/narfs"} <= set(rw)
+    assert words(u, "Service", "BindReadOnlyPaths") == ["-/nix/store"]
     assert one(u, "Service", "PrivateTmp") == "yes"
     assert one(u, "Service", "NoNewPrivileges") == "yes"
     assert one(u, "Service", "ProtectHome") == "read-only"
@@ -118,12 +120,12 @@ def test_gc_unit_and_timer(units: dict) -> None:
     assert CONFIG_ENV in words(gc, "Service", "Environment")
     assert "Install" not in gc  # started by the timer only
     # gc runs nix as root like the watch: the same sandbox, minus the roots dir
-    skip = {"Type", "ExecStart", "Restart", "RestartSec", "TimeoutStopSec", "Nice",
+    skip = {"Type", "ExecStartPre", "ExecStart", "Restart", "RestartSec", "TimeoutStopSec", "Nice",
             "CPUSchedulingPolicy", "IOSchedulingClass", "IOSchedulingPriority", "ReadWritePaths"}
     watch_sandbox = {k: v for k, v in watch["Service"].items() if k not in skip}
     gc_sandbox = {k: v for k, v in gc["Service"].items() if k not in skip}
     assert gc_sandbox == watch_sandbox
-    assert words(gc, "Service", "ReadWritePaths") == ["/var/lib/narfs", "/nix/var"]
+    assert words(gc, "Service", "ReadWritePaths") == ["/var/lib/narfs", "-/nix/var"]
     assert one(timer, "Timer", "OnCalendar") == "daily"
     assert one(timer, "Timer", "Persistent") == "true"
     assert one(timer, "Timer", "RandomizedDelaySec")
@@ -415,8 +417,9 @@ def worker_user() -> str:
 
 def nginx_conf(base: Path, cache: Path, port: int) -> Path:
     server = (SYSTEMD / "nginx-narfs.conf").read_text()
-    server, n1 = re.subn(r"^(\s*)listen 80;$", rf"\1listen 127.0.0.1:{port};", server, flags=re.M)
-    server, n2 = re.subn(r"^\s*listen \[::\]:80;\n", "", server, flags=re.M)
+    server, n1 = re.subn(r"^(\s*)listen 5000;$", rf"\1listen 127.0.0.1:{port};", server,
+                         flags=re.M)
+    server, n2 = re.subn(r"^\s*listen \[::\]:5000;\n", "", server, flags=re.M)
     server, n3 = re.subn(r"^(\s*)root /var/lib/narfs/cache;$", rf"\1root {cache};", server,
                          flags=re.M)
     assert (n1, n2, n3) == (1, 1, 1), "the example's listen/root lines changed shape"

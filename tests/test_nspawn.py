@@ -1,0 +1,322 @@
+"""The files in systemd/ under a real systemd: a Debian container booted with systemd-nspawn.
+
+`.ci/nspawn build` makes the container once (/var/lib/narfs-ci/nspawn-bookworm: Debian's
+systemd, nix-bin, fuse3 and nginx, narfs installed editable from /src). Each run boots an
+overlay of it with the checkout bound at /src, so the tree stays pristine and a run starts
+from scratch; the overlay is deleted afterwards. Inside, the README's Debian setup is done by
+hand: `narfs init`, the nix.conf lines it prints, the units from systemd/, nginx-narfs.conf
+beside Debian's default site. Then a build is archived by narfs-watch.service, the mount unit
+mounts and stops cleanly, narfs-gc runs, `nix copy --from http://...` substitutes through
+nginx, and all of it is back after the container reboots.
+
+Facts found while writing these (host: Debian 12, its PID 1 not systemd, cgroup v1 hybrid):
+- `systemd-nspawn -b --register=no --keep-unit` boots a container without a host systemd;
+  when the container reboots, nspawn exits (status 133) and is started again on the same tree.
+- `nsenter -t <the container's PID 1> -m -u -i -n -p -C -r -w` runs commands inside; the
+  container has its own network namespace (--private-network), so its nginx ports never clash
+  with the host's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BASE = Path(os.environ.get("NARFS_CI_CHROOTS", "/var/lib/narfs-ci"))
+SUITE = os.environ.get("NARFS_NSPAWN_SUITE", "bookworm")
+# the port systemd/nginx-narfs.conf listens on
+PORT = int(re.search(r"^\s*listen (\d+);$", (REPO / "systemd" / "nginx-narfs.conf").read_text(),
+                     re.M).group(1))
+UNITS = ("narfs-watch.service", "narfs-mount.service", "narfs-gc.service", "narfs-gc.timer")
+CACHE = "/var/lib/narfs/cache"
+ROOTS = "/nix/var/nix/gcroots/narfs"
+MOUNTPOINT = "/mnt/nar-archive"
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+pytestmark = [
+    pytest.mark.machine,
+    # The first run builds the container (about 4 minutes here); later runs reuse it.
+    pytest.mark.timeout(1500),
+    pytest.mark.skipif(os.geteuid() != 0, reason="booting a container needs root"),
+]
+
+
+class Container:
+    """One boot at a time of an overlay over the built tree; `sh` runs bash inside."""
+
+    def __init__(self, tree: Path, run_dir: Path) -> None:
+        self.tree = tree
+        self.run_dir = run_dir
+        self.root = run_dir / "merged"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid1 = 0
+        self.boots = 0
+
+    def mount(self) -> None:
+        for d in ("upper", "work", "merged"):
+            (self.run_dir / d).mkdir(parents=True)
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={self.tree},upperdir={self.run_dir / 'upper'},"
+             f"workdir={self.run_dir / 'work'}", str(self.root)],
+            check=True, capture_output=True, text=True)
+
+    def boot(self, timeout: float = 120) -> None:
+        self.boots += 1
+        log = open(self.run_dir / f"console-{self.boots}.log", "wb")
+        self.proc = subprocess.Popen(
+            ["systemd-nspawn", "-q", "-D", str(self.root), "-b", "--register=no",
+             "--keep-unit", "--console=pipe", "--private-network", "--bind=/dev/fuse",
+             f"--bind-ro={REPO}:/src", "--hostname=narfs-ci"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        self.pid1 = 0
+        while not self.pid1:
+            self._check_alive()
+            assert time.monotonic() < deadline, "no systemd came up in the container"
+            self.pid1 = self._find_pid1()
+            if not self.pid1:
+                time.sleep(0.1)
+        # Up when systemd says so: "running", or "degraded" with some unit failed (Debian's
+        # own units may not all fit a container; ours are checked one by one).
+        while True:
+            self._check_alive()
+            state = self.sh("systemctl is-system-running --wait", check=False,
+                            timeout=max(1.0, deadline - time.monotonic())).stdout.strip()
+            if state in ("running", "degraded"):
+                return
+            assert time.monotonic() < deadline, f"container did not boot: {state}"
+            time.sleep(0.2)
+
+    def _check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"systemd-nspawn exited ({self.proc.returncode}):\n"
+                                 + self.console())
+
+    def console(self) -> str:
+        return (self.run_dir / f"console-{self.boots}.log").read_text(errors="replace")[-4000:]
+
+    def _find_pid1(self) -> int:
+        """The container's init: a descendant of nspawn that is PID 1 in its own namespace."""
+        assert self.proc is not None
+        parents: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        family = {self.proc.pid}
+        for _ in range(4):
+            family |= {p for p, pp in parents.items() if pp in family}
+        for pid in family - {self.proc.pid}:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            nspid = re.search(r"^NSpid:\s+(.*)$", status, re.M)
+            if nspid and nspid.group(1).split()[-1] == "1" and len(nspid.group(1).split()) > 1:
+                return pid
+        return 0
+
+    def sh(self, script: str, check: bool = True, timeout: float = 120
+           ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["nsenter", "-t", str(self.pid1), "-m", "-u", "-i", "-n", "-p", "-C", "-r", "-w",
+             "/usr/bin/env", "-i", f"PATH={PATH}", "HOME=/root", "LANG=C.UTF-8",
+             "/bin/bash", "-euo", "pipefail", "-c", script],
+            capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"in the container, {script!r} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def wait_for(self, condition: str, what: str, timeout: float = 60) -> None:
+        """Polls a shell condition inside, with a deadline; on timeout says what it waited for."""
+        proc = self.sh(f"end=$((SECONDS + {timeout}))\n"
+                       f"until {condition}; do\n"
+                       f"    [ $SECONDS -lt $end ] || exit 124\n"
+                       f"    sleep 0.1\n"
+                       f"done", check=False, timeout=timeout + 30)
+        assert proc.returncode == 0, f"timed out waiting for {what}\n{self.diagnose()}"
+
+    def diagnose(self) -> str:
+        """What a failure message needs: our units' state and their journal."""
+        units = " ".join(("narfs-watch", "narfs-mount", "narfs-gc", "nginx"))
+        return self.sh(f"systemctl status --no-pager -l {units} 2>&1 | cut -c1-300; "
+                       f"journalctl -q --no-pager -n 60 -u narfs-watch -u narfs-mount "
+                       f"-u narfs-gc -u nginx", check=False).stdout
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.sh(f"systemctl show {unit} -p {','.join(props)}").stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def shutdown(self, verb: str, timeout: float = 90) -> int:
+        """`systemctl reboot|poweroff` inside; nspawn exits once the container is down."""
+        assert self.proc is not None
+        self.sh(f"systemctl {verb}", check=False, timeout=30)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the container did not {verb} in {timeout} s:\n"
+                                 + self.console()) from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def remove(self) -> None:
+        self.kill()
+        if os.path.ismount(self.root):
+            subprocess.run(["umount", "--lazy", str(self.root)], check=False)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+SETUP = f"""
+# The checkout's hook (pip copied the one of the day the container was built).
+install -m 0755 /src/systemd/narfs-hook /opt/narfs/bin/narfs-hook
+narfs init >/root/init.out
+# The nix.conf lines narfs init printed, as the README says.
+sed -n '/^# Add to \\/etc\\/nix\\/nix.conf/,/^$/p' /root/init.out | grep -v '^#' >>/etc/nix/nix.conf
+cp {" ".join(f"/src/systemd/{u}" for u in UNITS)} /etc/systemd/system/
+cp /src/systemd/nginx-narfs.conf /etc/nginx/conf.d/narfs.conf
+systemctl daemon-reload
+systemctl enable --now narfs-watch.service narfs-mount.service narfs-gc.timer
+systemctl reload-or-restart nginx.service
+"""
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[Container]:
+    build = subprocess.run([str(REPO / ".ci" / "nspawn"), "build"], capture_output=True,
+                           text=True, timeout=1400)
+    assert build.returncode == 0, build.stdout + build.stderr
+    tree = BASE / f"nspawn-{SUITE}"
+    box = Container(tree, BASE / f"nspawn-run-{uuid.uuid4().hex[:12]}")
+    try:
+        box.mount()
+        box.boot()
+        setup = box.sh(SETUP, check=False)
+        assert setup.returncode == 0, setup.stderr + box.diagnose()
+        yield box
+        if box.proc is not None and box.proc.poll() is None:
+            box.shutdown("poweroff")
+    finally:
+        box.remove()
+
+
+def build(box: Container) -> str:
+    """A salted one-file store path built inside, with the hook; its out path."""
+    salt = uuid.uuid4().hex
+    expr = (f'derivation {{ name = "narfs-nspawn-{salt[:8]}"; system = builtins.currentSystem; '
+            f'builder = "/bin/sh"; args = [ "-c" "echo {salt} >$out" ]; }}')
+    out = box.sh(f"nix-build --no-out-link -E '{expr}'").stdout.strip()
+    assert out.startswith("/nix/store/"), out
+    return out
+
+
+def wait_archived(box: Container, path: str) -> None:
+    base = os.path.basename(path)
+    box.wait_for(f"[ -e {CACHE}/{base[:32]}.narinfo ] && [ ! -L {ROOTS}/{base} ]",
+                 f"narfs-watch to archive and unpin {base}")
+
+
+@pytest.fixture(scope="module")
+def archived(box: Container) -> str:
+    path = build(box)
+    wait_archived(box, path)
+    return path
+
+
+def test_watch_service_archives_a_build(box: Container, archived: str) -> None:
+    info = box.sh(f"cat {CACHE}/{os.path.basename(archived)[:32]}.narinfo").stdout
+    assert f"StorePath: {archived}\n" in info and "\nSig: narfs-ci-narfs-1:" in info
+    # Type=notify: "active" only after READY=1; the status line is narfs's own STATUS=.
+    props = box.show("narfs-watch.service", "ActiveState", "SubState", "StatusText",
+                     "NRestarts", "Result")
+    assert props["ActiveState"] == "active" and props["SubState"] == "running", props
+    assert props["NRestarts"] == "0" and props["Result"] == "success", props
+    box.wait_for("systemctl show narfs-watch.service -p StatusText | "
+                 "grep -q 'StatusText=0 pins waiting (0 archiving, 0 retrying), [1-9]'",
+                 "narfs-watch's STATUS= to count the archived path")
+
+
+def test_mount_service_mounts_and_stops_cleanly(box: Container, archived: str) -> None:
+    base = os.path.basename(archived)
+    props = box.show("narfs-mount.service", "ActiveState", "StatusText")
+    assert props == {"ActiveState": "active", "StatusText": f"serving {MOUNTPOINT}"}
+    assert box.sh(f"findmnt -n -o FSTYPE {MOUNTPOINT}").stdout.strip().startswith("fuse")
+    box.wait_for(f"[ -e {MOUNTPOINT}/{base} ]", "the archived path to appear in the mount")
+    assert box.sh(f"cat {MOUNTPOINT}/{base}").stdout == box.sh(f"cat {archived}").stdout
+
+    since = box.sh("date +%s.%N").stdout.strip()
+    box.sh("systemctl stop narfs-mount.service")
+    assert box.sh(f"findmnt {MOUNTPOINT}", check=False).returncode != 0, "still mounted"
+    props = box.show("narfs-mount.service", "ActiveState", "Result", "ExecMainStatus")
+    assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+    # A clean stop says nothing about unmounting: ExecStopPost only clears a crashed mount.
+    journal = box.sh(f"journalctl -q -o cat -u narfs-mount.service --since @{since}").stdout
+    # ("Failed to kill control group" lines are this container's cgroup v1, not narfs)
+    assert "Deactivated successfully" in journal, journal
+    assert not re.search(r"not mounted|umount|ExecStopPost|status=", journal, re.I), journal
+    box.sh("systemctl start narfs-mount.service")
+    box.wait_for(f"[ -e {MOUNTPOINT}/{base} ]", "the mount to come back")
+
+
+def test_gc_timer_is_scheduled_and_gc_runs_under_its_sandbox(
+        box: Container, archived: str) -> None:
+    timer = box.show("narfs-gc.timer", "ActiveState", "NextElapseUSecRealtime", "Unit")
+    assert timer["ActiveState"] == "active" and timer["Unit"] == "narfs-gc.service", timer
+    assert timer["NextElapseUSecRealtime"] not in ("", "0", "n/a"), timer
+    box.sh("systemctl start narfs-gc.service")  # oneshot: returns when gc has finished
+    gc = box.show("narfs-gc.service", "Result", "ExecMainStatus")
+    assert gc == {"Result": "success", "ExecMainStatus": "0"}, gc
+    # nothing is a year old: everything stays
+    box.sh(f"test -e {CACHE}/{os.path.basename(archived)[:32]}.narinfo")
+
+
+def test_nginx_serves_the_cache_beside_debians_default_site(
+        box: Container, archived: str) -> None:
+    box.sh("test -L /etc/nginx/sites-enabled/default")
+    # Asked by IP (no matching server_name), on its own port: the narfs server answers.
+    status = box.sh(f"curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{PORT}/"
+                    "nix-cache-info").stdout
+    assert status == "200"
+    assert box.sh("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1/").stdout == "200"
+    # Nix substitutes through it, signatures required and the key trusted by nix.conf.
+    content = box.sh(f"cat {archived}").stdout
+    box.sh(f"nix-store --delete {archived}")
+    box.sh(f"nix --extra-experimental-features nix-command copy --from "
+           f"http://127.0.0.1:{PORT} {archived}")
+    assert box.sh(f"cat {archived}").stdout == content
+    box.sh(f"nix-store --verify-path {archived}")
+
+
+def test_everything_comes_back_after_a_reboot(box: Container, archived: str) -> None:
+    status = box.shutdown("reboot")
+    assert status == 133, (status, box.console())  # nspawn's "the container rebooted"
+    box.boot()
+    for unit in ("narfs-watch.service", "narfs-mount.service", "narfs-gc.timer",
+                 "nginx.service"):
+        assert box.show(unit, "ActiveState")["ActiveState"] == "active", unit
+    box.wait_for(f"[ -e {MOUNTPOINT}/{os.path.basename(archived)} ]",
+                 "the archived path in the mount after the reboot")
+    assert box.sh(f"curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{PORT}/"
+                  f"{os.path.basename(archived)[:32]}.narinfo").stdout == "200"
+    wait_archived(box, build(box))  # the hook and the watch work after a boot too
