@@ -22,6 +22,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import socket
 import stat
@@ -41,7 +42,8 @@ import trio
 from narfs.nixversions import config_show_args, detect
 from nixtools import NIX, NixStore, path_infos, run
 
-SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMD = REPO / "systemd"
 UNITS = ("narfs-watch.service", "narfs-mount.service", "narfs-gc.service", "narfs-gc.timer")
 NARFS = "/usr/local/bin/narfs"
 CONFIG_ENV = "NARFS_CONFIG=/etc/narfs/narfs.toml"
@@ -254,53 +256,235 @@ def test_hook_parses_as_posix_sh() -> None:
             assert (proc.returncode, proc.stderr) == (0, ""), (shell, proc.stderr)
 
 
-# ---------------------------------------------------------------- NixOS module
+# ---------------------------------------------------------------- NixOS module and package
+#
+# systemd/narfs.nix, package.nix, flake.nix and default.nix are evaluated by nixpkgs' own
+# lib (lib.evalModules: the NixOS module system) against tests/nix/nixos-options.nix, the
+# NixOS options the module sets declared with NixOS's types, and tests/nix/pkgs.nix, a
+# stand-in pkgs with nixpkgs' names. Nothing is built. nixpkgs' lib is found in a `shared/`
+# folder beside the checkout (CI: ../shared/nixpkgs-lib) or at $NARFS_NIXPKGS_LIB.
+#
+# Found while writing these: lib.fileset needs builtins.readFileType (Nix 2.14), so
+# package.nix filters its source with lib.sourceByRegex, which Nix 2.8 evaluates; the
+# module system itself evaluates with Nix 2.8.
+
+NIX_FILES = (REPO / "package.nix", REPO / "flake.nix", REPO / "default.nix",
+             SYSTEMD / "narfs.nix", *sorted((REPO / "tests" / "nix").glob("*.nix")))
+EVAL = REPO / "tests" / "nix" / "eval.nix"
+
 
 @needs_nix
-def test_nixos_module_parses() -> None:
-    # --parse also resolves every variable (the module avoids `with lib;` so it can)
-    run(["nix-instantiate", "--parse", str(SYSTEMD / "narfs.nix")])
+@pytest.mark.parametrize("path", NIX_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_nix_files_parse(path: Path) -> None:
+    # --parse also resolves every variable (no `with` at the top), without nixpkgs
+    run(["nix-instantiate", "--parse", str(path)])
 
 
-# A minimal stand-in for nixpkgs' lib and pkgs: enough to evaluate the module's
-# options and config with plain Nix, so bad attribute paths and type errors show.
-STUB_EVAL = r"""
-{ modulePath, overridesJSON, package, dash }:
-let
-  recursiveUpdate = a: b: a // builtins.mapAttrs (n: v:
-    if builtins.isAttrs v && builtins.isAttrs (a.${n} or null)
-    then recursiveUpdate a.${n} v else v) b;
-  lib = {
-    mkOption = o: o // { _isOption = true; };
-    mkEnableOption = d: { _isOption = true; default = false; description = d; };
-    mkIf = cond: v: if cond then v else { };
-    mkMerge = builtins.foldl' recursiveUpdate { };
-    optional = c: x: if c then [ x ] else [ ];
-    optionalString = c: s: if c then s else "";
-    concatStringsSep = builtins.concatStringsSep;
-    escapeShellArg = s: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] s + "'";
-    literalExpression = text: { _type = "literalExpression"; inherit text; };
-    types = { str = "str"; int = "int"; bool = "bool"; package = "package"; nullOr = t: "nullOr"; };
-  };
-  pkgs = {
-    narfs = package;
-    inherit dash;
-    fuse3 = "/nix/store/00000000000000000000000000000000-fuse3";
-    coreutils = "/nix/store/00000000000000000000000000000000-coreutils";
-    util-linux = "/nix/store/00000000000000000000000000000000-util-linux";
-    # the script's text rides along after '#', for the test to run it
-    writeScript = name: text: "/nix/store/00000000000000000000000000000000-${name}#${text}";
-  };
-  module = import modulePath;
-  defaultsOf = builtins.mapAttrs (n: o: if o._isOption or false then o.default else defaultsOf o);
-  options = (module { config = throw "options must not need config"; inherit lib pkgs; }).options;
-  config = {
-    services.narfs = recursiveUpdate (defaultsOf options.services.narfs)
-      (builtins.fromJSON overridesJSON);
-    nix.package = "/nix/store/00000000000000000000000000000000-nix";
-  };
-in (module { inherit config lib pkgs; }).config
-"""
+def nixpkgs_lib() -> Path:
+    given = os.environ.get("NARFS_NIXPKGS_LIB")
+    candidates = [Path(given)] if given else [
+        d / "shared" / "nixpkgs-lib" / "lib" for d in REPO.parents]
+    for lib in candidates:
+        if (lib / "default.nix").is_file():
+            return lib
+    pytest.skip("nixpkgs' lib not found: put it at ../shared/nixpkgs-lib/lib beside the "
+                "checkout or name it in $NARFS_NIXPKGS_LIB")
+
+
+def repo_files() -> list[str]:
+    out = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO)
+    return sorted(out.stdout.split())
+
+
+def evaluate(config: dict, *, via: str = "module", package_dir: Path | None = None,
+             modules: tuple[Path, ...] = (), bin_dirs: dict[str, str] | None = None,
+             check: bool = True) -> dict:
+    """tests/nix/eval.nix's plain-data view of a NixOS configuration with the module."""
+    cmd = ["nix-instantiate", "--eval", "--strict", "--json", str(EVAL),
+           "--argstr", "libPath", str(nixpkgs_lib()),
+           "--argstr", "configJSON", json.dumps(config),
+           "--argstr", "via", via,
+           "--argstr", "binJSON", json.dumps(bin_dirs or {}),
+           "--argstr", "filesJSON", json.dumps(repo_files()),
+           "--arg", "modulePaths", "[ " + " ".join(json.dumps(str(m)) for m in modules) + " ]"]
+    if package_dir is not None:
+        cmd += ["--argstr", "packageDir", str(package_dir)]
+    proc = run(cmd, check=False)
+    if not check:
+        return {"returncode": proc.returncode, "stderr": proc.stderr}
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+ENABLED = {"services": {"narfs": {"enable": True}}}
+STORE_NAME = re.compile(r"/nix/store/[0-9a-f]{32}-")
+
+
+def as_unit_values(section: dict) -> dict[str, list[str]]:
+    """A serviceConfig/timerConfig as NixOS writes it into the unit file: a list is one line
+    per element, a bool is true/false; then split into words, as systemd splits lists."""
+    out: dict[str, list[str]] = {}
+    for key, value in section.items():
+        for v in value if isinstance(value, list) else [value]:
+            text = ("true" if v else "false") if isinstance(v, bool) else str(v)
+            out.setdefault(key, []).extend(text.split())
+    return out
+
+
+def debian_paths(values: dict[str, list[str]], package: str) -> dict[str, list[str]]:
+    """Store paths as the Debian units spell them: narfs in /usr/local/bin, the rest in /bin."""
+    def fix(word: str) -> str:
+        word = word.replace(f"{package}/bin/", "/usr/local/bin/")
+        return re.sub(r"/nix/store/[0-9a-f]{32}-(coreutils|util-linux)/bin/", "/bin/", word)
+    return {k: [fix(w) for w in v] for k, v in values.items()}
+
+
+def file_values(unit: dict[str, dict[str, list[str]]], section: str) -> dict[str, list[str]]:
+    booleans = {"yes": "true", "no": "false"}
+    return {k: [booleans.get(w, w) for v in vs for w in v.split()]
+            for k, vs in unit[section].items()}
+
+
+@pytest.fixture(scope="module")
+def defaults() -> dict:
+    return evaluate(ENABLED)
+
+
+def test_nixos_module_units_are_the_files_in_systemd(defaults: dict, units: dict) -> None:
+    """narfs-watch, narfs-mount, narfs-gc and the timer: the Debian units line for line, the
+    same hardening included; only paths differ (the package's, the store's)."""
+    package = defaults["narfsPackage"]["path"]
+    assert defaults["failedAssertions"] == []
+    for name in ("narfs-watch", "narfs-mount", "narfs-gc"):
+        nixos, debian = defaults["services"][name], units[f"{name}.service"]
+        service = file_values(debian, "Service")
+        assert service.pop("Environment") == ["NARFS_CONFIG=/etc/narfs/narfs.toml"]
+        assert nixos["environment"] == {"NARFS_CONFIG": "/etc/narfs/narfs.toml"}, name
+        assert debian_paths(as_unit_values(nixos["serviceConfig"]), package) == service, name
+        assert nixos["description"] == one(debian, "Unit", "Description")
+        assert nixos["documentation"] == words(debian, "Unit", "Documentation")
+        # ordered after narfs-init, which makes the cache and key the Debian user makes
+        # with `narfs init`; otherwise the same dependencies
+        assert nixos["after"] == [*words(debian, "Unit", "After"), "narfs-init.service"]
+        assert nixos["wants"] == words(debian, "Unit", "Wants")
+        assert nixos["wantedBy"] == (words(debian, "Install", "WantedBy")
+                                     if "Install" in debian else []), name
+        assert set(debian["Unit"]) <= {"Description", "Documentation", "After", "Wants"}
+        assert nixos["unitConfig"] == {}, name
+        # those that run nix have the system's Nix (nix.package) on PATH, before the package's
+        assert [STORE_NAME.sub("", p) for p in nixos["path"]] == (
+            [] if name == "narfs-mount" else ["nix"]), name
+    timer, debian = defaults["timers"]["narfs-gc"], units["narfs-gc.timer"]
+    assert as_unit_values(timer["timerConfig"]) == file_values(debian, "Timer")
+    assert timer["wantedBy"] == words(debian, "Install", "WantedBy")
+    assert timer["description"] == one(debian, "Unit", "Description")
+    assert defaults["services"]["narfs-watch"]["requires"] == ["narfs-init.service"]
+
+
+def test_nixos_module_settings_are_the_example_files(defaults: dict) -> None:
+    package = defaults["narfsPackage"]["path"]
+    example = (SYSTEMD / "nix.conf.example").read_text()
+    substituter = re.search(r"^extra-substituters = (\S+)$", example, re.M).group(1)
+    settings = defaults["nixSettings"]
+    assert settings["post-build-hook"] == f"{package}/bin/narfs-hook"
+    # NixOS's own cache.nixos.org stays, after the archive (which has the lower priority)
+    assert settings["substituters"] == [substituter, "https://cache.nixos.org/"]
+    # no key configured: the one narfs-init makes, from a file nix.conf includes
+    assert settings["trusted-public-keys"] == [
+        "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
+    assert defaults["nixExtraOptions"] == "!include /var/lib/narfs/nix.conf\n"
+    toml = tomllib.loads(defaults["etc"]["narfs/narfs.toml"]["text"])
+    assert toml == tomllib.loads((SYSTEMD / "narfs.toml.example").read_text())
+    assert sorted(defaults["tmpfiles"]) == sorted([
+        "d /var/lib/narfs 0755 root root -", "d /var/lib/narfs/cache 0755 root root -",
+        "d /nix/var/nix/gcroots/narfs 0755 root root -"])
+    assert defaults["systemPackages"] == [package]
+    assert defaults["nginx"]["enable"] is False and defaults["nginx"]["virtualHosts"] == {}
+    assert set(defaults["services"]) == {"narfs-init", "narfs-watch", "narfs-mount", "narfs-gc"}
+
+
+def test_nixos_module_init_unit(defaults: dict, units: dict) -> None:
+    """narfs-init: `narfs init`, then the trust script; before nix-daemon and the watch, in
+    the watch's sandbox."""
+    init = defaults["services"]["narfs-init"]
+    package = defaults["narfsPackage"]["path"]
+    config = init["serviceConfig"]
+    narfs_init, trust = config.pop("ExecStart")
+    assert narfs_init == f"{package}/bin/narfs init"
+    assert re.fullmatch(r"/nix/store/\w{32}-narfs-trust-key /var/lib/narfs/secret\.key "
+                        r"/var/lib/narfs/nix\.conf", trust), trust
+    assert (config.pop("Type"), config.pop("RemainAfterExit")) == ("oneshot", True)
+    watch = dict(defaults["services"]["narfs-watch"]["serviceConfig"])
+    for key in ("Type", "ExecStartPre", "ExecStart", "Restart", "RestartSec", "TimeoutStopSec",
+                "Nice",
+                "CPUSchedulingPolicy", "IOSchedulingClass", "IOSchedulingPriority",
+                "ReadWritePaths"):
+        watch.pop(key)
+    assert config.pop("ReadWritePaths") == ["/var/lib/narfs", "-/nix/var"]
+    assert config == watch
+    assert init["before"] == ["nix-daemon.service", "narfs-watch.service"]
+    assert init["wantedBy"] == ["multi-user.target"]
+    assert init["environment"] == {"NARFS_CONFIG": "/etc/narfs/narfs.toml"}
+
+
+def nixos_nix_conf(settings: dict, extra: str) -> str:
+    """nix.conf as NixOS renders nix.settings: lists space-joined, bools true/false."""
+    def atom(v: object) -> str:
+        return ("true" if v else "false") if isinstance(v, bool) else str(v)
+    lines = [f"{k} = {' '.join(map(atom, v)) if isinstance(v, list) else atom(v)}"
+             for k, v in sorted(settings.items()) if v is not None]
+    return "\n".join(lines) + "\n" + extra
+
+
+def nix_config(conf_dir: Path) -> dict[str, str]:
+    env = {**os.environ, "NIX_CONF_DIR": str(conf_dir),
+           "NIX_USER_CONF_FILES": str(conf_dir / "none")}
+    env.pop("NIX_CONFIG", None)
+    proc = run([*NIX, "config", "show"], env=env, check=False)
+    if proc.returncode != 0:  # before Nix 2.20 it was `nix show-config`
+        proc = run([*NIX, "show-config"], env=env)
+    return dict(line.split(" = ", 1) for line in proc.stdout.splitlines() if " = " in line)
+
+
+@needs_nix
+def test_nixos_module_makes_nix_trust_the_key_it_creates(tmp_path: Path, defaults: dict) -> None:
+    """The trust script on a real key, with a systemctl that records its calls, then the
+    nix.conf NixOS would write from the module, read by this machine's Nix."""
+    secret, public = tmp_path / "secret.key", tmp_path / "public.key"
+    run(["nix-store", "--generate-binary-cache-key", "narfs-test-1", str(secret), str(public)])
+    key = public.read_text().strip()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "systemctl.calls"
+    (bindir / "systemctl").write_text(f'#!/bin/sh\necho "$*" >>{calls}\n')
+    (bindir / "systemctl").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    conf = tmp_path / "narfs-key.conf"
+    script = str(SYSTEMD / "narfs-trust-key.sh")
+
+    def trust(*expected: str) -> subprocess.CompletedProcess:
+        return run(["sh", script, str(secret), str(conf), *expected], env=env, check=False)
+
+    first = trust()
+    assert first.returncode == 0, first.stderr
+    assert conf.read_text() == f"extra-trusted-public-keys = {key}\n"
+    assert calls.read_text() == "--no-block try-restart nix-daemon.service\n"
+    assert trust().returncode == 0
+    assert calls.read_text().count("\n") == 1  # unchanged: nix-daemon left alone
+    assert trust(key).returncode == 0
+    wrong = trust("other-1:" + key.split(":")[1])
+    assert wrong.returncode == 1
+    assert wrong.stderr == (f"narfs: {secret} is the key of {key}, not of "
+                            f"services.narfs.publicKey (other-1:{key.split(':')[1]}): set "
+                            f"publicKey to {key}, or leave it unset\n")
+
+    extra = defaults["nixExtraOptions"].replace("/var/lib/narfs/nix.conf", str(conf))
+    (tmp_path / "nix.conf").write_text(nixos_nix_conf(defaults["nixSettings"], extra))
+    shown = nix_config(tmp_path)
+    assert shown["post-build-hook"] == defaults["nixSettings"]["post-build-hook"]
+    assert shown["substituters"].split() == defaults["nixSettings"]["substituters"]
+    assert shown["trusted-public-keys"].split() == [
+        *defaults["nixSettings"]["trusted-public-keys"], key]
 
 
 @pytest.fixture(scope="module")
@@ -324,74 +508,138 @@ def fake_package() -> Iterator[Path]:
         yield Path(d)
 
 
-def eval_module(tmp_path: Path, package: Path, overrides: dict) -> dict:
-    stub = tmp_path / "stub.nix"
-    stub.write_text(STUB_EVAL)
-    dash = shutil.which("dash") or "/bin/dash"
-    proc = run([
-        "nix-instantiate", "--eval", "--strict", "--json", str(stub),
-        "--argstr", "modulePath", str(SYSTEMD / "narfs.nix"),
-        "--argstr", "overridesJSON", json.dumps(overrides),
-        "--argstr", "package", str(package),
-        "--argstr", "dash", str(Path(dash).resolve().parent.parent),
-    ])
-    return json.loads(proc.stdout)
-
-
-@needs_nix
-def test_nixos_module_defaults(tmp_path: Path, fake_package: Path) -> None:
-    cfg = eval_module(tmp_path, fake_package, {"enable": True, "publicKey": "k-1:abc="})
-    assert cfg["nix"]["settings"] == {
-        "post-build-hook": f"{fake_package}/bin/narfs-hook",
-        "substituters": ["file:///var/lib/narfs/cache?priority=10"],
-        "trusted-public-keys": ["k-1:abc="],
-    }
-    toml = tomllib.loads(cfg["environment"]["etc"]["narfs/narfs.toml"]["text"])
-    assert toml == tomllib.loads((SYSTEMD / "narfs.toml.example").read_text())
-    services = cfg["systemd"]["services"]
-    assert set(services) == {"narfs-watch", "narfs-gc", "narfs-mount"}
-    watch = services["narfs-watch"]["serviceConfig"]
-    assert (watch["Type"], watch["Restart"], watch["TimeoutStopSec"]) == ("notify", "always", 30)
-    assert watch["ExecStart"] == f"{fake_package}/bin/narfs watch"
-    assert watch["ExecStartPre"] == f"{fake_package}/bin/narfs init"
-    assert services["narfs-watch"]["environment"]["NARFS_CONFIG"] == "/etc/narfs/narfs.toml"
-    assert watch["ReadWritePaths"] == ["/var/lib/narfs/cache", "/nix/var/nix/gcroots/narfs"]
-    narfs = f"{fake_package}/bin/narfs"
-    assert services["narfs-gc"]["serviceConfig"]["ExecStart"] == f"{narfs} gc --older-than '365d'"
-    mount = services["narfs-mount"]["serviceConfig"]
-    assert mount["ExecStart"] == f"{narfs} mount --foreground '/mnt/nar-archive'"
-    assert not NAMESPACING & set(mount)
-    assert cfg["systemd"]["timers"]["narfs-gc"]["timerConfig"]["OnCalendar"] == "daily"
-    assert "nginx" not in cfg.get("services", {})
-
-
-@needs_nix
 def test_nixos_module_options(tmp_path: Path, fake_package: Path, store_path: str) -> None:
     roots = tmp_path / "roots"
-    cfg = eval_module(tmp_path, fake_package, {
-        "enable": True, "rootsDir": str(roots), "mountpoint": None, "cacheDir": "/srv/cache",
-        "gc": {"maxSize": "500G", "dates": "weekly"},
-        "nginx": {"enable": True, "virtualHost": "arch"},
-    })
-    assert "narfs-mount" not in cfg["systemd"]["services"]
-    assert "mountpoint" not in tomllib.loads(cfg["environment"]["etc"]["narfs/narfs.toml"]["text"])
-    gc = cfg["systemd"]["services"]["narfs-gc"]["serviceConfig"]["ExecStart"]
-    assert gc.endswith("narfs gc --older-than '365d' --max-size '500G'")
-    assert cfg["systemd"]["timers"]["narfs-gc"]["timerConfig"]["OnCalendar"] == "weekly"
-    assert cfg["nix"]["settings"]["trusted-public-keys"] == []
-    vhost = cfg["services"]["nginx"]["virtualHosts"]["arch"]
-    assert vhost["root"] == "/srv/cache"
+    cfg = evaluate({
+        "services": {"narfs": {
+            "enable": True, "rootsDir": str(roots), "mountpoint": None,
+            "cacheDir": "/srv/cache", "publicKey": "k-1:abc=", "priority": 30,
+            "settings": {"allow_other": True, "frame_cache_mb": 512},
+            "gc": {"olderThan": "180d", "maxSize": "500G", "dates": "weekly"},
+            "serve": {"enable": True, "virtualHost": "arch", "openFirewall": True}}},
+        "networking": {"enableIPv6": False},
+    }, package_dir=fake_package, bin_dirs={"dash": str(Path(shutil.which("dash") or
+                                                             "/bin/dash").parent.parent)})
+    # pins outside /nix/var/nix/gcroots are no GC roots: NixOS refuses to build it
+    assert cfg["failedAssertions"] == [
+        f"services.narfs.rootsDir ({roots}) must be under /nix/var/nix/gcroots, or the pins "
+        "are no GC roots."]
+    assert "narfs-mount" not in cfg["services"]
+    toml = tomllib.loads(cfg["etc"]["narfs/narfs.toml"]["text"])
+    assert toml == {"cache_dir": "/srv/cache", "secret_key_file": "/var/lib/narfs/secret.key",
+                    "roots_dir": str(roots), "allow_other": True, "frame_cache_mb": 512}
+    services = cfg["services"]
+    assert services["narfs-gc"]["serviceConfig"]["ExecStart"] == (
+        f"{fake_package}/bin/narfs gc --older-than 180d --max-size 500G")
+    assert cfg["timers"]["narfs-gc"]["timerConfig"]["OnCalendar"] == "weekly"
+    for name in ("narfs-watch", "narfs-gc", "narfs-init"):
+        assert "/srv/cache" in services[name]["serviceConfig"]["ReadWritePaths"], name
+    assert f"-{roots}" in services["narfs-watch"]["serviceConfig"]["ReadWritePaths"]
+    assert "d /srv/cache 0755 root root -" in cfg["tmpfiles"]
+    # the key given: trusted as it is, and narfs-init checks the key file against it
+    settings = cfg["nixSettings"]
+    assert settings["trusted-public-keys"][-1] == "k-1:abc="
+    assert settings["substituters"][0] == "file:///srv/cache?priority=30"
+    assert cfg["nixExtraOptions"] == ""
+    assert services["narfs-init"]["serviceConfig"]["ExecStart"][1].endswith(" k-1:abc=")
+
+    vhost = cfg["nginx"]["virtualHosts"]["arch"]
+    assert cfg["nginx"]["enable"] is True
+    assert (vhost["root"], vhost["serverName"]) == ("/srv/cache", "arch")
+    assert [(lst["addr"], lst["port"]) for lst in vhost["listen"]] == [("0.0.0.0", 5000)]
+    assert cfg["firewallTCP"] == [5000]
     example = (SYSTEMD / "nginx-narfs.conf").read_text()
-    conf_locations = re.findall(r"^\s*location (.+?) \{$", example, re.M)
-    assert sorted(vhost["locations"]) == sorted(conf_locations)
+    assert sorted(vhost["locations"]) == sorted(
+        re.findall(r"^\s*location (.+?) \{$", example, re.M))
+    assert f"listen {vhost['listen'][0]['port']};" in example
+    for location, body in re.findall(r"^\s*location (.+?) \{\n(.*?)\n\s*\}", example, re.M | re.S):
+        got = vhost["locations"][location]
+        lines = [line.strip() for line in body.splitlines()
+                 if line.strip() and not line.strip().startswith("#")]
+        if got["return"] is not None:
+            assert lines == [f"return {got['return']};"], location
+        else:
+            assert lines == [line.strip() for line in got["extraConfig"].splitlines()], location
 
     # A non-default roots dir reaches the hook through a wrapper: run it.
-    hook = cfg["nix"]["settings"]["post-build-hook"]
-    assert hook.startswith("/nix/store/") and "#" in hook
+    assert settings["post-build-hook"].endswith("-narfs-hook")
     wrapper = tmp_path / "wrapper"
-    wrapper.write_text(hook.split("#", 1)[1])
+    wrapper.write_text(cfg["hookText"])
     wrapper.chmod(0o755)
     proc = subprocess.run([str(wrapper)], env={"PATH": os.environ["PATH"], "OUT_PATHS": store_path},
+                          capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert os.readlink(roots / os.path.basename(store_path)) == store_path
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("cacheDir", "relative/cache"), ("cacheDir", "/srv/my cache"), ("mountpoint", "/mnt/%i"),
+    ("gc", {"olderThan": "one year"}), ("publicKey", "no-key-here"),
+    ("serve", {"enable": True, "port": 70000}),
+])
+def test_nixos_module_refuses_bad_values(option: str, value: object) -> None:
+    """Values that would need quoting in a unit or narfs.toml, or mean nothing to narfs."""
+    proc = evaluate({"services": {"narfs": {"enable": True, option: value}}}, check=False)
+    assert proc["returncode"] != 0
+    assert f"services.narfs.{option}" in proc["stderr"], proc["stderr"]
+
+
+def test_nixos_module_from_the_flake_uses_the_flakes_package(defaults: dict) -> None:
+    via_flake = evaluate(ENABLED, via="flake")
+    assert via_flake["narfsPackage"]["path"] == via_flake["flakePackage"]["path"]
+    # without the flake, the module builds package.nix with the system's pkgs
+    assert defaults["narfsPackage"]["path"] == defaults["defaultNixPackage"]["path"]
+    assert defaults["narfsPackage"]["path"] == defaults["overlayPackage"]["path"]
+    assert via_flake["flakePackage"]["path"] != defaults["narfsPackage"]["path"]
+    assert via_flake["services"]["narfs-watch"]["serviceConfig"]["ExecStart"] == (
+        f"{via_flake['flakePackage']['path']}/bin/narfs watch")
+
+
+def test_package_expression(tmp_path: Path, defaults: dict, store_path: str) -> None:
+    """package.nix against the stand-in python3Packages: what it asks nixpkgs to build."""
+    pkg = defaults["narfsPackage"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert (pkg["pname"], pkg["version"]) == ("narfs", project["version"])
+    assert (pkg["pyproject"], pkg["buildSystem"], pkg["doCheck"]) == (True, ["setuptools"], False)
+    wanted = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert {d["pname"] for d in pkg["dependencies"]} == wanted
+    # narfs's pyfuse3 patch (issue 12), applied to nixpkgs' pyfuse3 once it is in the tree
+    patch = REPO / "patches" / "pyfuse3-fast.patch"
+    pyfuse3 = next(d for d in pkg["dependencies"] if d["pname"] == "pyfuse3")
+    assert pyfuse3["patches"] == ([str(patch)] if patch.exists() else [])
+    assert all(d["patches"] == [] for d in pkg["dependencies"] if d["pname"] != "pyfuse3")
+    # fuse3 and Nix on the wrapper's PATH, after the caller's
+    arg, var, sep, path = pkg["makeWrapperArgs"]
+    assert (arg, var, sep) == ("--suffix", "PATH", ":")
+    assert [STORE_NAME.sub("", p) for p in path.split(":")] == ["fuse3/bin", "nix/bin"]
+    assert (pkg["mainProgram"], pkg["license"], pkg["linux"]) == ("narfs", "MIT", True)
+    assert "narfs.cli" in pkg["pythonImportsCheck"]
+    # the source: what the wheel is built from, and nothing else
+    files = repo_files()
+    wanted_src = {f for f in files if re.fullmatch(r"narfs/.*\.py", f)}
+    wanted_src |= {"pyproject.toml", "README.md", "systemd/narfs-hook"}
+    assert set(pkg["srcFiles"]) == wanted_src
+    assert pkg["srcRoot"] == str(REPO)
+
+    # postPatch's substitutions apply to the hook (--replace-fail), and the hook still works
+    dash = shutil.which("dash")
+    if dash is None:
+        pytest.skip("dash not installed")
+    cfg = evaluate(ENABLED, bin_dirs={"dash": str(Path(dash).parent.parent),
+                                      "coreutils": "/usr"})
+    hook = (SYSTEMD / "narfs-hook").read_text()
+    args = shlex.split(cfg["narfsPackage"]["postPatch"].replace("\\\n", " "))
+    assert args[:2] == ["substituteInPlace", "systemd/narfs-hook"]
+    for flag, old, new in zip(args[2::3], args[3::3], args[4::3], strict=True):
+        assert flag == "--replace-fail" and old in hook, old
+        hook = hook.replace(old, new)
+    assert hook.startswith(f"#!{Path(dash).parent}/dash\n")
+    assert "PATH=${PATH:+$PATH:}/usr/bin:" in hook
+    patched = tmp_path / "narfs-hook"
+    patched.write_text(hook)
+    patched.chmod(0o755)
+    roots = tmp_path / "roots"
+    proc = subprocess.run([str(patched)], env={"OUT_PATHS": store_path, "NARFS_ROOTS": str(roots)},
                           capture_output=True, text=True, timeout=30)
     assert (proc.returncode, proc.stderr) == (0, "")
     assert os.readlink(roots / os.path.basename(store_path)) == store_path
