@@ -173,10 +173,23 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
         else:
             print(f"unchanged: config {cfg}")
     hook = _hook_path()
-    print("\n# Add to /etc/nix/nix.conf (NixOS: nix.settings), then restart nix-daemon:")
+    print("\n# Add to /etc/nix/nix.conf, then restart nix-daemon:")
     print(f"extra-substituters = file://{cache.root}")
     print(f"extra-trusted-public-keys = {key.public.text()}")
     print(f"post-build-hook = {hook}")
+    # The same for NixOS, where nix.conf is generated: the module (systemd/narfs.nix) sets
+    # all three from these options, its own hook included.
+    nixos = {"cacheDir": cache.root, "secretKeyFile": os.path.abspath(key_file),
+             "publicKey": key.public.text()}
+    if settings.roots_dir != Settings.roots_dir:
+        nixos["rootsDir"] = settings.roots_dir
+    print("\n# NixOS: in configuration.nix, with the narfs module imported (README, NixOS):")
+    print("services.narfs = {\n  enable = true;")
+    for name, value in nixos.items():
+        for plain, escaped in (("\\", "\\\\"), ('"', '\\"'), ("${", "\\${"), ("\n", "\\n")):
+            value = value.replace(plain, escaped)
+        print(f'  {name} = "{value}";')
+    print("};")
     return 0
 
 

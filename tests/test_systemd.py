@@ -40,7 +40,7 @@ import pytest
 import trio
 
 from narfs.nixversions import config_show_args, detect
-from nixtools import NIX, NixStore, path_infos, run
+from nixtools import NIX, Narfs, NixStore, path_infos, run
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"
@@ -643,6 +643,27 @@ def test_package_expression(tmp_path: Path, defaults: dict, store_path: str) -> 
                           capture_output=True, text=True, timeout=30)
     assert (proc.returncode, proc.stderr) == (0, "")
     assert os.readlink(roots / os.path.basename(store_path)) == store_path
+
+
+def test_init_prints_a_nixos_form_the_module_accepts(tmp_path: Path) -> None:
+    n = Narfs(tmp_path / "n")
+    n.root.mkdir()
+    out = n("init", "--cache", str(n.cache), "--secret-key", str(n.key)).stdout
+    form = re.search(r"^services\.narfs = \{\n.*?^\};$", out, re.M | re.S)
+    assert form, out
+    module = tmp_path / "from-init.nix"
+    module.write_text("{\n" + form.group(0) + "\n}\n")
+    cfg = evaluate({}, modules=(module,))
+    assert cfg["failedAssertions"] == []
+    settings = cfg["nixSettings"]
+    assert settings["trusted-public-keys"][-1] == n.public_key
+    assert settings["substituters"][0] == f"file://{n.cache}?priority=10"
+    init = cfg["services"]["narfs-init"]["serviceConfig"]["ExecStart"][1]
+    assert init.endswith(f" {n.key} /var/lib/narfs/nix.conf {n.public_key}")
+    # and it is the same as the nix.conf lines printed above it
+    conf = dict(re.findall(r"^([a-z-]+) = (.*)$", out, re.M))
+    assert conf["extra-trusted-public-keys"] == n.public_key
+    assert settings["substituters"][0].startswith(conf["extra-substituters"])
 
 
 # ---------------------------------------------------------------- nginx
