@@ -208,6 +208,10 @@ def box() -> Iterator[Container]:
                            text=True, timeout=1400)
     assert build.returncode == 0, build.stdout + build.stderr
     tree = BASE / f"nspawn-{SUITE}"
+    # Overlays a killed run left behind (a run takes well under a minute)
+    for stale in BASE.glob("nspawn-run-*"):
+        if time.time() - stale.stat().st_mtime > 3600:
+            Container(tree, stale).remove()
     box = Container(tree, BASE / f"nspawn-run-{uuid.uuid4().hex[:12]}")
     try:
         box.mount()
