@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from nixeval import evaluate
+
 REPO = Path(__file__).resolve().parent.parent
 BASE = Path(os.environ.get("NARFS_CI_CHROOTS", "/var/lib/narfs-ci"))
 SUITE = os.environ.get("NARFS_NSPAWN_SUITE", "bookworm")
@@ -310,6 +312,66 @@ def test_nginx_serves_the_cache_beside_debians_default_site(
            f"http://127.0.0.1:{PORT} {archived}")
     assert box.sh(f"cat {archived}").stdout == content
     box.sh(f"nix-store --verify-path {archived}")
+
+
+def nixos_unit_file(service: dict) -> str:
+    """The unit NixOS writes for a systemd.services entry (as tests/nix/eval.nix shows it),
+    but for PATH: the container's is Debian's, where nix is."""
+    lines = ["[Unit]", f"Description={service['description']}"]
+    for key in ("after", "before", "wants", "requires"):
+        if service[key]:
+            lines.append(f"{key.capitalize()}={' '.join(service[key])}")
+    lines.append("[Service]")
+    lines += [f'Environment="{k}={v}"' for k, v in service["environment"].items()]
+    for key, value in service["serviceConfig"].items():
+        for v in value if isinstance(value, list) else [value]:
+            lines.append(f"{key}={('true' if v else 'false') if isinstance(v, bool) else v}")
+    return "\n".join(lines) + "\n"
+
+
+def install_nixos_init(box: Container, config: dict) -> None:
+    """narfs.nix's narfs-init for this configuration, its package the container's /opt/narfs
+    and its trust script the checkout's."""
+    service = evaluate(config, package_dir=Path("/opt/narfs"))["services"]["narfs-init"]
+    unit = re.sub(r"/nix/store/\w{32}-narfs-trust-key ", "/bin/sh /src/systemd/narfs-trust-key.sh ",
+                  nixos_unit_file(service))
+    assert not re.search(r"/nix/store/\w{32}-", unit), unit
+    box.sh(f"cat >/etc/systemd/system/narfs-init.service <<'EOF'\n{unit}EOF\n"
+           "systemctl daemon-reload")
+
+
+def test_nixos_init_unit_under_systemd(box: Container) -> None:
+    """The one unit only the NixOS module has, with its hardening, under a real systemd: it
+    makes Nix trust the key in a file nix.conf includes, and restarts nix-daemon (here a
+    stand-in) only when that key is new; with services.narfs.publicKey it checks the key."""
+    public = re.search(r"^extra-trusted-public-keys = (.*)$",
+                       box.sh("cat /root/init.out").stdout, re.M).group(1)
+    box.sh("cat >/etc/systemd/system/nix-daemon.service <<'EOF'\n[Service]\n"
+           "ExecStart=/bin/sleep infinity\nEOF\n"
+           "systemctl daemon-reload && systemctl start nix-daemon.service")
+    daemon = box.show("nix-daemon.service", "InvocationID")["InvocationID"]
+    install_nixos_init(box, {"services": {"narfs": {"enable": True}}})
+    box.sh("systemctl start narfs-init.service")
+    init = box.show("narfs-init.service", "ActiveState", "Result")
+    assert init == {"ActiveState": "active", "Result": "success"}, box.diagnose()
+    assert box.sh("cat /var/lib/narfs/nix.conf").stdout == (
+        f"extra-trusted-public-keys = {public}\n")
+    box.wait_for(f"! systemctl show nix-daemon.service -p InvocationID | grep -q {daemon}",
+                 "narfs-init to restart nix-daemon")
+    daemon = box.show("nix-daemon.service", "InvocationID")["InvocationID"]
+    box.sh("systemctl restart narfs-init.service")  # the same key: nix-daemon left alone
+    box.wait_for("[ -z \"$(systemctl list-jobs --no-legend)\" ]", "systemd's jobs to finish")
+    assert box.show("nix-daemon.service", "InvocationID")["InvocationID"] == daemon
+
+    other = "other-1:" + public.split(":", 1)[1]
+    install_nixos_init(box, {"services": {"narfs": {"enable": True, "publicKey": other}}})
+    since = box.sh("date +%s.%N").stdout.strip()
+    assert box.sh("systemctl restart narfs-init.service", check=False).returncode != 0
+    journal = box.sh(f"journalctl -q -o cat -u narfs-init.service --since @{since}").stdout
+    assert f"is the key of {public}, not of services.narfs.publicKey ({other})" in journal
+    box.sh("systemctl stop nix-daemon.service; systemctl reset-failed narfs-init.service; "
+           "rm /etc/systemd/system/narfs-init.service /etc/systemd/system/nix-daemon.service; "
+           "systemctl daemon-reload")
 
 
 def test_everything_comes_back_after_a_reboot(box: Container, archived: str) -> None:
