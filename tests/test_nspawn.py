@@ -7,7 +7,8 @@ from scratch; the overlay is deleted afterwards. Inside, the README's Debian set
 hand: `narfs init`, the nix.conf lines it prints, the units from systemd/, nginx-narfs.conf
 beside Debian's default site. Then a build is archived by narfs-watch.service, the mount unit
 mounts and stops cleanly, narfs-gc runs, `nix copy --from http://...` substitutes through
-nginx, and all of it is back after the container reboots.
+nginx, the NixOS module's narfs-init (the one unit without a file here) does its job, and all
+of it is back after the container reboots.
 
 Facts found while writing these (host: Debian 12, its PID 1 not systemd, cgroup v1 hybrid):
 - `systemd-nspawn -b --register=no --keep-unit` boots a container without a host systemd;
