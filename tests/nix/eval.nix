@@ -1,6 +1,6 @@
 # Evaluates systemd/narfs.nix (or flake.nix's nixosModules.default) with nixpkgs' real
 # module system (lib.evalModules) against nixos-options.nix and the stand-in pkgs.nix, and
-# returns plain data for tests/test_systemd.py:
+# returns plain data for the tests (tests/nixeval.py runs it):
 #   nix-instantiate --eval --strict --json tests/nix/eval.nix --arg libPath ... --argstr ...
 {
   libPath,
