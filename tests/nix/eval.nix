@@ -1,7 +1,7 @@
 # Evaluates systemd/narfs.nix (or flake.nix's nixosModules.default) with nixpkgs' real
 # module system (lib.evalModules) against nixos-options.nix and the stand-in pkgs.nix, and
 # returns plain data for the tests (tests/nixeval.py runs it):
-#   nix-instantiate --eval --strict --json tests/nix/eval.nix --arg libPath ... --argstr ...
+#   nix-instantiate --eval --strict --json tests/nix/eval.nix --argstr libPath .../lib ...
 {
   libPath,
   # JSON: a NixOS configuration (services.narfs = ..., and anything else declared)
