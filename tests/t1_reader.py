@@ -1,0 +1,519 @@
+"""The mount's read path below the kernel (narfs/reader.py), in-process: no Nix, no FUSE.
+
+S3QL's t2_block_cache.py is the model: the caches are driven directly, over a real cache
+directory in a tmp dir, with NARs built here. Each test takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import io
+import lzma
+import os
+import random
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+import zstandard
+
+from hostile import GOOD_TREE
+from narfs import nix32, reader, zstdseek
+from narfs.cache import Cache
+from narfs.catalog import Entry
+from narfs.errors import CorruptError
+from narfs.nar import listing_of
+from narfs.reader import HOT_TMP, STALE_TMP, FrameCache, HotTier, Reader
+from narfs.zstdseek import SeekableWriter
+
+FRAME = 64  # small frames: a few hundred bytes span several
+
+
+def nar_hash(data: bytes) -> str:
+    return nix32.format_sha256(hashlib.sha256(data).digest())
+
+
+def seekable(data: bytes, frame: int = FRAME) -> bytes:
+    out = io.BytesIO()
+    w = SeekableWriter(out, frame, 3)
+    w.write(data)
+    w.close()
+    return out.getvalue()
+
+
+COMPRESS: dict[str, tuple[str, str, Callable[[bytes], bytes]]] = {
+    # kind → (narinfo Compression, file extension, compressor)
+    "seekable": ("zstd", "zst", seekable),
+    # One zstd frame without a content size: neither a seek table nor frame headers index it.
+    "zstd-stream": ("zstd", "zst",
+                    lambda d: zstandard.ZstdCompressor(write_content_size=False).compress(d)),
+    "xz": ("xz", "xz", lzma.compress),
+    "bzip2": ("bzip2", "bz2", bz2.compress),
+    "gzip": ("gzip", "gz", gzip.compress),
+    "none": ("none", "", lambda d: d),
+}
+
+
+def put(root: Path, data: bytes, kind: str = "seekable", blob: bytes | None = None,
+        nar_size: int | None = None) -> Entry:
+    """A cache entry for NAR `data` (its file holds `blob` when given: a lie to tell)."""
+    compression, ext, compress = COMPRESS[kind]
+    blob = compress(data) if blob is None else blob
+    file_hash = nix32.encode(hashlib.sha256(blob).digest())
+    url = f"nar/{file_hash}.nar" + (f".{ext}" if ext else "")
+    (root / "nar").mkdir(exist_ok=True)
+    (root / url).write_bytes(blob)
+    h = nix32.encode(hashlib.sha256(data + kind.encode()).digest()[:20])
+    return Entry(hash=h, name=f"{h}-t1", url=url, compression=compression,
+                 file_size=len(blob), nar_size=len(data) if nar_size is None else nar_size,
+                 nar_hash=nar_hash(data), references=[], archived=0.0, mtime_ns=0)
+
+
+def make_reader(root: Path, frame_cache: int = 1 << 20, hot_limit: int = 1 << 20,
+                max_open: int = 64, tokens: int = 4) -> Reader:
+    hot = HotTier(str(root / ".narfs" / "hot"), hot_limit)
+    return Reader(Cache(str(root)), hot, frame_cache, trio.CapacityLimiter(tokens), max_open)
+
+
+def fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+# --- FrameCache ------------------------------------------------------------------------------
+
+
+def test_frame_cache_stays_within_its_bound_and_drops_the_oldest_first() -> None:
+    fc = FrameCache(100)
+    for i in range(10):
+        fc.put(("n", i), bytes([i]) * 30)
+        assert fc.size <= 100
+        assert fc.size == sum(len(v) for v in fc._frames.values())
+    assert list(fc._frames) == [("n", 7), ("n", 8), ("n", 9)]
+    assert fc.get(("n", 6)) is None and fc.get(("n", 9)) == b"\x09" * 30
+
+
+def test_frame_cache_keeps_what_was_used_last() -> None:
+    fc = FrameCache(90)
+    for k in "abc":
+        fc.put((k,), k.encode() * 30)
+    assert fc.get(("a",)) == b"a" * 30  # a is now the newest
+    fc.put(("d",), b"d" * 30)
+    assert fc.get(("b",)) is None, "the least recently used frame goes first"
+    assert fc.get(("a",)) is not None and fc.get(("c",)) is not None
+
+
+def test_frame_cache_refuses_a_frame_larger_than_itself_and_counts_a_key_once() -> None:
+    fc = FrameCache(100)
+    fc.put(("small",), b"s" * 60)
+    fc.put(("huge",), b"h" * 101)
+    assert fc.get(("huge",)) is None and fc.get(("small",)) == b"s" * 60, \
+        "a frame that cannot fit must not flush the cache"
+    fc.put(("small",), b"s" * 60)
+    assert fc.size == 60
+
+
+# --- HotTier ---------------------------------------------------------------------------------
+
+
+def fill(hot: HotTier, data: bytes, size: int | None = None,
+         out: bytes | None = None) -> int:
+    """open_sync for NAR `data`; the producer writes `out` (default: `data`) in two pieces."""
+    out = data if out is None else out
+
+    def produce(write: Callable[[bytes], None]) -> None:
+        write(out[:len(out) // 2])
+        write(out[len(out) // 2:])
+
+    return hot.open_sync(nar_hash(data), len(data) if size is None else size, produce)
+
+
+def hot_names(hot: HotTier) -> set[str]:
+    return set(os.listdir(hot.dir))
+
+
+def read_fd(fd: int) -> bytes:
+    try:
+        return os.pread(fd, 1 << 20, 0)
+    finally:
+        os.close(fd)
+
+
+def test_hot_tier_evicts_least_recently_used_within_its_bound(tmp_path: Path) -> None:
+    hot = HotTier(str(tmp_path), 100)
+    nars = [bytes([i]) * 40 for i in range(4)]
+    names = [nar_hash(d).split(":")[-1] + ".nar" for d in nars]
+    assert read_fd(fill(hot, nars[0])) == nars[0]
+    read_fd(fill(hot, nars[1]))
+    assert read_fd(fill(hot, nars[0])) == nars[0]  # a hit: 0 becomes the newest
+    assert hot.fills == 2
+    read_fd(fill(hot, nars[2]))  # 120 > 100: the oldest used (1) goes
+    assert hot_names(hot) == {names[0], names[2]} and hot.size == 80 <= hot.limit
+    read_fd(fill(hot, nars[3]))
+    assert hot_names(hot) == {names[2], names[3]} and hot.size == 80
+    assert hot.fills == 4
+
+
+def test_hot_tier_takes_a_nar_larger_than_itself_alone(tmp_path: Path) -> None:
+    hot = HotTier(str(tmp_path), 100)
+    read_fd(fill(hot, b"a" * 60))
+    big = os.urandom(250)
+    assert read_fd(fill(hot, big)) == big, "a NAR larger than the tier must still be readable"
+    assert hot_names(hot) == {nar_hash(big).split(":")[-1] + ".nar"} and hot.size == 250
+    read_fd(fill(hot, b"b" * 10))
+    assert hot.size == 10, "the oversized NAR goes as soon as anything else comes in"
+
+
+def test_an_evicted_file_stays_readable_through_an_open_descriptor(tmp_path: Path) -> None:
+    hot = HotTier(str(tmp_path), 50)
+    first = os.urandom(40)
+    fd = fill(hot, first)
+    read_fd(fill(hot, os.urandom(40)))
+    assert len(hot_names(hot)) == 1
+    assert read_fd(fd) == first
+
+
+def test_hot_tier_restart_scan(tmp_path: Path) -> None:
+    old = HotTier(str(tmp_path), 1000)
+    nars = [os.urandom(100 + i) for i in range(3)]
+    for d in nars:
+        read_fd(fill(old, d))
+    names = [nar_hash(d).split(":")[-1] + ".nar" for d in nars]
+    now = time.time()
+    for age, name in zip((10, 30, 20), names, strict=True):  # LRU order: 1, 2, 0
+        os.utime(tmp_path / name, (now - age, now - age))
+    stale = tmp_path / f"{HOT_TMP}1-2-stale.nar"
+    live = tmp_path / f"{HOT_TMP}3-4-live.nar"
+    for t in (stale, live):
+        t.write_bytes(b"partial")
+    os.utime(stale, (now - STALE_TMP - 60, now - STALE_TMP - 60))
+    (tmp_path / ("x" * 52 + ".nar")).symlink_to("/etc/passwd")  # untrusted: not ours
+    (tmp_path / ("y" * 52 + ".nar")).mkdir()
+    (tmp_path / "notes.txt").write_bytes(b"z" * 500)
+
+    hot = HotTier(str(tmp_path), 1000)
+    assert list(hot._files) == [names[1], names[2], names[0]]
+    assert hot.size == sum(len(d) for d in nars)
+    assert not stale.exists(), "a temporary older than any live fill is removed"
+    assert live.exists(), "a fresh temporary may be another mount's fill in progress"
+    # Found files are hits, not fills; and the next fill evicts in the scanned order.
+    assert read_fd(fill(hot, nars[0])) == nars[0] and hot.fills == 0
+    hot.limit = 350
+    read_fd(fill(hot, os.urandom(50)))
+    assert names[1] not in hot_names(hot) and names[2] in hot_names(hot)
+    assert hot.size <= hot.limit and (tmp_path / ("x" * 52 + ".nar")).is_symlink()
+
+
+def test_a_smaller_limit_after_restart_is_kept_by_the_next_fill(tmp_path: Path) -> None:
+    old = HotTier(str(tmp_path), 1000)
+    for i in range(5):
+        read_fd(fill(old, bytes([i]) * 100))
+    hot = HotTier(str(tmp_path), 250)
+    read_fd(fill(hot, b"n" * 100))
+    assert hot.size <= 250
+    assert sum(os.path.getsize(tmp_path / n) for n in hot_names(hot)) == hot.size
+
+
+@pytest.mark.parametrize("lie", ["longer", "shorter", "other-bytes"])
+def test_a_stream_that_is_not_its_nar_leaves_nothing(tmp_path: Path, lie: str) -> None:
+    hot = HotTier(str(tmp_path), 1000)
+    data = os.urandom(100)
+    out = {"longer": data + b"!", "shorter": data[:-1], "other-bytes": os.urandom(100)}[lie]
+    with pytest.raises(CorruptError):
+        fill(hot, data, out=out)
+    assert hot_names(hot) == set() and hot.size == 0 and hot.fills == 0
+    assert read_fd(fill(hot, data)) == data  # a later honest fill works
+
+
+def test_a_stream_that_outgrows_its_nar_size_is_stopped_while_it_streams(tmp_path: Path) -> None:
+    hot = HotTier(str(tmp_path), 1 << 20)
+    written = []
+
+    def endless(write: Callable[[bytes], None]) -> None:
+        for _ in range(1000):
+            write(b"x" * 100)
+            written.append(100)
+
+    with pytest.raises(CorruptError):
+        hot.open_sync(nar_hash(b"x" * 150), 150, endless)
+    assert sum(written) <= 200, "the fill stops at the first write past NarSize"
+    assert hot_names(hot) == set()
+
+
+def test_a_file_of_the_wrong_size_or_removed_by_another_mount_is_filled_again(
+        tmp_path: Path) -> None:
+    hot = HotTier(str(tmp_path), 1000)
+    data = os.urandom(100)
+    name = tmp_path / (nar_hash(data).split(":")[-1] + ".nar")
+    read_fd(fill(hot, data))
+    name.write_bytes(data[:50])  # damaged behind narfs's back
+    assert read_fd(fill(hot, data)) == data and hot.fills == 2
+    name.unlink()  # another mount of the same cache evicted it
+    assert read_fd(fill(hot, data)) == data and hot.fills == 3
+    assert hot.size == 100
+
+
+# --- Reader: every compression reads the same bytes --------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(COMPRESS))
+def test_reads_return_the_nar_bytes_for_every_compression(tmp_path: Path, kind: str) -> None:
+    rng = random.Random(kind)
+    data = rng.randbytes(300) + b"abc" * 200 + rng.randbytes(123)
+    entry = put(tmp_path, data, kind)
+    r = make_reader(tmp_path)
+    ranges = [(0, 1), (0, len(data)), (63, 2), (64, 64), (100, 10_000), (len(data) - 1, 5),
+              (len(data), 5), (len(data) + 100, 5), (5, 0),
+              *((rng.randrange(len(data)), rng.randrange(1, 400)) for _ in range(30))]
+
+    async def main() -> None:
+        for offset, size in ranges:
+            assert await r.read(entry, offset, size) == data[offset:offset + size], \
+                (offset, size)
+
+    trio.run(main)
+    if kind == "seekable":
+        assert r.stats.frames_decompressed == len(data) // FRAME + 1, \
+            "each frame is decompressed once, then served from the frame cache"
+        assert r.hot.fills == 0
+    elif kind != "none":
+        assert r.hot.fills == 1
+    r.close()
+
+
+def test_listing_of_a_hot_tier_nar_reuses_the_fill(tmp_path: Path) -> None:
+    entry = put(tmp_path, GOOD_TREE, "xz")
+    r = make_reader(tmp_path)
+
+    async def main() -> dict:
+        root = await r.listing(entry)
+        assert await r.read(entry, 0, 13) == GOOD_TREE[:13]
+        return root
+
+    assert trio.run(main) == listing_of(io.BytesIO(GOOD_TREE), len(GOOD_TREE))
+    assert r.hot.fills == 1 and r.stats.nar_parses == 1
+
+
+# --- Reader: single-flight ---------------------------------------------------------------------
+
+
+def test_concurrent_reads_of_one_frame_decompress_it_once(tmp_path: Path) -> None:
+    data = os.urandom(FRAME * 4)
+    entry = put(tmp_path, data)
+    r = make_reader(tmp_path, tokens=8)
+
+    async def main() -> list[bytes]:
+        got: list[bytes] = []
+
+        async def one() -> None:
+            got.append(await r.read(entry, FRAME + 3, 10))
+
+        async with trio.open_nursery() as n:
+            for _ in range(12):
+                n.start_soon(one)
+        return got
+
+    assert trio.run(main) == [data[FRAME + 3:FRAME + 13]] * 12
+    assert r.stats.frames_decompressed == 1
+    assert r.stats.frame_hits + 1 <= 12 and not r._inflight
+
+
+def test_concurrent_reads_of_a_non_seekable_nar_fill_the_hot_tier_once(tmp_path: Path) -> None:
+    data = os.urandom(5000)
+    entry = put(tmp_path, data, "xz")
+    r = make_reader(tmp_path, tokens=8)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            for i in range(10):
+                n.start_soon(r.read, entry, i * 100, 100)
+
+    trio.run(main)
+    assert r.hot.fills == 1 and len(r._sources) == 1 and not r._inflight
+
+
+def test_a_failed_load_wakes_its_waiters_and_is_retried(tmp_path: Path) -> None:
+    data = os.urandom(FRAME * 3)
+    blob = bytearray(seekable(data))
+    blob[20] ^= 0xFF  # damage the first frame's compressed bytes
+    entry = put(tmp_path, data, blob=bytes(blob))
+    r = make_reader(tmp_path, tokens=8)
+    errors: list[Exception] = []
+
+    async def main() -> None:
+        async def one() -> None:
+            try:
+                await r.read(entry, 0, 10)
+            except CorruptError as e:
+                errors.append(e)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                for _ in range(5):
+                    n.start_soon(one)
+        assert await r.read(entry, FRAME * 2, 5) == data[FRAME * 2:FRAME * 2 + 5]
+
+    trio.run(main)
+    assert len(errors) == 5, "every reader of the damaged frame gets the error"
+    assert not r._inflight and r.frames.size == FRAME
+
+
+# --- Reader: lying inputs ----------------------------------------------------------------------
+
+
+def table_lie(blob: bytes, edit: Callable[[list[list[int]]], None]) -> bytes:
+    """`blob` with its seek table's (compressed, decompressed) sizes edited."""
+    end = len(blob) - 9
+    n = struct.unpack_from("<I", blob, end)[0]
+    start = end - n * 8
+    rows = [list(struct.unpack_from("<II", blob, start + 8 * i)) for i in range(n)]
+    edit(rows)
+    return blob[:start] + b"".join(struct.pack("<II", *r) for r in rows) + blob[end:]
+
+
+def swap_sizes(rows: list[list[int]]) -> None:
+    rows[0][1] += 7
+    rows[1][1] -= 7  # NarSize still adds up
+
+
+def shift_comp(rows: list[list[int]]) -> None:
+    rows[0][0] += 5
+    rows[1][0] -= 5
+
+
+def grow(rows: list[list[int]]) -> None:
+    rows[-1][1] += 1
+
+
+@pytest.mark.parametrize("lie", [swap_sizes, shift_comp])
+def test_a_lying_seek_table_costs_the_frames_it_lies_about(tmp_path: Path,
+                                                          lie: Callable) -> None:
+    data = os.urandom(FRAME * 4)
+    entry = put(tmp_path, data, blob=table_lie(seekable(data), lie))
+    r = make_reader(tmp_path)
+
+    async def main() -> None:
+        # Frame 0 itself is intact when only its compressed length lies (zstd stops at the
+        # frame's end): its bytes may be served, but never wrong ones.
+        for offset in (0, FRAME + 1):
+            try:
+                assert await r.read(entry, offset, 4) == data[offset:offset + 4]
+            except CorruptError:
+                continue
+            assert lie is shift_comp and offset == 0
+        with pytest.raises(CorruptError):
+            await r.read(entry, FRAME + 1, 4)
+        assert await r.read(entry, FRAME * 3, FRAME) == data[FRAME * 3:]
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("case", ["table-longer-than-nar-size", "nar-size-lies",
+                                  "uncompressed-size-lies", "hot-hash-lies",
+                                  "frames-past-the-data"])
+def test_a_nar_that_disagrees_with_its_narinfo_is_corrupt(tmp_path: Path, case: str) -> None:
+    data = os.urandom(FRAME * 3)
+    entry = {
+        "table-longer-than-nar-size": lambda: put(tmp_path, data,
+                                                  blob=table_lie(seekable(data), grow)),
+        "nar-size-lies": lambda: put(tmp_path, data, nar_size=len(data) - 1),
+        "uncompressed-size-lies": lambda: put(tmp_path, data, "none", nar_size=len(data) + 1),
+        "hot-hash-lies": lambda: put(tmp_path, data, "xz", blob=lzma.compress(data[::-1])),
+        "frames-past-the-data": lambda: put(tmp_path, data, blob=table_lie(
+            seekable(data), lambda rows: rows.append([1, 1]))),
+    }[case]()
+    r = make_reader(tmp_path)
+
+    async def main() -> None:
+        with pytest.raises(CorruptError):
+            await r.read(entry, 0, 4)
+        assert not r._sources and not r._inflight
+
+    trio.run(main)
+    assert os.listdir(r.hot.dir) == []
+
+
+def test_a_truncated_uncompressed_nar_is_corrupt_at_the_read(tmp_path: Path) -> None:
+    data = os.urandom(500)
+    entry = put(tmp_path, data, "none")
+    r = make_reader(tmp_path)
+
+    async def main() -> None:
+        assert await r.read(entry, 0, 10) == data[:10]  # opened while whole
+        os.truncate(tmp_path / entry.url, 300)
+        assert await r.read(entry, 100, 10) == data[100:110]
+        with pytest.raises(CorruptError):
+            await r.read(entry, 295, 10)
+
+    trio.run(main)
+
+
+# --- Reader: Source lifetime -------------------------------------------------------------------
+
+
+def test_an_evicted_source_closes_only_after_its_read_in_flight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = os.urandom(FRAME * 2), os.urandom(FRAME * 2)
+    ea, eb = put(tmp_path, a), put(tmp_path, b)
+    r = make_reader(tmp_path, max_open=1)
+    entered, release = threading.Event(), threading.Event()
+    real = zstdseek.read_frame
+
+    def gated(f, frame, dctx=None):  # the first frame read waits until the test says so
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(10), "the test never released the read"
+        return real(f, frame, dctx)
+
+    monkeypatch.setattr(reader.zstdseek, "read_frame", gated)
+
+    async def main() -> None:
+        got: list[bytes] = []
+
+        async def read_a() -> None:
+            got.append(await r.read(ea, 1, 10))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(read_a)
+            try:
+                assert await trio.to_thread.run_sync(entered.wait, 10)
+                src_a = r._sources[r.key(ea)]
+                assert src_a.users == 1
+                assert await r.read(eb, 0, 5) == b[:5]  # opens b: a is evicted (max_open 1)
+                assert list(r._sources) == [r.key(eb)] and src_a.retired
+                assert src_a.fd >= 0 and fd_open(src_a.fd), "closed under a read in flight"
+            finally:
+                release.set()
+        assert got == [a[1:11]]
+        assert src_a.fd == -1 and src_a.users == 0
+
+    trio.run(main)
+    r.close()
+
+
+def test_an_idle_evicted_source_is_closed_at_once_and_close_closes_all(tmp_path: Path) -> None:
+    entries = [put(tmp_path, os.urandom(100 + i), "none") for i in range(3)]
+    r = make_reader(tmp_path, max_open=2)
+
+    opened = []
+
+    async def main() -> None:
+        for e in entries:
+            await r.read(e, 0, 1)
+            opened.append(r._sources[r.key(e)])
+
+    trio.run(main)
+    assert opened[0].retired and opened[0].fd == -1 and len(r._sources) == 2
+    fds = [s.fd for s in opened[1:]]
+    assert all(map(fd_open, fds))
+    r.close()
+    assert not r._sources and all(s.fd == -1 for s in opened)
