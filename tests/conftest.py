@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import functools
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,3 +40,93 @@ def narfs(tmp_path: Path) -> Narfs:
     n.root.mkdir()
     n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
     return n
+
+
+# --- What each test needs: `pytest -m "not nix and not fuse"` runs the pure layers alone, on a
+# machine with neither Nix nor FUSE. Worked out from the test modules' own imports, so the files
+# themselves carry no marks:
+# - `nix`: the test uses a fixture that builds store paths, or its module (or a test module it
+#   imports from) imports a Nix-running helper from nixtools/conftest or nixeval, or names a Nix
+#   command in a string (a subprocess argument or a script);
+# - `fuse`: its module imports tests/mounting.py (directly or through another test module) or
+#   names fusermount.
+# Files named t0_*/t1_* are the pure layers (S3QL's naming: the name says what a file needs); one
+# that comes out needing Nix or FUSE is a collection error, not a silently slower layer.
+
+MARK_NIX, MARK_FUSE = "nix", "fuse"
+NIX_FIXTURES = {"nixstore"}
+NIX_COMMANDS = {"nix", "nix-build", "nix-collect-garbage", "nix-copy-closure", "nix-daemon",
+                "nix-env", "nix-hash", "nix-instantiate", "nix-prefetch-url", "nix-shell",
+                "nix-store"}
+FUSE_COMMANDS = {"fusermount", "fusermount3"}
+# What tests import from tests/nixtools.py or conftest that runs no Nix; anything else does.
+NIX_FREE_HELPERS = {"MARK_FUSE", "MARK_NIX", "Narfs", "module_needs", "on_a_terminal",
+                    "rich_tree"}
+PURE_PREFIXES = ("t0_", "t1_")
+_WORDS = re.compile(r"[\s;|&()`'\"{}\[\]]+")
+
+
+def module_needs(path: Path) -> frozenset[str]:
+    """The marks test module `path` needs: its own and those of the test modules it imports
+    (looked up beside it), from their imports and their string constants."""
+    needs: set[str] = set()
+    seen: set[Path] = set()
+    todo = [path]
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.add(p)
+            own, imported = _direct_needs(p)
+            needs |= own
+            todo += imported
+    return frozenset(needs)
+
+
+@functools.cache
+def _direct_needs(path: Path) -> tuple[frozenset[str], tuple[Path, ...]]:
+    if path.stem == "mounting":
+        return frozenset({MARK_FUSE}), ()
+    if path.stem == "nixeval":
+        return frozenset({MARK_NIX}), ()
+    if not path.is_file():
+        return frozenset(), ()  # not a test helper: a library, or narfs itself
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {id(node.value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+    needs: set[str] = set()
+    imported: list[Path] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module in ("nixtools", "conftest"):
+                if {a.name for a in node.names} - NIX_FREE_HELPERS:
+                    needs.add(MARK_NIX)
+            else:
+                imported.append(path.with_name(f"{node.module}.py"))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "nixtools":
+                    needs.add(MARK_NIX)
+                else:
+                    imported.append(path.with_name(f"{alias.name}.py"))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and id(node) not in docstrings:
+            words = set(_WORDS.split(node.value))
+            if words & NIX_COMMANDS:
+                needs.add(MARK_NIX)
+            if words & FUSE_COMMANDS:
+                needs.add(MARK_FUSE)
+    return frozenset(needs), tuple(imported)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        needs = set(module_needs(item.path))
+        if NIX_FIXTURES & set(getattr(item, "fixturenames", ())):
+            needs.add(MARK_NIX)
+        if module.startswith(PURE_PREFIXES) and needs:
+            raise pytest.UsageError(f"{item.nodeid}: a {module[:2]} file is pure but this test "
+                                    f"needs {' and '.join(sorted(needs))}; move it to a "
+                                    "test_* file")
+        for mark in sorted(needs):
+            item.add_marker(mark)
