@@ -11,6 +11,7 @@ import bz2
 import gzip
 import hashlib
 import lzma
+import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -20,7 +21,8 @@ from . import nar, nix32
 from .errors import CorruptError, NarfsError
 
 CHUNK = 1 << 20
-_DECODE_ERRORS = (zstandard.ZstdError, lzma.LZMAError, EOFError, OSError, ValueError)
+# zlib.error is gzip's: damaged deflate data (neither an OSError nor a ValueError)
+_DECODE_ERRORS = (zstandard.ZstdError, lzma.LZMAError, zlib.error, EOFError, OSError, ValueError)
 
 
 def decompressing(f: BinaryIO, compression: str) -> BinaryIO:

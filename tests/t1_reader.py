@@ -442,6 +442,23 @@ def test_a_nar_that_disagrees_with_its_narinfo_is_corrupt(tmp_path: Path, case: 
     assert os.listdir(r.hot.dir) == []
 
 
+@pytest.mark.parametrize("kind", ["zstd-stream", "xz", "bzip2", "gzip"])
+def test_a_damaged_non_seekable_nar_is_corrupt_and_leaves_the_hot_tier_empty(
+        tmp_path: Path, kind: str) -> None:
+    data = b"".join(b"line %d of a compressible NAR\n" % i for i in range(300))
+    blob = bytearray(COMPRESS[kind][2](data))
+    blob[len(blob) // 3] ^= 0x55  # inside the compressed data, not a trailing checksum
+    entry = put(tmp_path, data, kind, blob=bytes(blob))
+    r = make_reader(tmp_path)
+
+    async def main() -> None:
+        with pytest.raises(CorruptError):
+            await r.read(entry, 0, 4)
+
+    trio.run(main)
+    assert os.listdir(r.hot.dir) == [] and r.hot.size == 0
+
+
 def test_a_truncated_uncompressed_nar_is_corrupt_at_the_read(tmp_path: Path) -> None:
     data = os.urandom(500)
     entry = put(tmp_path, data, "none")
