@@ -16,7 +16,7 @@ from typing import BinaryIO, Protocol
 from .errors import CorruptError, NarfsError
 
 MAGIC = b"nix-archive-1"
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # what streams of file contents and NARs move at a time
 MAX_NAME = 255  # NAME_MAX: no filesystem could hold a longer name
 MAX_TARGET = 4095  # PATH_MAX - 1
 MAX_DEPTH = 1024  # PATH_MAX bounds real trees far below this

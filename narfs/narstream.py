@@ -20,7 +20,6 @@ import zstandard
 from . import nar, nix32
 from .errors import CorruptError, NarfsError
 
-CHUNK = 1 << 20
 # zlib.error is gzip's: damaged deflate data (neither an OSError nor a ValueError)
 _DECODE_ERRORS = (zstandard.ZstdError, lzma.LZMAError, zlib.error, EOFError, OSError, ValueError)
 
@@ -46,7 +45,7 @@ def decompressing(f: BinaryIO, compression: str) -> BinaryIO:
 def decompressed_chunks(f: BinaryIO, compression: str) -> Iterator[bytes]:
     stream = decompressing(f, compression)
     try:
-        while data := stream.read(CHUNK):
+        while data := stream.read(nar.CHUNK):
             yield data
     except _DECODE_ERRORS as e:
         raise CorruptError(f"{compression} data is damaged: {e}") from None

@@ -36,7 +36,6 @@ from .zstdseek import SeekTable
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 HOT_SUFFIX = ".nar"
 HOT_TMP = ".tmp-"
 STALE_TMP = 3600  # a hot-tier temporary older than this belongs to no live fill
