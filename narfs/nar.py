@@ -11,7 +11,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterator
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from .errors import CorruptError, NarfsError
 
@@ -26,6 +26,16 @@ _U64 = struct.Struct("<Q")
 _FLUSH = 1 << 16
 
 Path = tuple[bytes, ...]
+
+
+class Readable(Protocol):
+    """What the parsers read from: a file, a decompressing stream, or narfs's own views."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+
+class SeekableReadable(Readable, Protocol):
+    def seek(self, pos: int, whence: int = 0, /) -> int: ...
 
 
 def _padding(n: int) -> int:
@@ -170,7 +180,7 @@ class NarVisitor(Protocol):
 
 
 class _Reader:
-    def __init__(self, stream: BinaryIO, limit: int | None) -> None:
+    def __init__(self, stream: Readable, limit: int | None) -> None:
         self.stream = stream
         self.offset = 0
         self.limit = limit  # total size when known: lets sizes be checked before reading
@@ -226,7 +236,7 @@ def check_name(name: bytes) -> None:
         raise CorruptError(f"NAR entry has an unsafe name {name[:64]!r}")
 
 
-def parse(stream: BinaryIO, visitor: NarVisitor, size: int | None = None) -> int:
+def parse(stream: Readable, visitor: NarVisitor, size: int | None = None) -> int:
     """Parse a whole NAR from `stream`, reporting to `visitor`; return the NAR's length.
 
     Iterative, so nesting depth costs no Python stack; depth is still capped at MAX_DEPTH.
@@ -365,7 +375,7 @@ class Validator(DepthGauge):
         self._saw(path)
 
 
-def listing_of(stream: BinaryIO, size: int | None = None) -> dict:
+def listing_of(stream: Readable, size: int | None = None) -> dict:
     """Parse a NAR stream into a `.ls` root node, validating it on the way."""
     builder = ListingBuilder()
     parse(stream, builder, size)

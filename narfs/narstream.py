@@ -13,7 +13,7 @@ import hashlib
 import lzma
 import zlib
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import IO, cast
 
 import zstandard
 
@@ -24,25 +24,26 @@ from .errors import CorruptError, NarfsError
 _DECODE_ERRORS = (zstandard.ZstdError, lzma.LZMAError, zlib.error, EOFError, OSError, ValueError)
 
 
-def decompressing(f: BinaryIO, compression: str) -> BinaryIO:
+def decompressing(f: nar.Readable, compression: str) -> nar.Readable:
     """A stream of the NAR inside cache file `f`: zstd (seekable or not: skippable frames are
     skipped), xz, bzip2, gzip or none."""
+    # The decompressors only ever call f.read(n); their stubs ask for a whole file object.
+    raw = cast(IO[bytes], f)
     if compression == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(  # type: ignore[return-value]
-            f, read_across_frames=True)
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
     if compression == "xz":
-        return lzma.LZMAFile(f)  # type: ignore[return-value]
+        return lzma.LZMAFile(raw)
     if compression == "bzip2":
-        return bz2.BZ2File(f)  # type: ignore[return-value]
+        return bz2.BZ2File(raw)
     if compression == "gzip":
-        return gzip.GzipFile(fileobj=f)  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=raw)
     if compression == "none":
         return f
     raise NarfsError(f"compression {compression!r} cannot be read by narfs itself; restore the "
                      "path into the store through Nix instead")
 
 
-def decompressed_chunks(f: BinaryIO, compression: str) -> Iterator[bytes]:
+def decompressed_chunks(f: nar.Readable, compression: str) -> Iterator[bytes]:
     stream = decompressing(f, compression)
     try:
         while data := stream.read(nar.CHUNK):
@@ -111,7 +112,7 @@ def parse_checked(chunks: Iterator[bytes], visitor: nar.NarVisitor, nar_size: in
     keep their output out of place until this returns.
     """
     stream = NarStream(chunks, nar_size)
-    nar.parse(stream, visitor, nar_size)  # type: ignore[arg-type]
+    nar.parse(stream, visitor, nar_size)
     stream.drain()
     stream.check(nar_size, nar_hash)
     return stream

@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import trio
 import zstandard
@@ -35,6 +36,7 @@ from .narstream import decompressed_chunks, parse_checked
 from .zstdseek import SeekTable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HOT_SUFFIX = ".nar"
 HOT_TMP = ".tmp-"
@@ -300,8 +302,8 @@ class Reader:
                 size = os.fstat(fd).st_size
                 # narfs's seekable NARs carry a seek table; Nix 2.35's independent frames can
                 # be indexed from their headers (nixversions); single-frame NARs cannot.
-                table = (zstdseek.read_table(_At(fd), size)  # type: ignore[arg-type]
-                         or zstdseek.index_frames(_At(fd), size))  # type: ignore[arg-type]
+                table = (zstdseek.read_table(_At(fd), size)
+                         or zstdseek.index_frames(_At(fd), size))
                 if table is not None:
                     if table.size != entry.nar_size:
                         raise CorruptError(f"seek table covers {table.size} bytes, NarSize "
@@ -314,7 +316,7 @@ class Reader:
                 return Source(key, fd, entry.nar_size, None)
 
             def produce(write: Callable[[bytes], None]) -> None:
-                for chunk in decompressed_chunks(_At(fd), entry.compression):  # type: ignore
+                for chunk in decompressed_chunks(_At(fd), entry.compression):
                     write(chunk)
 
             hot_fd = self.hot.open_sync(entry.nar_hash, entry.nar_size, produce)
@@ -328,8 +330,7 @@ class Reader:
                     pass
             raise
 
-    async def _once(self, key: tuple, get: Callable[[], object | None],
-                    make: Callable[[], object]) -> object:
+    async def _once(self, key: tuple, get: Callable[[], T | None], make: Callable[[], T]) -> T:
         """The value `get()` finds, else `make()`'s (run in a thread), never two makes of the
         same key at once: concurrent readers of one frame or NAR wait for the first."""
         while True:
@@ -356,7 +357,6 @@ class Reader:
         src = self._sources.get(key)
         if src is None:
             src = await self._once(("open", *key), lambda: self._sources.get(key), make)
-            assert isinstance(src, Source)
             if key not in self._sources:
                 self._sources[key] = src
                 while len(self._sources) > self.max_open:
@@ -402,7 +402,6 @@ class Reader:
             return src.frame_sync(index, self.stats)
 
         data = await self._once(key, lambda: self.frames.get(key), make)
-        assert isinstance(data, bytes)
         self.frames.put(key, data)
         return data
 
@@ -427,7 +426,7 @@ class Reader:
         # from bytes other than the ones the (signed) narinfo vouches for.
         compression = "none" if src.table is None else "zstd"  # the hot tier holds plain NARs
         builder = nar.ListingBuilder()
-        parse_checked(decompressed_chunks(_At(src.fd), compression),  # type: ignore[arg-type]
+        parse_checked(decompressed_chunks(_At(src.fd), compression),
                       builder, entry.nar_size, entry.nar_hash)
         return builder.root
 

@@ -24,6 +24,7 @@ import struct
 import sys
 from array import array
 from collections import deque
+from typing import TypeGuard
 
 from .errors import CorruptError
 from .nar import MAX_DEPTH, MAX_NAME, MAX_TARGET, check_name
@@ -151,10 +152,12 @@ class Tree:
                         nlink += 1
                 code = DIR
             elif kind == "regular":
-                size, offset = node.get("size"), node.get("narOffset")
-                if not _count(size) or not _count(offset) or offset + size > nar_size:
+                raw_size, raw_offset = node.get("size"), node.get("narOffset")
+                if not _count(raw_size) or not _count(raw_offset) \
+                        or raw_offset + raw_size > nar_size:
                     raise CorruptError("listing regular file without a valid size and "
                                        "narOffset inside the NAR")
+                size, offset = raw_size, raw_offset
                 executable = node.get("executable", False)
                 if executable not in (True, False):
                     raise CorruptError("listing executable flag is not a boolean")
@@ -255,5 +258,5 @@ class Tree:
         return [kind, self.sizes[0], self.nlinks[0]]
 
 
-def _count(value: object) -> bool:
+def _count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62

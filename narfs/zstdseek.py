@@ -19,6 +19,7 @@ from typing import BinaryIO
 import zstandard
 
 from .errors import CorruptError
+from .nar import SeekableReadable
 
 SKIPPABLE_MAGIC = 0x184D2A5E
 SEEKABLE_MAGIC = 0x8F92EAB1
@@ -60,7 +61,7 @@ def encode_table(sizes: list[tuple[int, int]]) -> bytes:
     return struct.pack("<II", SKIPPABLE_MAGIC, len(body)) + body
 
 
-def read_table(f: BinaryIO, file_size: int) -> SeekTable | None:
+def read_table(f: SeekableReadable, file_size: int) -> SeekTable | None:
     """The seek table at the end of `f`, or None when the file has none (plain zstd).
 
     Every number is checked against the file before use: a lying table raises CorruptError.
@@ -104,7 +105,7 @@ MAX_INDEXED_FRAMES = 1 << 20
 _BLOCK_HEADER = 3
 
 
-def index_frames(f: BinaryIO, file_size: int) -> SeekTable | None:
+def index_frames(f: SeekableReadable, file_size: int) -> SeekTable | None:
     """A seek table read off the frame headers of a zstd file made of independent frames that
     each declare their decompressed size, as Nix 2.35 writes NARs (16 MiB frames, no seek
     table); None when a frame does not declare its size or is too large to read one at a time.
@@ -158,7 +159,8 @@ def index_frames(f: BinaryIO, file_size: int) -> SeekTable | None:
     return SeekTable(frames)
 
 
-def read_frame(f: BinaryIO, frame: Frame, dctx: zstandard.ZstdDecompressor | None = None) -> bytes:
+def read_frame(f: SeekableReadable, frame: Frame,
+               dctx: zstandard.ZstdDecompressor | None = None) -> bytes:
     """Decompress one frame, insisting it yields exactly the size the table promises.
 
     Memory stays bounded by the table's size for the frame (at most MAX_FRAME): a frame header
@@ -186,7 +188,7 @@ def read_frame(f: BinaryIO, frame: Frame, dctx: zstandard.ZstdDecompressor | Non
     return out
 
 
-_COMPRESSORS = threading.local()  # per thread: (level, frame size) → ZstdCompressor
+_COMPRESSORS = threading.local()  # per thread: .cache, (level, frame size) → ZstdCompressor
 MAX_WINDOW_LOG = 27  # what zstd decoders accept without being told (--long, windowLogMax)
 
 
@@ -196,7 +198,10 @@ def _compressor(level: int, frame_size: int) -> zstandard.ZstdCompressor:
     Its window covers a whole frame: level 3 alone would use 2 MiB, which forgets matches in
     the second half of a 4 MiB frame (+2.7% size on /usr/include's NAR, and slower).
     """
-    cache = _COMPRESSORS.__dict__
+    cache: dict[tuple[int, int], zstandard.ZstdCompressor] | None = getattr(
+        _COMPRESSORS, "cache", None)
+    if cache is None:
+        cache = _COMPRESSORS.cache = {}
     cctx = cache.get((level, frame_size))
     if cctx is None:
         params = zstandard.ZstdCompressionParameters.from_level(level, source_size=frame_size)
@@ -230,7 +235,7 @@ class SeekableWriter:
         self.nar_size = 0
         self._buf = bytearray()
         self._sizes: list[tuple[int, int]] = []
-        self._pending: deque[Future[bytes]] = deque()
+        self._pending: deque[tuple[Future[bytes], int]] = deque()  # with decompressed sizes
 
     def _compress(self, data: bytes) -> bytes:
         return _compressor(self.level, self.frame_size).compress(data)
@@ -245,15 +250,13 @@ class SeekableWriter:
         if self.executor is None:
             self._emit(self._compress(frame), len(frame))
             return
-        fut = self.executor.submit(self._compress, frame)
-        fut.dsize = len(frame)  # type: ignore[attr-defined]
-        self._pending.append(fut)
+        self._pending.append((self.executor.submit(self._compress, frame), len(frame)))
         while len(self._pending) > self.threads:
             self._drain_one()
 
     def _drain_one(self) -> None:
-        fut = self._pending.popleft()
-        self._emit(fut.result(), fut.dsize)  # type: ignore[attr-defined]
+        fut, dsize = self._pending.popleft()
+        self._emit(fut.result(), dsize)
 
     def write(self, data: bytes) -> None:
         self.nar_size += len(data)
@@ -277,6 +280,6 @@ class SeekableWriter:
         self.size += len(table)
 
     def abort(self) -> None:
-        for fut in self._pending:
+        for fut, _ in self._pending:
             fut.cancel()
         self._pending.clear()
