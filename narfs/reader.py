@@ -15,9 +15,11 @@ Blocking work runs in worker threads: the methods named `*_sync` are the thread 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -155,16 +157,23 @@ class HotTier:
                 self._files.move_to_end(name)
         if known:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:  # evicted by another mount of the same cache
+                # O_NONBLOCK: a FIFO put in the file's place must not hang the worker thread.
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as e:
+                # Evicted by another mount of the same cache, or replaced by a symlink (ELOOP):
+                # absent either way, and the fill's rename replaces whatever is there.
+                if e.errno not in (errno.ENOENT, errno.ELOOP):
+                    raise
                 with self._lock:
                     self.size -= self._files.pop(name, 0)
             else:
-                if os.fstat(fd).st_size == nar_size:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size == nar_size:
                     os.utime(fd)  # the LRU order survives a remount through mtimes
                     return fd
                 os.close(fd)
-                log.warning("%s: hot-tier file has the wrong size; decompressing again", path)
+                log.warning("%s: hot-tier file is not a regular file of the NAR's size; "
+                            "decompressing again", path)
         with self._lock:
             self._make_room(nar_size)
         fd = self._fill(path, nar_hash, nar_size, produce)

@@ -262,6 +262,30 @@ def test_a_file_of_the_wrong_size_or_removed_by_another_mount_is_filled_again(
     assert hot.size == 100
 
 
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_a_hot_file_replaced_by_something_else_is_never_followed(tmp_path: Path,
+                                                                 kind: str) -> None:
+    hot = HotTier(str(tmp_path), 1000)
+    data = os.urandom(100)
+    name = tmp_path / (nar_hash(data).split(":")[-1] + ".nar")
+    read_fd(fill(hot, data))
+    name.unlink()
+    if kind == "symlink":
+        (tmp_path / "elsewhere").write_bytes(b"x" * 100)  # even of the right size
+        name.symlink_to(tmp_path / "elsewhere")
+    elif kind == "fifo":
+        os.mkfifo(name)  # opening it for reading would wait for a writer forever
+    else:
+        name.mkdir()
+    try:
+        fd = fill(hot, data)
+    except OSError:
+        assert kind == "directory", "only a directory cannot be replaced by the fill"
+        return
+    assert read_fd(fd) == data and hot.fills == 2
+    assert name.is_file() and not name.is_symlink()
+
+
 # --- Reader: every compression reads the same bytes --------------------------------------------
 
 
