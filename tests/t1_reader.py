@@ -7,6 +7,7 @@ directory in a tmp dir, with NARs built here. Each test takes milliseconds.
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -50,6 +51,9 @@ def seekable(data: bytes, frame: int = FRAME) -> bytes:
 COMPRESS: dict[str, tuple[str, str, Callable[[bytes], bytes]]] = {
     # kind → (narinfo Compression, file extension, compressor)
     "seekable": ("zstd", "zst", seekable),
+    # Independent frames that declare their sizes, no seek table: Nix 2.35's zstd NARs.
+    "zstd-frames": ("zstd", "zst", lambda d: b"".join(
+        zstandard.ZstdCompressor().compress(d[i:i + FRAME]) for i in range(0, len(d), FRAME))),
     # One zstd frame without a content size: neither a seek table nor frame headers index it.
     "zstd-stream": ("zstd", "zst",
                     lambda d: zstandard.ZstdCompressor(write_content_size=False).compress(d)),
@@ -305,13 +309,31 @@ def test_reads_return_the_nar_bytes_for_every_compression(tmp_path: Path, kind: 
                 (offset, size)
 
     trio.run(main)
-    if kind == "seekable":
+    if kind in ("seekable", "zstd-frames"):
         assert r.stats.frames_decompressed == len(data) // FRAME + 1, \
             "each frame is decompressed once, then served from the frame cache"
         assert r.hot.fills == 0
     elif kind != "none":
         assert r.hot.fills == 1
     r.close()
+
+
+@pytest.mark.parametrize("kind", ["seekable", "none"])
+def test_a_listing_is_built_only_from_the_nar_its_narinfo_vouches_for(tmp_path: Path,
+                                                                      kind: str) -> None:
+    entry = put(tmp_path, GOOD_TREE, kind)
+    other = GOOD_TREE.replace(b"good data", b"evil data")
+    # The narinfo vouches for GOOD_TREE's bytes, the file holds others of the same size.
+    liar = dataclasses.replace(put(tmp_path, other, kind), nar_hash=entry.nar_hash)
+    r = make_reader(tmp_path)
+
+    async def main() -> None:
+        assert await r.listing(entry) == listing_of(io.BytesIO(GOOD_TREE), len(GOOD_TREE))
+        with pytest.raises(CorruptError):
+            await r.listing(liar)
+
+    trio.run(main)
+    assert all(s.users == 0 for s in r._sources.values())
 
 
 def test_listing_of_a_hot_tier_nar_reuses_the_fill(tmp_path: Path) -> None:
