@@ -46,8 +46,8 @@ def narfs(tmp_path: Path) -> Narfs:
 # machine with neither Nix nor FUSE. Worked out from the test modules' own imports, so the files
 # themselves carry no marks:
 # - `nix`: the test uses a fixture that builds store paths, or its module (or a test module it
-#   imports from) imports a Nix-running helper from nixtools/conftest or nixeval, or names a Nix
-#   command in a string (a subprocess argument or a script);
+#   imports from) imports a Nix-running helper from nixtools/conftest or nixeval, names a Nix
+#   command in a string (a subprocess argument or a script), or a narfs command that runs Nix;
 # - `fuse`: its module imports tests/mounting.py (directly or through another test module) or
 #   names fusermount.
 # Files named t0_*/t1_* are the pure layers (S3QL's naming: the name says what a file needs); one
@@ -58,6 +58,8 @@ NIX_FIXTURES = {"nixstore"}
 NIX_COMMANDS = {"nix", "nix-build", "nix-collect-garbage", "nix-copy-closure", "nix-daemon",
                 "nix-env", "nix-hash", "nix-instantiate", "nix-prefetch-url", "nix-shell",
                 "nix-store"}
+# narfs commands that run Nix themselves (narfs("archive", ...) in a test needs Nix too).
+NIX_RUNNING_NARFS_COMMANDS = {"archive", "restore", "verify", "watch"}
 FUSE_COMMANDS = {"fusermount", "fusermount3"}
 # What tests import from tests/nixtools.py or conftest that runs no Nix; anything else does.
 NIX_FREE_HELPERS = {"MARK_FUSE", "MARK_NIX", "Narfs", "module_needs", "on_a_terminal",
@@ -111,7 +113,7 @@ def _direct_needs(path: Path) -> tuple[frozenset[str], tuple[Path, ...]]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
                 and id(node) not in docstrings:
             words = set(_WORDS.split(node.value))
-            if words & NIX_COMMANDS:
+            if words & NIX_COMMANDS or node.value in NIX_RUNNING_NARFS_COMMANDS:
                 needs.add(MARK_NIX)
             if words & FUSE_COMMANDS:
                 needs.add(MARK_FUSE)

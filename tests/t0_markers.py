@@ -28,6 +28,9 @@ HELPERS = {
     ("import subprocess\nsubprocess.run(['n@ix-store', '--version'])\n", {MARK_NIX}),
     ("SCRIPT = '''set -e\nexec n@ix-build -E \"x\"'''\n", {MARK_NIX}),
     ("X = f'n@ix {1} copy'\n", {MARK_NIX}),
+    ("from conftest import Narfs\n\ndef test(narfs):\n    narfs('archive', '--all')\n",
+     {MARK_NIX}),  # narfs archive runs nix path-info
+    ("from conftest import Narfs\n\ndef test(narfs):\n    narfs('ls')\n", set()),
     ("from mounting import mounted\n", {MARK_FUSE}),
     ("def test():\n    from mounting import mounted\n", {MARK_FUSE}),
     ("TOOLS = ('f@usermount3', 'zstd')\n", {MARK_FUSE}),
