@@ -290,6 +290,30 @@ def test_a_hot_file_replaced_by_something_else_is_never_followed(tmp_path: Path,
     assert name.is_file() and not name.is_symlink()
 
 
+def test_fills_from_many_threads_keep_the_books_and_the_bound(tmp_path: Path) -> None:
+    hot = HotTier(str(tmp_path), 1000)
+    nars = [bytes([i]) * (50 + 10 * (i % 7)) for i in range(40)]
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for j in range(30):
+                d = nars[(k * 7 + j) % len(nars)]
+                assert read_fd(fill(hot, d)) == d
+        except BaseException as e:  # surfaced below: a thread's failure is the test's
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and not any(t.is_alive() for t in threads)
+    on_disk = {n: os.path.getsize(tmp_path / n) for n in hot_names(hot)}
+    assert on_disk == dict(hot._files), "the tier's books match the directory"
+    assert hot.size == sum(on_disk.values()) <= hot.limit
+
+
 # --- Reader: every compression reads the same bytes --------------------------------------------
 
 
