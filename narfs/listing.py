@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import TypeGuard
 
 from .errors import CorruptError
 from .nar import MAX_DEPTH, MAX_NAME, MAX_TARGET
@@ -50,7 +51,7 @@ def parse(data: bytes, nar_size: int | None = None) -> dict:
                 stack.append((child, depth + 1))
         elif kind == "regular":
             size, offset = node.get("size"), node.get("narOffset")
-            if not _count(size) or (offset is not None and not _count(offset)):
+            if not is_count(size) or (offset is not None and not is_count(offset)):
                 raise CorruptError("listing regular file without a valid size")
             if nar_size is not None and offset is not None and offset + size > nar_size:
                 raise CorruptError("listing points a file outside its NAR")
@@ -58,15 +59,17 @@ def parse(data: bytes, nar_size: int | None = None) -> dict:
                 raise CorruptError("listing executable flag is not a boolean")
         elif kind == "symlink":
             target = node.get("target")
-            if not isinstance(target, str) or not target or len(target) > MAX_TARGET \
-                    or "\0" in target:
+            if not isinstance(target, str) or not target or "\0" in target \
+                    or len(target.encode("utf-8", "surrogateescape")) > MAX_TARGET:
                 raise CorruptError("listing symlink without a valid target")
         else:
             raise CorruptError(f"listing node of unknown type {str(kind)[:20]!r}")
     return root
 
 
-def _count(value: object) -> bool:
+def is_count(value: object) -> TypeGuard[int]:
+    """A size or offset from untrusted JSON: an int (not a bool), non-negative, far from
+    overflowing anything it is added to."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
 
 

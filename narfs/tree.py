@@ -24,9 +24,9 @@ import struct
 import sys
 from array import array
 from collections import deque
-from typing import TypeGuard
 
 from .errors import CorruptError
+from .listing import is_count
 from .nar import MAX_DEPTH, MAX_NAME, MAX_TARGET, check_name
 
 INDEX_BITS = 24
@@ -153,7 +153,7 @@ class Tree:
                 code = DIR
             elif kind == "regular":
                 raw_size, raw_offset = node.get("size"), node.get("narOffset")
-                if not _count(raw_size) or not _count(raw_offset) \
+                if not is_count(raw_size) or not is_count(raw_offset) \
                         or raw_offset + raw_size > nar_size:
                     raise CorruptError("listing regular file without a valid size and "
                                        "narOffset inside the NAR")
@@ -256,7 +256,3 @@ class Tree:
         if kind == LNK:
             return [kind, 0, self.targets[0].decode("utf-8", "surrogateescape")]
         return [kind, self.sizes[0], self.nlinks[0]]
-
-
-def _count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from narfs import nix32, tree
+from narfs import listing, nix32, tree
 from narfs.errors import CorruptError
 from narfs.nar import MAX_DEPTH, MAX_NAME, MAX_TARGET
 from narfs.tree import (
@@ -269,3 +269,25 @@ def test_every_damage_to_a_compact_tree_is_corrupt_or_harmless() -> None:
                     assert name and b"/" not in name and name not in (b".", b"..")
             if got.kinds[i] == LNK:
                 assert got.targets[i]
+
+
+@pytest.mark.parametrize("node", [
+    {"type": "symlink", "target": "é" * (MAX_TARGET // 2 + 1)},  # bytes, not characters
+    d(**{"é" * (MAX_NAME // 2 + 1): reg()}),
+    {"type": "regular", "size": 1, "narOffset": 100},
+    {"type": "regular", "size": False, "narOffset": 0},
+])
+def test_listing_parse_refuses_what_a_tree_refuses(node: dict) -> None:
+    """A `.ls` file is read by listing.parse, then built into a Tree: the first refuses, with
+    the same limits, what the second would."""
+    with pytest.raises(CorruptError):
+        Tree.build(h_of(14), 1, node, 100)
+    with pytest.raises(CorruptError):
+        listing.parse(listing.render(node), 100)
+
+
+def test_listing_parse_accepts_what_a_tree_accepts() -> None:
+    node = d(**{"é" * (MAX_NAME // 2): reg(60, 40)},
+             link={"type": "symlink", "target": "é" * (MAX_TARGET // 2)})
+    assert listing.parse(listing.render(node), 100) == node
+    assert len(Tree.build(h_of(15), 1, node, 100)) == 3
