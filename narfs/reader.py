@@ -270,6 +270,14 @@ class Source:
             self.fd = -1
 
 
+class _Flight:
+    """One make in progress: waiters wait for `done`, then find the value or share `error`."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: str | None = None
+
+
 _local = threading.local()
 
 
@@ -293,7 +301,7 @@ class Reader:
         self.max_open = max_open
         self.stats = Stats()
         self._sources: OrderedDict[tuple, Source] = OrderedDict()
-        self._inflight: dict[tuple, trio.Event] = {}
+        self._inflight: dict[tuple, _Flight] = {}
 
     @staticmethod
     def key(entry: Entry) -> tuple:
@@ -341,21 +349,27 @@ class Reader:
 
     async def _once(self, key: tuple, get: Callable[[], T | None], make: Callable[[], T]) -> T:
         """The value `get()` finds, else `make()`'s (run in a thread), never two makes of the
-        same key at once: concurrent readers of one frame or NAR wait for the first."""
+        same key at once: concurrent readers of one frame or NAR wait for the first, and share
+        its CorruptError too (a damaged NAR is not decompressed again for each of them)."""
         while True:
             value = get()
             if value is not None:
                 return value
-            event = self._inflight.get(key)
-            if event is None:
+            flight = self._inflight.get(key)
+            if flight is None:
                 break
-            await event.wait()
-        event = self._inflight[key] = trio.Event()
+            await flight.done.wait()
+            if flight.error is not None:
+                raise CorruptError(flight.error)
+        flight = self._inflight[key] = _Flight()
         try:
             return await trio.to_thread.run_sync(make, limiter=self.limiter)
+        except CorruptError as e:
+            flight.error = str(e)
+            raise
         finally:
             del self._inflight[key]
-            event.set()
+            flight.done.set()
 
     async def source(self, entry: Entry) -> Source:
         key = self.key(entry)

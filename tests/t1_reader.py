@@ -411,13 +411,22 @@ def test_concurrent_reads_of_a_non_seekable_nar_fill_the_hot_tier_once(tmp_path:
     assert r.hot.fills == 1 and len(r._sources) == 1 and not r._inflight
 
 
-def test_a_failed_load_wakes_its_waiters_and_is_retried(tmp_path: Path) -> None:
+def test_a_failed_load_is_shared_by_its_waiters_and_retried_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = os.urandom(FRAME * 3)
     blob = bytearray(seekable(data))
     blob[20] ^= 0xFF  # damage the first frame's compressed bytes
     entry = put(tmp_path, data, blob=bytes(blob))
     r = make_reader(tmp_path, tokens=8)
     errors: list[Exception] = []
+    attempts = []
+    real = zstdseek.read_frame
+
+    def counted(f, frame, dctx=None):
+        attempts.append(frame.offset)
+        return real(f, frame, dctx)
+
+    monkeypatch.setattr(reader.zstdseek, "read_frame", counted)
 
     async def main() -> None:
         async def one() -> None:
@@ -432,8 +441,12 @@ def test_a_failed_load_wakes_its_waiters_and_is_retried(tmp_path: Path) -> None:
                     n.start_soon(one)
         assert await r.read(entry, FRAME * 2, 5) == data[FRAME * 2:FRAME * 2 + 5]
 
+        with pytest.raises(CorruptError):  # a later read tries again (the file may be fixed)
+            await r.read(entry, 0, 10)
+
     trio.run(main)
     assert len(errors) == 5, "every reader of the damaged frame gets the error"
+    assert attempts == [0, FRAME * 2, 0], "concurrent readers share one attempt"
     assert not r._inflight and r.frames.size == FRAME
 
 
