@@ -92,7 +92,7 @@ def _direct_needs(path: Path) -> tuple[frozenset[str], tuple[Path, ...]]:
         return frozenset({MARK_NIX}), ()
     if not path.is_file():
         return frozenset(), ()  # not a test helper: a library, or narfs itself
-    tree = ast.parse(path.read_text(), str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     docstrings = {id(node.value) for node in ast.walk(tree)
                   if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
     needs: set[str] = set()
