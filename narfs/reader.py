@@ -11,6 +11,19 @@
 Every NAR is untrusted: a damaged frame, a seek table that lies, a NAR shorter or longer than its
 narinfo says, raise CorruptError, which the filesystem turns into EIO for that read only.
 Blocking work runs in worker threads: the methods named `*_sync` are the thread side.
+
+Concurrency rules (tests/t1_reader.py holds each to a test):
+- Only the trio thread touches Reader._sources, Reader._inflight, the FrameCache and
+  Source.users/retired; they have no lock.
+- Worker threads run make() of `_once`, Source.*_sync (pread only: no shared file position),
+  HotTier (its own lock) and Stats.add (its own lock), and nothing else of the Reader.
+- Stretches without a checkpoint are relied on: in read() and listing(), from `source()`
+  returning to `src.users += 1` (else the source could be evicted and closed in between); in
+  source() and _frame(), from `_once` returning to storing its value (waiters wake then, and
+  must find it).
+Checklist for a change here: no `await` inside those stretches; a new blocking call goes to a
+worker thread; a new shared structure is either trio-thread only or locked; a new cache has a
+bound and a test of it in tests/t1_reader.py.
 """
 
 from __future__ import annotations
