@@ -12,7 +12,8 @@ Every NAR is untrusted: a damaged frame, a seek table that lies, a NAR shorter o
 narinfo says, raise CorruptError, which the filesystem turns into EIO for that read only.
 Blocking work runs in worker threads: the methods named `*_sync` are the thread side.
 
-Concurrency rules (tests/t1_reader.py holds each to a test):
+Concurrency rules (tests/t1_reader.py tests what they give: single-flight loads, a source
+closed only after its last read, bounded caches):
 - Only the trio thread touches Reader._sources, Reader._inflight, the FrameCache and
   Source.users/retired; they have no lock.
 - Worker threads run make() of `_once`, Source.*_sync (pread only: no shared file position),
