@@ -16,8 +16,8 @@ Concurrency rules (tests/t1_reader.py tests what they give: single-flight loads,
 closed only after its last read, bounded caches):
 - Only the trio thread touches Reader._sources, Reader._inflight, the FrameCache and
   Source.users/retired; they have no lock.
-- Worker threads run make() of `_once`, Source.*_sync (pread only: no shared file position),
-  HotTier (its own lock) and Stats.add (its own lock), and nothing else of the Reader.
+- Worker threads run the `*_sync` methods (preads only: no shared file position), which use
+  the Cache, HotTier (its own lock) and Stats.add (its own lock), and nothing else of the Reader.
 - Stretches without a checkpoint are relied on: in read() and listing(), from `source()`
   returning to `src.users += 1` (else the source could be evicted and closed in between); in
   source() and _frame(), from `_once` returning to storing its value (waiters wake then, and
