@@ -159,6 +159,7 @@ class HotTier:
         for _, name, size in sorted(found):
             self._files[name] = size
             self.size += size
+        self._make_room(0)  # the limit may have been lowered since the last mount
 
     def open_sync(self, nar_hash: str, nar_size: int,
                   produce: Callable[[Callable[[bytes], None]], None]) -> int:

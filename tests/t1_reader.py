@@ -217,11 +217,18 @@ def test_hot_tier_restart_scan(tmp_path: Path) -> None:
     assert hot.size <= hot.limit and (tmp_path / ("x" * 52 + ".nar")).is_symlink()
 
 
-def test_a_smaller_limit_after_restart_is_kept_by_the_next_fill(tmp_path: Path) -> None:
+def test_a_limit_lowered_before_a_restart_is_kept_at_once(tmp_path: Path) -> None:
     old = HotTier(str(tmp_path), 1000)
-    for i in range(5):
-        read_fd(fill(old, bytes([i]) * 100))
+    nars = [bytes([i]) * 100 for i in range(5)]
+    for d in nars:
+        read_fd(fill(old, d))
+    now = time.time()
+    for i, d in enumerate(nars):  # oldest use first
+        name = tmp_path / (nar_hash(d).split(":")[-1] + ".nar")
+        os.utime(name, (now - 100 + i, now - 100 + i))
     hot = HotTier(str(tmp_path), 250)
+    assert hot.size == 200 and hot_names(hot) == {
+        nar_hash(d).split(":")[-1] + ".nar" for d in nars[3:]}, "the newest used stay"
     read_fd(fill(hot, b"n" * 100))
     assert hot.size <= 250
     assert sum(os.path.getsize(tmp_path / n) for n in hot_names(hot)) == hot.size
