@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import AsyncIterator
 
 import pyfuse3
 import trio
@@ -43,6 +44,9 @@ FLUSH_ACCESS = 10.0
 LOG_NAME = "mount.log"
 LOG_MAX = 8 << 20
 KNOWN_OPTIONS = {"allow_other"}
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def fuse_options(cache_root: str, allow_other: bool) -> set[str]:
@@ -177,19 +181,29 @@ async def _serve(cache: Cache, catalog: Catalog, settings: Settings, mountpoint:
     await fs.start()
     if not fs.paths:  # a new catalog: fill it first, so the mount does not come up empty
         await fs.refresh()
-    try:
-        pyfuse3.init(fs, mountpoint, fuse_options(cache.root, allow_other))
-    except RuntimeError:
-        raise NarfsError(f"{mountpoint}: mounting failed (is /dev/fuse available and "
-                         "fusermount3 installed? allow_other needs user_allow_other in "
-                         "/etc/fuse.conf for non-root users)") from None
-    log.info("mounted %s on %s", cache.root, mountpoint)
+    # Signals are caught from before the mount exists: a SIGTERM in the first instants (a
+    # service stopped while starting) must unmount, not kill the process and leave the
+    # mount point dead ("Transport endpoint is not connected").
+    with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGUSR1) as signals:
+        try:
+            pyfuse3.init(fs, mountpoint, fuse_options(cache.root, allow_other))
+        except RuntimeError:
+            raise NarfsError(f"{mountpoint}: mounting failed (is /dev/fuse available and "
+                             "fusermount3 installed? allow_other needs user_allow_other in "
+                             "/etc/fuse.conf for non-root users)") from None
+        log.info("mounted %s on %s", cache.root, mountpoint)
+        return await _run(fs, reader, notifier, signals, mountpoint, cache.root)
+
+
+async def _run(fs: NarFS, reader: Reader, notifier: Notifier, signals: AsyncIterator[int],
+               mountpoint: str, root: str) -> int:
+    """The FUSE loop and its helper tasks, until unmounted or signalled; then unmount."""
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_fuse_main, nursery)
             nursery.start_soon(_announce, mountpoint, notifier)
-            nursery.start_soon(_signals, fs, notifier)
-            nursery.start_soon(_keep_in_step, fs, cache.root)
+            nursery.start_soon(_signals, signals, fs, notifier)
+            nursery.start_soon(_keep_in_step, fs, root)
             nursery.start_soon(_flush_access, fs)
     finally:
         with trio.CancelScope(shield=True):
@@ -210,25 +224,25 @@ async def _fuse_main(nursery: trio.Nursery) -> None:
 
 async def _announce(mountpoint: str, notifier: Notifier) -> None:
     """Ready once a stat through the kernel is answered by this process's loop."""
-    st = await trio.to_thread.run_sync(os.stat, mountpoint)
+    # Abandoned on cancel: when the loop ends before this stat is answered, nothing will answer
+    # it until the unmount, which must not wait for it.
+    st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
     if st.st_ino != pyfuse3.ROOT_INODE:
         log.warning("%s: mount point does not show the mount's root", mountpoint)
     notifier.send("READY=1", f"STATUS=serving {mountpoint}")
 
 
-async def _signals(fs: NarFS, notifier: Notifier) -> None:
+async def _signals(signals: AsyncIterator[int], fs: NarFS, notifier: Notifier) -> None:
     """SIGTERM, SIGINT, SIGHUP: unmount. SIGUSR1: log the read path's counters (frames
     decompressed, cache sizes, ...) as one JSON line, for tests, benchmarks and debugging."""
-    stop = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    with trio.open_signal_receiver(*stop, signal.SIGUSR1) as signals:
-        async for signum in signals:
-            if signum == signal.SIGUSR1:
-                log.info("stats %s", json.dumps(fs.stats(), sort_keys=True))
-                continue
-            log.info("%s: unmounting", signal.Signals(signum).name)
-            notifier.send("STOPPING=1")
-            pyfuse3.terminate()
-            return
+    async for signum in signals:
+        if signum == signal.SIGUSR1:
+            log.info("stats %s", json.dumps(fs.stats(), sort_keys=True))
+            continue
+        log.info("%s: unmounting", signal.Signals(signum).name)
+        notifier.send("STOPPING=1")
+        pyfuse3.terminate()  # main() returns, even when it has not started yet
+        return
 
 
 async def _flush_access(fs: NarFS) -> None:

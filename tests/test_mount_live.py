@@ -184,3 +184,17 @@ def test_access_times_are_flushed_on_every_unmount(narfs: Narfs, nixstore: NixSt
         assert m.proc.wait(timeout=10) == 0
     with Catalog(Cache(str(narfs.cache))) as catalog:
         assert catalog.access.get(os.path.basename(p)[:32], 0) > 0
+
+
+def test_sigterm_right_after_mounting_ends_the_process(narfs: Narfs, tmp_path: Path) -> None:
+    """A SIGTERM that ends the loop before the mount's own readiness stat is answered: that
+    stat's thread must not keep the process (and the unmount) waiting forever."""
+    for _ in range(5):
+        with mounted(narfs, tmp_path / "mnt", wait=False) as m:
+            deadline = time.monotonic() + 30
+            while not is_mounted(m.path):
+                assert m.proc.poll() is None and time.monotonic() < deadline, m.log()
+                time.sleep(0.001)
+            m.proc.send_signal(signal.SIGTERM)
+            assert m.proc.wait(timeout=10) == 0, m.log()
+            assert not is_mounted(m.path)
