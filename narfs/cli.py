@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true", help="stay attached (for systemd)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
                    help="mount options: allow_other")
+    p.add_argument("--fuse-mode", dest="fuse_mode", choices=("auto", "fast", "stock"),
+                   help="fast: zero-message opens and cached directories (needs pyfuse3 with "
+                   "narfs's patch); stock: what stock pyfuse3 allows; auto (default): fast "
+                   "when available")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
     p = sub.add_parser("umount", help="unmount a narfs mount")
@@ -245,7 +249,8 @@ def user_error(group: BaseExceptionGroup) -> BaseException:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
-    overrides = {k: getattr(args, k, None) for k in ("cache_dir", "secret_key_file", "roots_dir")}
+    overrides = {k: getattr(args, k, None) for k in ("cache_dir", "secret_key_file", "roots_dir",
+                                                     "fuse_mode")}
     try:
         try:
             settings = config.load(overrides, must_exist=args.command != "init")

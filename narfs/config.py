@@ -28,6 +28,10 @@ class Settings:
     hot_tier_mb: int = 4096  # decompressed non-seekable NARs the mount keeps on disk
     parallel_paths: int = 4  # store paths `narfs watch` archives at once
     allow_other: bool = False
+    fuse_mode: str = "auto"  # auto | fast | stock: see `narfs mount --fuse-mode`
+    # Seconds: the mount drops the kernel's cached contents of the files read this often, so a
+    # path in steady use keeps being recorded as accessed for gc (README: what counts as use).
+    access_window: int = 3600
     public_key: str = ""  # trusted key for restore/verify; default: derived from the secret key
 
     @property
@@ -76,6 +80,10 @@ def load(overrides: dict[str, object] | None = None, must_exist: bool = True) ->
         settings = replace(settings, **{key: value})
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     settings = replace(settings, **given)
+    if not 1 <= settings.access_window <= 1 << 31:
+        raise NarfsError(f"{path}: access_window must be between 1 and {1 << 31} seconds")
+    if settings.fuse_mode not in ("auto", "fast", "stock"):
+        raise NarfsError(f"{path}: fuse_mode must be auto, fast or stock")
     if not 4096 <= settings.frame_size <= 1 << 30:
         raise NarfsError(f"{path}: frame_size must be between 4096 and 1073741824 bytes")
     return settings

@@ -11,7 +11,23 @@ Layout of a mount:
 Inodes are derived from store path hashes (see tree.py), so they survive remounts. Contents are
 immutable: entries and attributes carry long timeouts, files open with keep_cache, and readdir
 returns attributes (readdirplus). Only the root and `.by-name` change, as paths are archived or
-retired; `refresh` applies those changes and tells the kernel to drop what disappeared.
+retired; `refresh` applies those changes and tells the kernel to drop what disappeared and to
+forget its cached listings and `latest` targets of the directories that changed.
+
+Two modes, chosen when the mount starts (`fast_capable`, `NarFS.fast`):
+- fast (pyfuse3 with narfs's patch, patches/pyfuse3-fast.patch): open and opendir answer ENOSYS,
+  so the kernel opens files and directories without asking narfs, never sends RELEASE, keeps
+  file contents and directory listings in its page cache, and caches symlink targets. READ and
+  READDIR then carry the inode in place of a file handle. A warm `grep -r` sends no requests.
+- stock (pyfuse3 as PyPI ships it): open hands out a file handle per open file, opendir returns
+  the inode as the handle; every open and listing is a round trip through Python.
+
+Access records for gc: a path counts as used when narfs serves a READ of one of its files
+(restore records its own). Listings, lookups, stat, readlink and opens do not count, so indexers
+(updatedb, backup tools walking the tree) keep nothing alive. The kernel serves repeated reads
+from its page cache without asking narfs; so that a path in steady use keeps being recorded, the
+contents of files read are dropped from the kernel's cache once per ACCESS_WINDOW (`expire`),
+and the next read after that reaches narfs again.
 
 Lookup counts: every entry handed to the kernel (lookup, readdir_reply that returned True) adds
 one to its path's count, `forget` subtracts; a path's tree may be dropped once its count is zero
@@ -23,8 +39,10 @@ connection. `ls -l` asks for three per file (ACLs, SELinux); a round trip throug
 would make a large listing ten times slower than the local disk.
 
 Every handler turns unexpected exceptions into EIO with a log line: pyfuse3 only catches
-FUSEError, and anything else would end the mount. Blocking work runs in worker threads: sqlite
-under `db_limiter` (one at a time), NAR and listing work under the reader's limiter.
+FUSEError, and anything else would end the mount. Every request that reaches a handler is counted
+per operation (`stats()["requests"]`), so tests can show what the kernel still asks. Blocking
+work runs in worker threads: sqlite under `db_limiter` (one at a time), NAR and listing work
+under the reader's limiter.
 """
 
 from __future__ import annotations
@@ -36,7 +54,7 @@ import logging
 import os
 import stat
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -66,7 +84,7 @@ from .tree import (
 log = logging.getLogger(__name__)
 
 FOREVER = 86400.0  # kernel cache timeout for immutable entries (store path contents)
-SHORT = 1.0  # the by-name view and the root change as paths come and go
+SHORT = 1.0  # stock mode: the by-name view and the root change as paths come and go
 STORE_MTIME_NS = 1_000_000_000  # Nix sets every mtime in the store to 1
 BLKSIZE = 128 << 10  # matches FUSE's largest read, so tools read in big chunks
 IDLE_NODES = 500_000  # nodes of trees the kernel no longer references, kept for reuse
@@ -76,6 +94,7 @@ TREE_FILE_MIN = 1000  # nodes: smaller trees build from their listing in a milli
 BYNAME = b".by-name"
 LATEST = b"latest"
 MAX_LOGGED = 1000
+MAX_READ_INODES = 1_000_000  # files whose cached contents `expire` drops, per window
 
 _MODES = {DIR: stat.S_IFDIR | 0o555, REG: stat.S_IFREG | 0o444, EXE: stat.S_IFREG | 0o555,
           LNK: stat.S_IFLNK | 0o777}
@@ -87,8 +106,11 @@ def _guard(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """FUSEError passes; damaged input becomes EIO with one log line; anything else EIO with a
     traceback, because pyfuse3 would end the mount on it."""
 
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self: NarFS, *args: Any) -> T:
+        self.requests[name] += 1
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -101,6 +123,12 @@ def _guard(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+def fast_capable() -> bool:
+    """Whether this pyfuse3 carries narfs's patch: the inode reaches read and readdir when open
+    and opendir answer ENOSYS, and FileInfo has cache_readdir (the patch adds both at once)."""
+    return hasattr(pyfuse3.FileInfo(), "cache_readdir")
 
 
 def version_name(archived: float, h: str) -> bytes:
@@ -148,8 +176,15 @@ class NarFS(pyfuse3.Operations):
     supports_dot_lookup = False  # no NFS export: `..` lookups never come
 
     def __init__(self, cache: Cache, catalog: Catalog, reader: Reader,
-                 db_limiter: trio.CapacityLimiter) -> None:
+                 db_limiter: trio.CapacityLimiter, fast: bool = False) -> None:
         super().__init__()
+        self.fast = fast
+        # The root and `.by-name` change as paths come and go. `refresh` invalidates what
+        # changed, which the fast mode relies on alone: its listings are cached until then.
+        self.dynamic_timeout = FOREVER if fast else SHORT
+        # Read by the patched pyfuse3 at init; `latest` targets change, and `refresh` tells
+        # the kernel when (an attribute stock pyfuse3 ignores).
+        self.enable_symlink_caching = fast
         self.cache = cache
         self.catalog = catalog
         self.reader = reader
@@ -166,7 +201,10 @@ class NarFS(pyfuse3.Operations):
         self.idle_nodes = 0
         self.broken: dict[str, str] = {}  # paths whose listing cannot be had → why
         self.accessed: set[str] = set()  # paths read since the last flush (for gc)
-        self.handles: dict[int, tuple[Entry, int, int]] = {}  # fh → (entry, narOffset, size)
+        self.read_inodes: set[int] = set()  # files read since the last `expire`
+        self.handles: dict[int, int] = {}  # stock mode: fh → inode
+        self.requests: Counter[str] = Counter()
+        self.live = False  # set by the mount layer while the FUSE session exists
         self._next_fh = 1
         self._loading: dict[str, trio.Event] = {}
         self._logged: set[str] = set()
@@ -218,10 +256,10 @@ class NarFS(pyfuse3.Operations):
 
     def _dir_attr(self, ino: int, mtime_ns: int) -> pyfuse3.EntryAttributes:
         # nlink 1 on the dynamic directories: "not counted", as btrfs does; find copes.
-        return self._attr(ino, DIR, 0, 1, mtime_ns, SHORT)
+        return self._attr(ino, DIR, 0, 1, mtime_ns, self.dynamic_timeout)
 
     def _link_attr(self, ino: int, target: bytes, archived: float) -> pyfuse3.EntryAttributes:
-        return self._attr(ino, LNK, len(target), 1, int(archived * 1e9), SHORT)
+        return self._attr(ino, LNK, len(target), 1, int(archived * 1e9), self.dynamic_timeout)
 
     def _ref(self, h: str, n: int = 1) -> None:
         count = self.refs.get(h, 0)
@@ -286,8 +324,10 @@ class NarFS(pyfuse3.Operations):
         `only`) and the mount in step with the catalog; returns (added, removed) counts."""
         added, removed = await self.db(self.catalog.sync, only)
         gone: list[tuple[int, bytes, int]] = []
+        touched: set[str] = set()  # names whose versions changed
         for h in removed:
             if h in self.paths:
+                touched.add(self.paths[h].name)
                 gone += self._remove(h)
         news = await self.db(lambda: [(h, self.catalog.get(h)) for h in added])
         bulk = len(news) > BULK  # sort once rather than insert 100,000 times into a list
@@ -298,15 +338,37 @@ class NarFS(pyfuse3.Operations):
                 gone += self._remove(h)
             self.broken.pop(h, None)
             self._add(h, entry.name, entry.archived, None, sort=not bulk)
+            touched.add(self.paths[h].name)
         if bulk:
             self._sort()
         if added or removed:
             self.changed_ns = time.time_ns()
             log.info("catalog: %d paths added, %d retired; %d archived", len(added),
                      len(removed), len(self.paths))
-        for parent, name, ino in gone:
-            pyfuse3.invalidate_entry_async(parent, name, deleted=ino, ignore_enoent=True)
+        if self.live:
+            for parent, name, ino in gone:
+                pyfuse3.invalidate_entry_async(parent, name, deleted=ino, ignore_enoent=True)
+            if touched:
+                await self._invalidate_listings(touched)
         return len(added), len(removed)
+
+    async def _invalidate_listings(self, names: set[str]) -> None:
+        """The kernel may hold the old listings of the root, `.by-name` and the changed names'
+        directories (cached in fast mode), and old `latest` targets: drop them now rather than
+        when a timeout runs out."""
+        inodes = [ROOT_INODE, BYNAME_INODE]
+        for name in names:
+            slot = self.slots.name(name)
+            inodes += [slot << INDEX_BITS | BYNAME_DIR, slot << INDEX_BITS | BYNAME_LINK]
+        # Blocking kernel calls: a worker thread, never the loop that answers requests.
+        await trio.to_thread.run_sync(_invalidate_inodes, inodes)
+
+    async def expire(self) -> None:
+        """Drop the kernel's cached contents of the files read since the last call, so that
+        their next read reaches narfs and is recorded as an access (see the module doc)."""
+        inodes, self.read_inodes = list(self.read_inodes), set()
+        if inodes and self.live:
+            await trio.to_thread.run_sync(_invalidate_inodes, inodes)
 
     async def fill_tops(self) -> None:
         """Learn the top node of every path that lacks one, in the background, so the first
@@ -569,6 +631,7 @@ class NarFS(pyfuse3.Operations):
         return self._tree_attr(tree, child)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        self.requests["forget"] += 1
         try:
             for inode, n in inode_list:
                 if inode in (ROOT_INODE, BYNAME_INODE) or inode & INDEX_MASK >= BYNAME_LINK:
@@ -610,10 +673,8 @@ class NarFS(pyfuse3.Operations):
 
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
-        if inode not in (ROOT_INODE, BYNAME_INODE):
-            kind, key = self._owner(inode)
-            if kind == "p":
-                self.accessed.add(key)
+        if self.fast:  # the kernel opens directories itself from now on and caches listings
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return inode  # directories need no state: the inode is the handle
 
     @_guard
@@ -688,32 +749,42 @@ class NarFS(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         pass
 
-    @_guard
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None
-                   ) -> pyfuse3.FileInfo:
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
+    async def _file(self, inode: int) -> tuple[str, Entry, int, int]:
+        """A regular file's path hash, catalog entry, narOffset and size."""
         kind, key = self._owner(inode)
         index = inode & INDEX_MASK
         if kind != "p" or index >= BYNAME_LINK:
             raise pyfuse3.FUSEError(errno.EINVAL)
         tree = await self.tree(key)
         if index >= len(tree) or tree.kinds[index] not in (REG, EXE):
-            raise pyfuse3.FUSEError(errno.EISDIR if tree.kinds[index] == DIR
-                                    else errno.EINVAL)
+            raise pyfuse3.FUSEError(errno.EISDIR if index < len(tree) and
+                                    tree.kinds[index] == DIR else errno.EINVAL)
         entry = self.entries.get(key) or await self.db(self.catalog.get, key)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        return key, entry, tree.offsets[index], tree.sizes[index]
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None
+                   ) -> pyfuse3.FileInfo:
+        if self.fast:  # zero-message opens: no OPEN or RELEASE for any file from now on
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        await self._file(inode)  # EIO for a damaged path, EISDIR, ... at open, as before
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = (entry, tree.offsets[index], tree.sizes[index])
-        self.accessed.add(key)
+        self.handles[fh] = inode
         # Contents never change: the kernel may keep its page cache across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        entry, offset, length = self.handles[fh]
+        inode = fh if self.fast else self.handles[fh]  # fast: the patched pyfuse3 gives the inode
+        key, entry, offset, length = await self._file(inode)
+        self.accessed.add(key)
+        if len(self.read_inodes) < MAX_READ_INODES:
+            self.read_inodes.add(inode)
         if off >= length:
             return b""
         try:
@@ -724,6 +795,10 @@ class NarFS(pyfuse3.Operations):
     @_guard
     async def release(self, fh: int) -> None:
         self.handles.pop(fh, None)
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)  # nothing to flush; the kernel stops asking
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.StatvfsData:
@@ -737,12 +812,17 @@ class NarFS(pyfuse3.Operations):
 
     # --- for the mount layer ------------------------------------------------------------
 
-    def stats(self) -> dict[str, int]:
-        out = self.reader.stats.as_dict()
+    @property
+    def mode(self) -> str:
+        return "fast" if self.fast else "stock"
+
+    def stats(self) -> dict[str, object]:
+        out: dict[str, object] = dict(self.reader.stats.as_dict())
         out.update(frame_cache_bytes=self.reader.frames.size, hot_fills=self.reader.hot.fills,
                    hot_bytes=self.reader.hot.size, paths=len(self.paths),
                    trees=len(self.trees), idle_nodes=self.idle_nodes,
-                   open_files=len(self.handles), broken=len(self.broken))
+                   open_files=len(self.handles), broken=len(self.broken), mode=self.mode,
+                   requests=dict(self.requests))
         return out
 
     async def flush_access(self) -> None:
@@ -751,6 +831,16 @@ class NarFS(pyfuse3.Operations):
             return
         hashes, self.accessed = [h for h in self.accessed if is_hash(h)], set()
         await self.db(self.catalog.touch, hashes)
+
+
+def _invalidate_inodes(inodes: Iterable[int]) -> None:
+    """Blocking (the kernel may wait for requests on these inodes): run in a worker thread."""
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino)
+        except OSError as e:
+            if e.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it
+                log.warning("invalidating inode %d: %s", ino, e)
 
 
 def _remove_sorted(items: list[int], value: int) -> None:

@@ -10,6 +10,9 @@
 - Live: inotify on the cache directory (names `<hash>.narinfo`) → catalog sync of just those
   hashes → the mount; a full sync runs at start and every FULL_SYNC seconds as a safety net (and
   every POLL seconds when inotify is unavailable).
+- Mode (fs.py): fast when pyfuse3 carries narfs's patch (or `fuse_mode = "fast"` demands it),
+  stock otherwise or when `fuse_mode = "stock"`. The log says which, and so does `narfs status`
+  through `<cache>/.narfs/mount-<pid>.json` (mounts.py), removed at unmount.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from .cache import Cache
 from .catalog import Catalog
 from .config import Settings
 from .errors import NarfsError
-from .fs import NarFS
-from .mounts import narfs_mounts
+from .fs import NarFS, fast_capable
+from .mounts import narfs_mounts, remove_stale_states, state_name, state_text
 from .notify import Notifier
 from .reader import HotTier, Reader
 from .storepath import is_hash
@@ -44,8 +47,6 @@ FLUSH_ACCESS = 10.0
 LOG_NAME = "mount.log"
 LOG_MAX = 8 << 20
 KNOWN_OPTIONS = {"allow_other"}
-
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -81,12 +82,33 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         raise NarfsError(f"{mountpoint}: a narfs mount is already there; "
                          f"`narfs umount {mountpoint}` first")
     allow_other = settings.allow_other or "allow_other" in parse_options(args.options)
+    fast = choose_mode(settings.fuse_mode)
     if args.foreground:
-        return serve(cache, settings, mountpoint, allow_other, Notifier.from_environment())
-    return _daemonise(cache, settings, mountpoint, allow_other)
+        return serve(cache, settings, mountpoint, allow_other, Notifier.from_environment(),
+                     fast)
+    return _daemonise(cache, settings, mountpoint, allow_other, fast)
 
 
-def _daemonise(cache: Cache, settings: Settings, mountpoint: str, allow_other: bool) -> int:
+def choose_mode(wanted: str) -> bool:
+    """True for the fast mode (fs.py): when pyfuse3 allows it, unless the settings say stock."""
+    capable = fast_capable()
+    if wanted == "fast" and not capable:
+        raise NarfsError(f"fuse_mode = fast: pyfuse3 {pyfuse3.__version__} lacks narfs's patch; "
+                         "install it with tools/install-pyfuse3 VENV, or use fuse_mode = auto")
+    return capable and wanted != "stock"
+
+
+def describe_mode(fast: bool, wanted: str) -> str:
+    if fast:
+        return (f"fast mode: zero-message opens, cached directories and symlinks (pyfuse3 "
+                f"{pyfuse3.__version__} with narfs's patch)")
+    why = ("fuse_mode = stock" if wanted == "stock" else
+           f"pyfuse3 {pyfuse3.__version__} lacks narfs's patch; see tools/install-pyfuse3")
+    return f"stock mode: every open and listing is a request to narfs ({why})"
+
+
+def _daemonise(cache: Cache, settings: Settings, mountpoint: str, allow_other: bool,
+               fast: bool) -> int:
     """Fork; return in the parent once the child's mount answers, or with its error line."""
     r, w = os.pipe()
     pid = os.fork()
@@ -96,7 +118,7 @@ def _daemonise(cache: Cache, settings: Settings, mountpoint: str, allow_other: b
             os.close(r)
             os.setsid()
             _detach_stdio(cache)
-            code = serve(cache, settings, mountpoint, allow_other, _PipeReady(w))
+            code = serve(cache, settings, mountpoint, allow_other, _PipeReady(w), fast)
         except NarfsError as e:
             log.error("%s", e)
             _report(w, str(e))
@@ -161,23 +183,24 @@ def _detach_stdio(cache: Cache) -> None:
 
 
 def serve(cache: Cache, settings: Settings, mountpoint: str, allow_other: bool,
-          notifier: Notifier) -> int:
+          notifier: Notifier, fast: bool) -> int:
     """Mount, serve until unmounted or signalled, unmount. Blocking; returns the exit code."""
     catalog = Catalog(cache)
     try:
-        return trio.run(_serve, cache, catalog, settings, mountpoint, allow_other, notifier)
+        return trio.run(_serve, cache, catalog, settings, mountpoint, allow_other, notifier,
+                        fast)
     finally:
         catalog.close()
         notifier.close()
 
 
 async def _serve(cache: Cache, catalog: Catalog, settings: Settings, mountpoint: str,
-                 allow_other: bool, notifier: Notifier) -> int:
+                 allow_other: bool, notifier: Notifier, fast: bool) -> int:
     limiter = trio.CapacityLimiter(max(2, settings.threads))
     hot = await trio.to_thread.run_sync(HotTier, cache.state_path("hot"),
                                         settings.hot_tier_mb << 20)
     reader = Reader(cache, hot, settings.frame_cache_mb << 20, limiter)
-    fs = NarFS(cache, catalog, reader, trio.CapacityLimiter(1))
+    fs = NarFS(cache, catalog, reader, trio.CapacityLimiter(1), fast)
     await fs.start()
     if not fs.paths:  # a new catalog: fill it first, so the mount does not come up empty
         await fs.refresh()
@@ -191,12 +214,17 @@ async def _serve(cache: Cache, catalog: Catalog, settings: Settings, mountpoint:
             raise NarfsError(f"{mountpoint}: mounting failed (is /dev/fuse available and "
                              "fusermount3 installed? allow_other needs user_allow_other in "
                              "/etc/fuse.conf for non-root users)") from None
+        fs.live = True
         log.info("mounted %s on %s", cache.root, mountpoint)
-        return await _run(fs, reader, notifier, signals, mountpoint, cache.root)
+        log.info("%s", describe_mode(fast, settings.fuse_mode))
+        state = cache.state_path(state_name(os.getpid()))
+        _write_state(cache, state, mountpoint, fs.mode)
+        return await _run(fs, reader, notifier, signals, mountpoint, cache.root, state,
+                          settings.access_window)
 
 
 async def _run(fs: NarFS, reader: Reader, notifier: Notifier, signals: AsyncIterator[int],
-               mountpoint: str, root: str) -> int:
+               mountpoint: str, root: str, state: str, access_window: float) -> int:
     """The FUSE loop and its helper tasks, until unmounted or signalled; then unmount."""
     try:
         async with trio.open_nursery() as nursery:
@@ -205,16 +233,31 @@ async def _run(fs: NarFS, reader: Reader, notifier: Notifier, signals: AsyncIter
             nursery.start_soon(_signals, signals, fs, notifier)
             nursery.start_soon(_keep_in_step, fs, root)
             nursery.start_soon(_flush_access, fs)
+            nursery.start_soon(_expire, fs, access_window)
     finally:
         with trio.CancelScope(shield=True):
             try:
                 await fs.flush_access()
             except Exception:
                 log.exception("recording last access times failed")
+        fs.live = False
         pyfuse3.close(unmount=True)
         reader.close()
+        try:
+            os.unlink(state)
+        except OSError:
+            pass
         log.info("unmounted %s", mountpoint)
     return 0
+
+
+def _write_state(cache: Cache, path: str, mountpoint: str, mode: str) -> None:
+    """For `narfs status`; best effort: a mount serves the same without it."""
+    remove_stale_states(os.path.dirname(path))
+    try:
+        cache.write_atomic(path, state_text(mountpoint, mode))
+    except OSError as e:
+        log.warning("%s: not written (%s); narfs status will not show the mode", path, e)
 
 
 async def _fuse_main(nursery: trio.Nursery) -> None:
@@ -252,6 +295,15 @@ async def _flush_access(fs: NarFS) -> None:
             await fs.flush_access()
         except Exception:
             log.exception("recording last access times failed")
+
+
+async def _expire(fs: NarFS, window: float) -> None:
+    while True:
+        await trio.sleep(window)
+        try:
+            await fs.expire()
+        except Exception:
+            log.exception("dropping the kernel's cached contents of read files failed")
 
 
 async def _keep_in_step(fs: NarFS, root: str) -> None:

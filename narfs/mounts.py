@@ -2,16 +2,64 @@
 
 The one reader of the mount table: `narfs umount`, `status` and `restore <file in a mount>` (which
 turns a file inside a mount into its store path and its cache) all go through it.
+
+What the kernel's table cannot say (which mode a mount serves in) each mount process writes to
+`<cache>/.narfs/mount-<pid>.json` while it runs; `mode_of` reads it back, as untrusted as the rest
+of the cache directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 FSTYPE = "fuse.narfs"
 FSNAME_PREFIX = "narfs:"
+STATE_PREFIX = "mount-"
+MAX_STATE = 4096
+
+
+def state_name(pid: int) -> str:
+    return f"{STATE_PREFIX}{pid}.json"
+
+
+def state_text(mountpoint: str, mode: str) -> bytes:
+    return json.dumps({"pid": os.getpid(), "mountpoint": mountpoint, "mode": mode}).encode()
+
+
+def mode_of(state_dir: str, mountpoint: str) -> str | None:
+    """The mode a live mount at `mountpoint` reported, or None when no live process did."""
+    try:
+        names = os.listdir(state_dir)
+    except OSError:
+        return None
+    for name in names:
+        if not (name.startswith(STATE_PREFIX) and name.endswith(".json")):
+            continue
+        try:
+            fd = os.open(os.path.join(state_dir, name),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            doc = json.loads(os.read(fd, MAX_STATE))
+        except (OSError, ValueError):
+            continue
+        finally:
+            os.close(fd)
+        if not isinstance(doc, dict) or doc.get("mountpoint") != mountpoint:
+            continue
+        pid, mode = doc.get("pid"), doc.get("mode")
+        if (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
+                and name == state_name(pid) and mode in ("fast", "stock")
+                and os.path.exists(f"/proc/{pid}")):
+            return mode
+    return None
 
 
 def _unescape(field: str) -> str:

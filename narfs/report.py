@@ -19,7 +19,7 @@ from .cache import Cache
 from .catalog import Catalog, Entry
 from .config import Settings
 from .errors import CorruptError, NarfsError
-from .mounts import narfs_mounts
+from .mounts import mode_of, narfs_mounts
 from .progress import human_size
 from .storepath import STORE_DIR
 
@@ -216,6 +216,8 @@ def status_main(args: argparse.Namespace, settings: Settings) -> int:
         print("last error:   none recorded")
     mounts = [m.mountpoint for m in narfs_mounts()
               if os.path.abspath(m.cache_dir) == cache.root]
-    print(f"mounted at:   {', '.join(mounts) if mounts else 'not mounted'}")
+    state_dir = os.path.join(cache.root, ".narfs")
+    shown = [f"{mp} ({mode_of(state_dir, mp) or 'mode unknown'} mode)" for mp in mounts]
+    print(f"mounted at:   {', '.join(shown) if shown else 'not mounted'}")
     return 0
 

@@ -33,6 +33,19 @@ def nixstore(tmp_path: Path) -> Iterator[NixStore]:
         store.cleanup()
 
 
+@pytest.fixture(scope="module", params=["fast", "stock"])
+def fuse_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Mount tests run in both modes (narfs/fs.py): fast needs pyfuse3 with narfs's patch
+    (tools/install-pyfuse3) and fails without it; stock is what PyPI's pyfuse3 gives."""
+    import mounting
+
+    mounting.FUSE_MODE = request.param
+    try:
+        yield request.param
+    finally:
+        mounting.FUSE_MODE = None
+
+
 @pytest.fixture
 def narfs(tmp_path: Path) -> Narfs:
     """A fresh, initialised cache with its own key and config file."""

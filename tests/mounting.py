@@ -13,6 +13,10 @@ from pathlib import Path
 
 from conftest import Narfs
 
+# The mode `mounted` asks for (`narfs mount --fuse-mode`), set by the `fuse_mode` fixture; None
+# leaves it to the mount (auto).
+FUSE_MODE: str | None = None
+
 
 def is_mounted(mountpoint: Path) -> bool:
     target = str(mountpoint)
@@ -67,7 +71,7 @@ class Mount:
     def alive(self) -> bool:
         return self.proc.poll() is None and is_mounted(self.path)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict:
         """The read path's counters: SIGUSR1 makes the mount log them as a JSON line."""
         seen = self.log().count("narfs: stats {")
         self.proc.send_signal(signal.SIGUSR1)
@@ -86,6 +90,8 @@ def mounted(narfs: Narfs, mountpoint: Path, *args: str, extra_env: dict | None =
     log = mountpoint.parent / f"{mountpoint.name}.log"
     env = narfs.env
     narfs.env = {**env, **(extra_env or {})}
+    if FUSE_MODE is not None:
+        args = ("--fuse-mode", FUSE_MODE, *args)
     try:
         with open(log, "ab") as out:
             proc = narfs.popen("mount", "--foreground", *args, str(mountpoint), stdout=out,

@@ -12,12 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounting import Mount, mounted
+from mounting import Mount, mounted, wait_for
 
 from conftest import Narfs
 from narfs.cache import Cache
 from narfs.catalog import Catalog
 from nixtools import NIX, NixStore, rich_tree, run
+
+pytestmark = pytest.mark.usefixtures("fuse_mode")  # conftest: fast and stock
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +215,85 @@ def test_a_read_decompresses_only_the_frames_it_needs(narfs: Narfs, nixstore: Ni
         again = m.stats()
         for counter in ("frames_decompressed", "frame_hits", "frame_bytes_read"):
             assert again[counter] == after[counter], (counter, after, again)
+
+
+def sent(before: dict, after: dict) -> dict[str, int]:
+    """FUSE requests that reached narfs between two `Mount.stats()`, by operation."""
+    ops = set(before["requests"]) | set(after["requests"])
+    diff = {op: after["requests"].get(op, 0) - before["requests"].get(op, 0) for op in ops}
+    return {op: n for op, n in diff.items() if n}
+
+
+def test_warm_grep_sends_almost_no_requests_in_fast_mode(archive: Narfs, paths: dict[str, str],
+                                                        tmp_path: Path, fuse_mode: str) -> None:
+    """Issue 12: requests counted by narfs itself, per operation. Fast: the kernel opens files
+    and directories without asking and answers from its caches. Stock: an OPEN and a RELEASE
+    per file, an OPENDIR, a READDIR and a RELEASEDIR per directory, every time."""
+    store = Path(paths["rich"])
+    files = sum(len([f for f in fs if not (Path(d) / f).is_symlink()])
+                for d, _, fs in os.walk(store))
+    dirs = sum(1 for _ in os.walk(store))
+    with mounted(archive, tmp_path / "mnt") as m:
+        assert m.stats()["mode"] == fuse_mode
+        assert f"{fuse_mode} mode:" in m.log()
+        rich = m / base(paths["rich"])
+        cold = grep_view(rich)
+        assert cold == grep_view(store)
+        before = m.stats()
+        assert grep_view(rich) == cold
+        warm = sent(before, m.stats())
+    print(f"{fuse_mode}: warm grep -r over {files} files, {dirs} directories sent {warm}")
+    if fuse_mode == "fast":
+        assert sum(warm.values()) <= 2, warm
+    else:
+        assert warm.get("open", 0) >= files and warm.get("release", 0) >= files, warm
+        assert warm.get("opendir", 0) >= dirs and warm.get("readdir", 0) >= dirs, warm
+
+
+def test_listing_and_stat_are_no_access_reading_is(narfs: Narfs, nixstore: NixStore,
+                                                   tmp_path: Path) -> None:
+    """Issue 11: what an indexer does (updatedb, a backup's find, ls -lR, stat, readlink, an
+    open without a read) keeps nothing alive for gc; reading a file's contents does."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "file").write_text("contents\n")
+    (src / "link").symlink_to("sub/file")
+    p = nixstore.tree(src, "narfs-indexed")
+    narfs("archive", p)
+    h = base(p)[:32]
+
+    def access() -> float:
+        with Catalog(Cache(str(narfs.cache))) as catalog:
+            return catalog.access.get(h, 0)
+
+    with mounted(narfs, tmp_path / "mnt") as m:
+        run(["find", str(m.path), "-ls"])
+        run(["ls", "-lRL", str(m.path)])
+        os.stat(m / base(p) / "sub" / "file")
+        assert os.readlink(m / base(p) / "link") == "sub/file"
+        with open(m / base(p) / "sub" / "file", "rb"):
+            pass
+    assert access() == 0
+    with mounted(narfs, tmp_path / "mnt") as m:
+        assert (m / base(p) / "link").read_text() == "contents\n"
+    assert access() > 0
+
+
+def test_read_files_reach_narfs_again_after_the_access_window(narfs: Narfs, nixstore: NixStore,
+                                                              tmp_path: Path) -> None:
+    """The kernel answers repeated reads from its page cache; once per access window the mount
+    drops what it cached of the files read, so steady use keeps being recorded for gc."""
+    p = nixstore.text("steady use\n", "narfs-window")
+    narfs("archive", p)
+    narfs.config.write_text(narfs.config.read_text() + "access_window = 1\n")
+    with mounted(narfs, tmp_path / "mnt") as m:
+        content = m / base(p) / "content"
+        assert content.read_text() == "steady use\n"
+        first = m.stats()["requests"].get("read", 0)
+        assert first >= 1
+
+        def read_again() -> bool:
+            assert content.read_text() == "steady use\n"
+            return m.stats()["requests"].get("read", 0) > first
+
+        wait_for(read_again, 15, "a read to reach narfs again")

@@ -23,6 +23,8 @@ from narfs.nar import encode_str
 from narfs.narinfo import NarInfo
 from narfs.zstdseek import SeekableWriter
 
+pytestmark = pytest.mark.usefixtures("fuse_mode")  # conftest: fast and stock
+
 
 def _s(*tokens: bytes) -> bytes:
     return b"".join(encode_str(t) for t in tokens)
@@ -118,7 +120,8 @@ def lie_about_frames(data: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, dict[str, str]]]:
+def hostile(tmp_path_factory: pytest.TempPathFactory, fuse_mode: str
+            ) -> Iterator[tuple[Mount, dict[str, str]]]:
     n = Narfs(tmp_path_factory.mktemp("narfs"))
     n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
     w = Writer(n.cache)

@@ -19,6 +19,8 @@ from conftest import Narfs
 from narfs.cache import Cache
 from nixtools import NixStore
 
+pytestmark = pytest.mark.usefixtures("fuse_mode")  # conftest: fast and stock
+
 
 def daemon_pids(mountpoint: Path) -> list[int]:
     return [p.pid for p in psutil.process_iter(["cmdline"])
