@@ -30,6 +30,22 @@ def state_text(mountpoint: str, mode: str) -> bytes:
     return json.dumps({"pid": os.getpid(), "mountpoint": mountpoint, "mode": mode}).encode()
 
 
+def remove_stale_states(state_dir: str) -> None:
+    """State files of mount processes that ended without removing theirs (SIGKILL, a crash)."""
+    try:
+        names = os.listdir(state_dir)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(STATE_PREFIX):-len(".json")]
+        if (name.startswith(STATE_PREFIX) and name.endswith(".json") and pid.isdigit()
+                and name == state_name(int(pid)) and not os.path.exists(f"/proc/{pid}")):
+            try:
+                os.unlink(os.path.join(state_dir, name))
+            except OSError:
+                pass
+
+
 def mode_of(state_dir: str, mountpoint: str) -> str | None:
     """The mode a live mount at `mountpoint` reported, or None when no live process did."""
     try:

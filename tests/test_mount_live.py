@@ -29,16 +29,19 @@ def daemon_pids(mountpoint: Path) -> list[int]:
 
 
 def test_daemon_returns_once_live_and_narfs_umount_ends_it(narfs: Narfs, nixstore: NixStore,
-                                                           tmp_path: Path) -> None:
+                                                           tmp_path: Path, fuse_mode: str
+                                                           ) -> None:
     p = nixstore.text("daemonised\n", "narfs-daemon")
     narfs("archive", p)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     try:
-        narfs("mount", str(mnt))
+        narfs("mount", "--fuse-mode", fuse_mode, str(mnt))
         # No waiting: the command returned, so the mount answers now.
         assert os.stat(mnt).st_ino == 1
         assert (mnt / os.path.basename(p) / "content").read_text() == "daemonised\n"
+        status = narfs("status").stdout
+        assert f"mounted at:   {mnt} ({fuse_mode} mode)" in status, status
         pids = daemon_pids(mnt)
         assert len(pids) == 1, pids
         again = narfs("mount", str(mnt), check=False)
@@ -48,7 +51,9 @@ def test_daemon_returns_once_live_and_narfs_umount_ends_it(narfs: Narfs, nixstor
         wait_for(lambda: not psutil.pid_exists(pids[0]) or
                  psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE, 10,
                  "the daemon to end")
-        assert "mounted" in (narfs.cache / ".narfs" / "mount.log").read_text()
+        log = (narfs.cache / ".narfs" / "mount.log").read_text()
+        assert "mounted" in log and f"{fuse_mode} mode: " in log
+        assert not list((narfs.cache / ".narfs").glob("mount-*.json"))  # removed at unmount
         gone = narfs("umount", str(mnt), check=False)
         assert gone.returncode == 1 and "not a narfs mount" in gone.stderr
     finally:
@@ -106,6 +111,8 @@ def test_paths_appear_and_retire_while_mounted(narfs: Narfs, nixstore: NixStore,
     second = nixstore.text("second\n", "narfs-live")
     with mounted(narfs, tmp_path / "mnt") as m:
         assert len(os.listdir(m / ".by-name" / "narfs-live")) == 2  # a version, latest
+        latest = m / ".by-name" / "narfs-live" / "latest"
+        assert os.readlink(latest) == f"../../{os.path.basename(first)}"  # cached (fast mode)
         name = os.path.basename(second)
         assert not (m / name).exists()
         narfs("archive", second)

@@ -236,17 +236,20 @@ def unmount(mountpoint: Path, pid: int | None = None) -> None:
 class Mount:
     """`narfs mount` as users run it (daemonised); `ready` is how long the command took."""
 
-    def __init__(self, cache: Path, mountpoint: Path, env: dict[str, str]) -> None:
+    def __init__(self, cache: Path, mountpoint: Path, env: dict[str, str],
+                 args: tuple[str, ...] = ()) -> None:
         self.cache = cache
         self.path = mountpoint
         self.env = env
+        self.args = args  # more `narfs mount` flags, e.g. ("--fuse-mode", "stock")
         self.ready = 0.0
         self.pid: int | None = None
 
     def __enter__(self) -> Mount:
         self.path.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        run([*NARFS, "mount", "--cache", str(self.cache), str(self.path)], env=self.env)
+        run([*NARFS, "mount", "--cache", str(self.cache), *self.args, str(self.path)],
+            env=self.env)
         self.ready = time.perf_counter() - t
         pids = pids_with(b"mount", str(self.path).encode())
         if not pids:
