@@ -6,6 +6,7 @@ compared with the originals through diff, find, grep and ls.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Iterator
@@ -108,6 +109,10 @@ def test_narfs_archive_mounts_as_the_store_holds_it(archive: Narfs, paths: dict[
         assert (rich / "bin").stat().st_mtime == 1
         assert (rich / "bin").stat().st_nlink == 2
         assert os.readlink(m / base(paths["link"])) == "/etc/hostname"
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+            with pytest.raises(OSError) as e:
+                os.open(rich / "a", flags)
+            assert e.value.errno == errno.EROFS, (flags, e.value)
         # /proc/mounts maps the mount back to its cache.
         with open("/proc/self/mounts") as f:
             line = next(ln.split() for ln in f if ln.split()[1] == str(m.path))
