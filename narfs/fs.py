@@ -22,6 +22,14 @@ Two modes, chosen when the mount starts (`fast_capable`, `NarFS.fast`):
 - stock (pyfuse3 as PyPI ships it): open hands out a file handle per open file, opendir returns
   the inode as the handle; every open and listing is a round trip through Python.
 
+Prefetch (fast mode): a frame decompressed for one read holds its neighbours in the NAR too, the
+files a `grep -r` reads next. Before a read is answered, `_prefetch` hands whole files to the
+kernel's page cache (notify_store, from a worker thread: the kernel locks the pages it fills):
+those of a frame this read decompressed, and, at the first read in a directory, its other files
+that decompressed frames hold. Only inodes the kernel knows (a listing made them) can be filled;
+others are skipped. Their reads then never become requests. Answering first would race the
+reader, which then asks for most of them anyway.
+
 Access records for gc: a path counts as used when narfs serves a READ of one of its files
 (restore records its own). Listings, lookups, stat, readlink and opens do not count, so indexers
 (updatedb, backup tools walking the tree) keep nothing alive. The kernel serves repeated reads
@@ -205,6 +213,11 @@ class NarFS(pyfuse3.Operations):
         self.handles: dict[int, int] = {}  # stock mode: fh → inode
         self.requests: Counter[str] = Counter()
         self.live = False  # set by the mount layer while the FUSE session exists
+        reader.keep_fresh = fast
+        self._by_offset: dict[str, tuple[Tree, list[int], list[int]]] = {}
+        self._parents: dict[str, tuple[Tree, list[int], list[int]]] = {}
+        self._dirs_filled: dict[str, set[int]] = {}  # directories `_prefetch` has filled
+        self.prefetched = 0  # files handed to the kernel's page cache
         self._next_fh = 1
         self._loading: dict[str, trio.Event] = {}
         self._logged: set[str] = set()
@@ -316,6 +329,9 @@ class NarFS(pyfuse3.Operations):
     def _drop_tree(self, h: str) -> None:
         self.trees.pop(h, None)
         self.entries.pop(h, None)
+        self._by_offset.pop(h, None)
+        self._parents.pop(h, None)
+        self._dirs_filled.pop(h, None)
         if h in self.idle:
             self.idle_nodes -= self.idle.pop(h)
 
@@ -788,9 +804,76 @@ class NarFS(pyfuse3.Operations):
         if off >= length:
             return b""
         try:
-            return await self.reader.read(entry, offset + off, min(size, length - off))
+            data = await self.reader.read(entry, offset + off, min(size, length - off))
         except (NarfsError, OSError) as e:  # name the path: the reader knows only its NAR
             raise CorruptError(f"{STORE_DIR}/{entry.name}: {e}") from None
+        if self.fast:
+            await self._prefetch(key, entry, inode)
+        return data
+
+    async def _prefetch(self, h: str, entry: Entry, reading: int) -> None:
+        """See the module doc. Never the file being read: the kernel holds its pages locked
+        until this read is answered."""
+        found: dict[int, bytes | memoryview] = {}
+        if self.reader.fresh:
+            fresh, self.reader.fresh = self.reader.fresh, []
+            for fh, frame_offset, data in fresh:
+                found.update(self._files_in(fh, frame_offset, data))
+        tree = self.trees.get(h)
+        filled = self._dirs_filled.setdefault(h, set())
+        parent = self._parent(h, tree, reading & INDEX_MASK) if tree is not None else None
+        if tree is not None and parent is not None and parent not in filled:
+            filled.add(parent)
+            first = tree.first[parent]
+            for child in range(first, first + tree.count[parent]):
+                ino = tree.inode(child)
+                if tree.kinds[child] in (REG, EXE) and tree.sizes[child] and ino not in found:
+                    data = self.reader.cached(entry, tree.offsets[child], tree.sizes[child])
+                    if data is not None:
+                        found[ino] = data
+        found.pop(reading, None)
+        files = list(found.items())
+        if files and self.live:
+            self.prefetched += await trio.to_thread.run_sync(_store_files, files)
+            if len(self.read_inodes) < MAX_READ_INODES:  # `expire` drops them too
+                self.read_inodes.update(ino for ino, _ in files)
+
+    def _parent(self, h: str, tree: Tree, index: int) -> int | None:
+        """The directory holding node `index` (children are contiguous: see tree.py)."""
+        got = self._parents.get(h)
+        if got is None or got[0] is not tree:
+            dirs = [d for d in range(len(tree)) if tree.kinds[d] == DIR and tree.count[d]]
+            got = self._parents[h] = (tree, [tree.first[d] for d in dirs], dirs)
+        _, firsts, dirs = got
+        k = bisect.bisect_right(firsts, index) - 1
+        if k < 0 or index >= firsts[k] + tree.count[dirs[k]]:
+            return None
+        return dirs[k]
+
+    def _files_in(self, h: str, frame_offset: int, data: bytes
+                  ) -> list[tuple[int, memoryview]]:
+        """(inode, contents) of the non-empty files lying wholly inside a decompressed frame."""
+        tree = self.trees.get(h)
+        if tree is None:
+            return []
+        got = self._by_offset.get(h)
+        if got is None or got[0] is not tree:
+            order = sorted((tree.offsets[i], i) for i in range(len(tree))
+                           if tree.kinds[i] in (REG, EXE) and tree.sizes[i])
+            got = self._by_offset[h] = (tree, [o for o, _ in order], [i for _, i in order])
+        _, offsets, indices = got
+        view = memoryview(data)
+        end = frame_offset + len(data)
+        files = []
+        for k in range(bisect.bisect_left(offsets, frame_offset), len(offsets)):
+            start = offsets[k]
+            if start >= end:
+                break
+            index = indices[k]
+            if start + tree.sizes[index] <= end:
+                lo = start - frame_offset
+                files.append((tree.inode(index), view[lo:lo + tree.sizes[index]]))
+        return files
 
     @_guard
     async def release(self, fh: int) -> None:
@@ -822,7 +905,7 @@ class NarFS(pyfuse3.Operations):
                    hot_bytes=self.reader.hot.size, paths=len(self.paths),
                    trees=len(self.trees), idle_nodes=self.idle_nodes,
                    open_files=len(self.handles), broken=len(self.broken), mode=self.mode,
-                   requests=dict(self.requests))
+                   requests=dict(self.requests), prefetched=self.prefetched)
         return out
 
     async def flush_access(self) -> None:
@@ -831,6 +914,18 @@ class NarFS(pyfuse3.Operations):
             return
         hashes, self.accessed = [h for h in self.accessed if is_hash(h)], set()
         await self.db(self.catalog.touch, hashes)
+
+
+def _store_files(files: list[tuple[int, bytes | memoryview]]) -> int:
+    """Blocking (the kernel locks the pages it fills): run in a worker thread."""
+    stored = 0
+    for ino, data in files:
+        try:
+            pyfuse3.notify_store(ino, 0, data)
+            stored += 1
+        except OSError:  # ENOENT: the kernel does not know the inode; nothing to fill
+            pass
+    return stored
 
 
 def _invalidate_inodes(inodes: Iterable[int]) -> None:

@@ -317,6 +317,10 @@ class Reader:
         self.stats = Stats()
         self._sources: OrderedDict[tuple, Source] = OrderedDict()
         self._inflight: dict[tuple, _Flight] = {}
+        # With `keep_fresh`, every frame decompressed is also listed here as (path hash, offset
+        # in the NAR, bytes) until the filesystem takes it (fs.py: the fast mode's prefetch).
+        self.keep_fresh = False
+        self.fresh: list[tuple[str, int, bytes]] = []
 
     @staticmethod
     def key(entry: Entry) -> tuple:
@@ -429,6 +433,22 @@ class Reader:
             if src.retired:
                 src.close()
 
+    def cached(self, entry: Entry, offset: int, size: int) -> bytes | None:
+        """Bytes [offset, offset+size) of an open NAR if the frame cache holds them all; None
+        otherwise (nothing is read or decompressed)."""
+        src = self._sources.get(self.key(entry))
+        if src is None or src.table is None or offset + size > src.nar_size:
+            return None
+        parts = []
+        for i in src.table.covering(offset, size):
+            frame = src.table.frames[i]
+            data = self.frames.get((*src.key, i))
+            if data is None:
+                return None
+            lo = max(offset - frame.offset, 0)
+            parts.append(data[lo:min(offset + size - frame.offset, frame.size)])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     async def _frame(self, src: Source, index: int) -> bytes:
         key = (*src.key, index)
         data = self.frames.get(key)
@@ -440,6 +460,9 @@ class Reader:
             return src.frame_sync(index, self.stats)
 
         data = await self._once(key, lambda: self.frames.get(key), make)
+        if self.keep_fresh and self.frames.get(key) is None:
+            assert src.table is not None
+            self.fresh.append((src.key[0], src.table.frames[index].offset, data))
         self.frames.put(key, data)
         return data
 

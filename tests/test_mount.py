@@ -302,3 +302,29 @@ def test_read_files_reach_narfs_again_after_the_access_window(narfs: Narfs, nixs
             return m.stats()["requests"].get("read", 0) > first
 
         wait_for(read_again, 15, "a read to reach narfs again")
+
+
+def test_a_cold_grep_reads_each_directory_once_not_each_file(narfs: Narfs, nixstore: NixStore,
+                                                             tmp_path: Path,
+                                                             fuse_mode: str) -> None:
+    """Fast mode: the first read in a directory hands its neighbours, already decompressed, to
+    the kernel's page cache (fs.py, prefetch), so a cold `grep -r` costs a READ per directory;
+    stock mode reads file by file."""
+    src = tmp_path / "src"
+    for d in range(3):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(100):
+            (src / f"d{d}" / f"f{i:03}").write_text(f"line {i}\n" * 40 + f"narfs {d} {i}\n")
+    p = nixstore.tree(src, "narfs-prefetch")
+    narfs("archive", p)
+    with mounted(narfs, tmp_path / "mnt") as m:
+        before = m.stats()
+        assert grep_view(m / base(p)) == grep_view(Path(p))
+        after = m.stats()
+    reads = sent(before, after).get("read", 0)
+    print(f"{fuse_mode}: cold grep -r over 300 files in 3 directories: {reads} READs, "
+          f"{after['prefetched']} files prefetched")
+    if fuse_mode == "fast":
+        assert reads <= 6 and after["prefetched"] >= 290, (reads, after)
+    else:
+        assert reads >= 300 and after["prefetched"] == 0, (reads, after)
