@@ -23,12 +23,12 @@ Two modes, chosen when the mount starts (`fast_capable`, `NarFS.fast`):
   the inode as the handle; every open and listing is a round trip through Python.
 
 Prefetch (fast mode): a frame decompressed for one read holds its neighbours in the NAR too, the
-files a `grep -r` reads next. Before a read is answered, `_prefetch` hands whole files to the
-kernel's page cache (notify_store, from a worker thread: the kernel locks the pages it fills):
-those of a frame this read decompressed, and, at the first read in a directory, its other files
-that decompressed frames hold. Only inodes the kernel knows (a listing made them) can be filled;
-others are skipped. Their reads then never become requests. Answering first would race the
-reader, which then asks for most of them anyway.
+files a `grep -r` reads next. Before a read in a directory narfs has listed to the kernel (so the
+kernel knows its files' inodes) is answered, `_prefetch` hands the directory's other files whose
+bytes the frame cache holds to the kernel's page cache (notify_store, from a worker thread: the
+kernel locks the pages it fills); their reads then never become requests. Files in frames not yet
+decompressed wait for the next read in that directory. Answering first would race the reader,
+which then asks for most of them anyway. A single file read by path (no listing) costs nothing.
 
 Access records for gc: a path counts as used when narfs serves a READ of one of its files
 (restore records its own). Listings, lookups, stat, readlink and opens do not count, so indexers
@@ -213,10 +213,10 @@ class NarFS(pyfuse3.Operations):
         self.handles: dict[int, int] = {}  # stock mode: fh → inode
         self.requests: Counter[str] = Counter()
         self.live = False  # set by the mount layer while the FUSE session exists
-        reader.keep_fresh = fast
-        self._by_offset: dict[str, tuple[Tree, list[int], list[int]]] = {}
         self._parents: dict[str, tuple[Tree, list[int], list[int]]] = {}
-        self._dirs_filled: dict[str, set[int]] = {}  # directories `_prefetch` has filled
+        # Per path: directories listed in full to the kernel → their files `_prefetch` has not
+        # handed over yet (None until the first read in the directory).
+        self._listed: dict[str, dict[int, list[int] | None]] = {}
         self.prefetched = 0  # files handed to the kernel's page cache
         self._next_fh = 1
         self._loading: dict[str, trio.Event] = {}
@@ -329,9 +329,8 @@ class NarFS(pyfuse3.Operations):
     def _drop_tree(self, h: str) -> None:
         self.trees.pop(h, None)
         self.entries.pop(h, None)
-        self._by_offset.pop(h, None)
         self._parents.pop(h, None)
-        self._dirs_filled.pop(h, None)
+        self._listed.pop(h, None)
         if h in self.idle:
             self.idle_nodes -= self.idle.pop(h)
 
@@ -735,6 +734,8 @@ class NarFS(pyfuse3.Operations):
                                          pos + 1):
                 return
             self._ref(key)
+        if self.fast:  # the kernel now knows every entry's inode: `_prefetch` may fill them
+            self._listed.setdefault(key, {}).setdefault(index, None)
 
     async def _readdir_root(self, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         if start_id == 0:  # `.by-name` has slot 0: first
@@ -807,32 +808,36 @@ class NarFS(pyfuse3.Operations):
             data = await self.reader.read(entry, offset + off, min(size, length - off))
         except (NarfsError, OSError) as e:  # name the path: the reader knows only its NAR
             raise CorruptError(f"{STORE_DIR}/{entry.name}: {e}") from None
-        if self.fast:
+        if self.fast and key in self._listed:
             await self._prefetch(key, entry, inode)
         return data
 
     async def _prefetch(self, h: str, entry: Entry, reading: int) -> None:
         """See the module doc. Never the file being read: the kernel holds its pages locked
         until this read is answered."""
-        found: dict[int, bytes | memoryview] = {}
-        if self.reader.fresh:
-            fresh, self.reader.fresh = self.reader.fresh, []
-            for fh, frame_offset, data in fresh:
-                found.update(self._files_in(fh, frame_offset, data))
         tree = self.trees.get(h)
-        filled = self._dirs_filled.setdefault(h, set())
-        parent = self._parent(h, tree, reading & INDEX_MASK) if tree is not None else None
-        if tree is not None and parent is not None and parent not in filled:
-            filled.add(parent)
+        listed = self._listed.get(h)
+        if tree is None or not listed:
+            return
+        parent = self._parent(h, tree, reading & INDEX_MASK)
+        if parent is None or parent not in listed:
+            return
+        waiting = listed[parent]
+        if waiting is None:
             first = tree.first[parent]
-            for child in range(first, first + tree.count[parent]):
-                ino = tree.inode(child)
-                if tree.kinds[child] in (REG, EXE) and tree.sizes[child] and ino not in found:
-                    data = self.reader.cached(entry, tree.offsets[child], tree.sizes[child])
-                    if data is not None:
-                        found[ino] = data
-        found.pop(reading, None)
-        files = list(found.items())
+            waiting = [c for c in range(first, first + tree.count[parent])
+                       if tree.kinds[c] in (REG, EXE) and tree.sizes[c]]
+        files, left = [], []
+        for child in waiting:
+            ino = tree.inode(child)
+            data = (None if ino == reading else
+                    self.reader.cached(entry, tree.offsets[child], tree.sizes[child]))
+            if data is None:
+                if ino != reading:
+                    left.append(child)
+            else:
+                files.append((ino, data))
+        listed[parent] = left
         if files and self.live:
             self.prefetched += await trio.to_thread.run_sync(_store_files, files)
             if len(self.read_inodes) < MAX_READ_INODES:  # `expire` drops them too
@@ -849,31 +854,6 @@ class NarFS(pyfuse3.Operations):
         if k < 0 or index >= firsts[k] + tree.count[dirs[k]]:
             return None
         return dirs[k]
-
-    def _files_in(self, h: str, frame_offset: int, data: bytes
-                  ) -> list[tuple[int, memoryview]]:
-        """(inode, contents) of the non-empty files lying wholly inside a decompressed frame."""
-        tree = self.trees.get(h)
-        if tree is None:
-            return []
-        got = self._by_offset.get(h)
-        if got is None or got[0] is not tree:
-            order = sorted((tree.offsets[i], i) for i in range(len(tree))
-                           if tree.kinds[i] in (REG, EXE) and tree.sizes[i])
-            got = self._by_offset[h] = (tree, [o for o, _ in order], [i for _, i in order])
-        _, offsets, indices = got
-        view = memoryview(data)
-        end = frame_offset + len(data)
-        files = []
-        for k in range(bisect.bisect_left(offsets, frame_offset), len(offsets)):
-            start = offsets[k]
-            if start >= end:
-                break
-            index = indices[k]
-            if start + tree.sizes[index] <= end:
-                lo = start - frame_offset
-                files.append((tree.inode(index), view[lo:lo + tree.sizes[index]]))
-        return files
 
     @_guard
     async def release(self, fh: int) -> None:

@@ -317,10 +317,6 @@ class Reader:
         self.stats = Stats()
         self._sources: OrderedDict[tuple, Source] = OrderedDict()
         self._inflight: dict[tuple, _Flight] = {}
-        # With `keep_fresh`, every frame decompressed is also listed here as (path hash, offset
-        # in the NAR, bytes) until the filesystem takes it (fs.py: the fast mode's prefetch).
-        self.keep_fresh = False
-        self.fresh: list[tuple[str, int, bytes]] = []
 
     @staticmethod
     def key(entry: Entry) -> tuple:
@@ -460,9 +456,6 @@ class Reader:
             return src.frame_sync(index, self.stats)
 
         data = await self._once(key, lambda: self.frames.get(key), make)
-        if self.keep_fresh and self.frames.get(key) is None:
-            assert src.table is not None
-            self.fresh.append((src.key[0], src.table.frames[index].offset, data))
         self.frames.put(key, data)
         return data
 
