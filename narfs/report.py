@@ -217,7 +217,9 @@ def status_main(args: argparse.Namespace, settings: Settings) -> int:
     mounts = [m.mountpoint for m in narfs_mounts()
               if os.path.abspath(m.cache_dir) == cache.root]
     state_dir = os.path.join(cache.root, ".narfs")
-    shown = [f"{mp} ({mode_of(state_dir, mp) or 'mode unknown'} mode)" for mp in mounts]
+    modes = {mp: mode_of(state_dir, mp) for mp in mounts}
+    shown = [f"{mp} ({modes[mp]} mode)" if modes[mp] else f"{mp} (mode unknown)"
+             for mp in mounts]
     print(f"mounted at:   {', '.join(shown) if shown else 'not mounted'}")
     return 0
 
