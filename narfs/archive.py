@@ -40,7 +40,7 @@ from .config import Settings
 from .errors import NarfsError
 from .nar import NarSerialiser
 from .narinfo import NarInfo
-from .progress import Progress, human_size
+from .progress import Progress, human_size, plural
 from .signing import SecretKey, load_secret_key
 from .store import PathInfo
 from .storepath import hash_part, name_part
@@ -94,9 +94,10 @@ class Result:
 
     def summary(self) -> str:
         if not self.archived and not self.failed:
-            return f"nothing to archive: all {self.skipped} paths are already in the cache"
+            return f"nothing to archive: {plural(self.skipped, 'path')} already in the cache"
         ratio = self.file_bytes / self.nar_bytes if self.nar_bytes else 1.0
-        line = (f"archived {len(self.archived)} paths: {human_size(self.nar_bytes)} NAR → "
+        line = (f"archived {plural(len(self.archived), 'path')}: "
+                f"{human_size(self.nar_bytes)} NAR → "
                 f"{human_size(self.file_bytes)} compressed (ratio {ratio:.2f}) "
                 f"in {self.seconds:.1f} s")
         if self.skipped:

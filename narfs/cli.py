@@ -17,7 +17,7 @@ import sys
 import sysconfig
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import trio
 
@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("narfs.verify", "main"),
     "status": ("narfs.report", "status_main"),
     "ls": ("narfs.report", "ls_main"),
+    "doctor": ("narfs.doctor", "main"),
 }
 
 
@@ -68,8 +69,27 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
 
-def _cache_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache", dest="cache_dir", metavar="DIR", help="the cache directory")
+class Parser(argparse.ArgumentParser):
+    """argparse with Nix's habits: no prefix matching of options, one-line errors."""
+
+    def __init__(self, *args, **kw) -> None:
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kw)
+
+    def error(self, message: str) -> NoReturn:
+        # argparse prints its usage block first; a user's mistake is one line, like Nix's.
+        self.exit(2, f"narfs: error: {message}; see `{self.prog} --help`\n")
+
+
+def _common_flags(p: argparse.ArgumentParser, default: object) -> None:
+    """-v, -q and --cache, accepted before and after the command (`default` SUPPRESS on the
+    commands, so one given before the command is not reset by the command's parser)."""
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="debug output (log every step)")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="only warnings and errors")
+    p.add_argument("--cache", dest="cache_dir", metavar="DIR", default=default,
+                   help="the cache directory (default: cache_dir from the config file)")
 
 
 def _key_flag(p: argparse.ArgumentParser) -> None:
@@ -78,72 +98,89 @@ def _key_flag(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="narfs", description=(
+    parser = Parser(prog="narfs", description=(
         "Keep every Nix build in a cold tier: a signed, zstd-seekable binary cache that you "
         "can mount, restore from and serve."))
-    parser.add_argument("--version", action="version", version=f"narfs {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=f"narfs {__version__}",
+                        help="print the version and exit")
+    _common_flags(parser, None)
+    parser.set_defaults(verbose=0, quiet=False)
+    common = Parser(add_help=False)
+    _common_flags(common, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=Parser)
 
-    p = sub.add_parser("init", help="create the cache, a signing key and print nix.conf lines")
-    _cache_flag(p)
+    def command(name: str, help: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common], description=kw.pop(
+            "description", help[0].upper() + help[1:] + "."), **kw)
+
+    p = command("init", "create the cache, a signing key and print nix.conf lines")
     _key_flag(p)
 
-    p = sub.add_parser("archive", help="archive the closures of store paths now")
-    _cache_flag(p)
+    p = command("archive", "archive the closures of store paths now")
     _key_flag(p)
     p.add_argument("--all", action="store_true", help="every valid path in the store")
-    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="a store path, or an out-link such as ./result")
 
-    p = sub.add_parser("watch", help="the service: archive what the roots dir pins, then unpin")
-    _cache_flag(p)
+    p = command("watch", "the service: archive what the roots dir pins, then unpin")
     _key_flag(p)
-    p.add_argument("--roots", dest="roots_dir", metavar="DIR")
+    p.add_argument("--roots", dest="roots_dir", metavar="DIR",
+                   help="the roots dir narfs-hook pins builds in (default: roots_dir)")
 
-    p = sub.add_parser("mount", help="mount the archive as a read-only filesystem")
-    _cache_flag(p)
+    p = command("mount", "mount the archive as a read-only filesystem")
     p.add_argument("--foreground", action="store_true", help="stay attached (for systemd)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
-                   help="mount options: allow_other")
+                   help="mount options, comma-separated: allow_other, ro, nonempty")
     p.add_argument("--fuse-mode", dest="fuse_mode", choices=("auto", "fast", "stock"),
                    help="fast: zero-message opens and cached directories (needs pyfuse3 with "
                    "narfs's patch); stock: what stock pyfuse3 allows; auto (default): fast "
                    "when available")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
+                   help="where to mount (default: mountpoint from the config file)")
 
-    p = sub.add_parser("umount", help="unmount a narfs mount")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p = command("umount", "unmount a narfs mount")
+    p.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
+                   help="the mount (default: mountpoint from the config file)")
 
-    p = sub.add_parser("restore", help="bring closures back into /nix/store")
-    _cache_flag(p)
+    p = command("restore", "bring closures back into /nix/store")
     p.add_argument("--dry-run", action="store_true", help="list what would come back")
     p.add_argument("--add-root", metavar="LINK", help="register a GC root for the target")
     p.add_argument("--to", metavar="DIR", help="unpack one path's tree into DIR, without Nix")
     p.add_argument("--no-check-sigs", action="store_true",
                    help="skip signature checks (explicit: you trust the cache directory)")
-    p.add_argument("targets", nargs="+", metavar="TARGET")
+    p.add_argument("targets", nargs="+", metavar="TARGET", help=(
+        "a store path, a hash, a name (the newest archived), an out-link such as ./result, "
+        "or a file inside a narfs mount"))
 
-    p = sub.add_parser("gc", help="retire archived paths by last access", description=(
+    p = command("gc", "retire archived paths by last access", description=(
         "Retire archived paths by last access: the latest of archive time, reads through a "
         "narfs mount and narfs restore. Downloads served straight from the directory (nginx, "
         "file:// substituters) are not seen as accesses. A path a kept path refers to is "
         "kept. Without --older-than or --max-size: --older-than 365d."))
-    _cache_flag(p)
     p.add_argument("--older-than", metavar="AGE", help="e.g. 365d, 12h, 30s")
     p.add_argument("--max-size", metavar="SIZE", help="e.g. 500G")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list what would be retired")
 
-    p = sub.add_parser("verify", help="check every entry of the cache")
-    _cache_flag(p)
+    p = command("verify", "check every entry of the cache")
     p.add_argument("--repair", action="store_true", help="un-publish broken entries")
 
-    p = sub.add_parser("status", help="totals, pins waiting, last error, mount state")
-    _cache_flag(p)
-    p = sub.add_parser("ls", help="archived paths with size, date and last access")
-    _cache_flag(p)
-    p.add_argument("pattern", nargs="?", metavar="PATTERN")
+    command("status", "totals, pins waiting, last error, mount state")
+    p = command("ls", "archived paths with size, date and last access")
+    p.add_argument("pattern", nargs="?", metavar="PATTERN", help=(
+        "a shell-style pattern (*, ?, [...]) matched against <hash>-<name>; without one, a "
+        "substring of it"))
+    command("doctor", "check the whole setup and name the fix for each problem")
     return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command's parser, so the hint points at its --help
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
@@ -247,7 +284,7 @@ def user_error(group: BaseExceptionGroup) -> BaseException:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging(args.verbose, args.quiet)
     overrides = {k: getattr(args, k, None) for k in ("cache_dir", "secret_key_file", "roots_dir",
                                                      "fuse_mode")}

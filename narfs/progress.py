@@ -29,6 +29,11 @@ class Progress:
             self.bar = None
 
 
+def plural(n: int, noun: str, nouns: str = "") -> str:
+    """"1 path", "2 paths": a count with its noun (`nouns` when the plural is not noun + s)."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 def human_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

@@ -20,7 +20,7 @@ from .catalog import Catalog, Entry
 from .config import Settings
 from .errors import CorruptError, NarfsError
 from .mounts import mode_of, narfs_mounts
-from .progress import human_size
+from .progress import human_size, plural
 from .storepath import STORE_DIR
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def ls_main(args: argparse.Namespace, settings: Settings) -> int:
               f"{when(access):16}  {STORE_DIR}/{e.name}")
     nar = sum(e.nar_size for e, _ in rows)
     comp = sum(e.file_size or 0 for e, _ in rows)
-    print(f"{len(rows)} paths, {human_size(nar)} NAR, {human_size(comp)} compressed")
+    print(f"{plural(len(rows), 'path')}, {human_size(nar)} NAR, {human_size(comp)} compressed")
     return 0
 
 
@@ -176,7 +176,7 @@ def status_main(args: argparse.Namespace, settings: Settings) -> int:
     now = time.time()
     print(f"cache:        {cache.root}")
     ratio = f" (ratio {comp / nar:.2f})" if nar else ""
-    print(f"archived:     {len(rows)} paths, {human_size(nar)} NAR → {human_size(comp)} "
+    print(f"archived:     {plural(len(rows), 'path')}, {human_size(nar)} NAR → {human_size(comp)} "
           f"compressed{ratio}")
     if rows:
         newest = max(e.archived for e, _ in rows)
@@ -202,8 +202,8 @@ def status_main(args: argparse.Namespace, settings: Settings) -> int:
                 line += f", {state[key]} {what}"
         print(f"watch:        {line}")
         if state.get("ignored"):
-            print(f"              {state['ignored']} entries in {settings.roots_dir} are not "
-                  "pins of store paths (see the watch log)")
+            print(f"              {plural(state['ignored'], 'entry', 'entries')} in "
+                  f"{settings.roots_dir} not pinning store paths (see the watch log)")
     elif "stopped" in state:
         print(f"watch:        not running (stopped {when(state['stopped'])})")
     else:

@@ -41,7 +41,7 @@ from .errors import CorruptError, NarfsError
 from .mounts import mount_containing
 from .narinfo import NarInfo
 from .narstream import decompressed_chunks, parse_checked
-from .progress import Progress, human_size
+from .progress import Progress, human_size, plural
 from .report import entries_with_access, open_catalog, when
 from .signing import PublicKey
 from .storepath import STORE_DIR, hash_part, is_base_name, is_hash, user_store_path
@@ -339,7 +339,7 @@ class Copier:
         if self.errors:  # part of a failed batch may have gone in: ask the store
             invalid = set(await store.invalid_paths(list(self.infos)))
             restored = len(self.infos) - len(invalid)
-            raise NarfsError(f"{self.errors[0]} ({restored} of {len(self.infos)} paths were "
+            raise NarfsError(f"{self.errors[0]} ({restored} of {plural(len(self.infos), 'path')} "
                              "restored before it: they are valid store paths)")
         return self.done
 
@@ -540,7 +540,7 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
     if args.dry_run:
         for path in sorted(p.fetch, key=lambda s: s[44:]):
             print(f"would restore {path} ({human_size(p.fetch[path].nar_size)})")
-        print(f"would restore {len(p.fetch)} paths: {human_size(nar_bytes)} unpacked, "
+        print(f"would restore {plural(len(p.fetch), 'path')}: {human_size(nar_bytes)} unpacked, "
               f"{human_size(file_bytes)} read from {cache.root}; {p.present} of the closure "
               "already in the store")
         return 0
@@ -554,11 +554,13 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
             bar.close()
         for path in restored:
             print(f"restored {path}")
-        print(f"restored {len(restored)} paths ({human_size(nar_bytes)}) from {cache.root} in "
+        print(f"restored {plural(len(restored), 'path')} ({human_size(nar_bytes)}) from "
+              f"{cache.root} in "
               f"{time.monotonic() - start:.1f} s; {p.present} already in the store")
     else:
-        print(f"nothing to restore: {', '.join(p.tops)} and {len(p.closure) - len(p.tops)} "
-              "paths of its closure are already in the store")
+        print(f"nothing to restore: {', '.join(p.tops)} and "
+              f"{plural(len(p.closure) - len(p.tops), 'path')} of its closure are already in "
+              "the store")
     if args.add_root:
         out = await store.run(["nix-store", "--add-root", os.path.abspath(args.add_root),
                                "--realise", *p.tops])
@@ -596,7 +598,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                   f"{os.path.abspath(args.to)}")
             return 0
         u = unpack(t.cache, info, args.to)
-        print(f"unpacked {info.store_path} into {os.path.abspath(args.to)}: {u.files} files, "
+        print(f"unpacked {info.store_path} into {os.path.abspath(args.to)}: "
+              f"{plural(u.files, 'file')}, "
               f"{human_size(u.bytes)}")
         catalog = open_catalog(t.cache, sync=False)
         if catalog is not None:

@@ -36,7 +36,7 @@ from .errors import CorruptError, NarfsError
 from .gc import referrers_first, retire
 from .narinfo import NarInfo
 from .narstream import NarStream, decompressed_chunks
-from .progress import Progress, human_size
+from .progress import Progress, human_size, plural
 from .report import open_catalog
 from .restore import trusted_key
 from .signing import PublicKey
@@ -485,9 +485,10 @@ def _print(report: Report, cache: Cache) -> None:
               f"{RECENT // 60} min that nothing refers to yet were not judged")
     n = len(report.checked)
     rate = report.file_bytes / report.seconds if report.seconds else 0
-    summary = (f"{n} entries, {human_size(report.file_bytes)} of NAR files in {cache.root}, "
+    summary = (f"{plural(n, 'entry', 'entries')}, {human_size(report.file_bytes)} of NAR files "
+               f"in {cache.root}, "
                f"checked in {report.seconds:.1f} s ({human_size(rate)}/s)")
     if counted:
-        print(f"{len(counted)} problems; {summary}")
+        print(f"{plural(len(counted), 'problem')}; {summary}")
     else:
         print(f"healthy: {summary}")

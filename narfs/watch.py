@@ -53,6 +53,7 @@ from .cache import TMP_PREFIX, Cache, describe_os_error
 from .config import Settings
 from .errors import NarfsError
 from .notify import Notifier
+from .progress import plural
 from .storepath import STORE_DIR, hash_part, is_base_name
 
 log = logging.getLogger(__name__)
@@ -466,7 +467,8 @@ class Service:
             first, reason = next(iter(result.failed.items()))
             more = len(result.failed) - 1
             where = "" if first == path else f"its closure's {first}: "
-            raise NarfsError(where + reason + (f" (and {more} more paths)" if more else ""))
+            more_text = f" (and {plural(more, 'more path')})" if more else ""
+            raise NarfsError(where + reason + more_text)
         return True
 
     def _unpin(self, job: Job) -> None:
@@ -524,8 +526,8 @@ class Service:
 
     def status_line(self) -> str:
         s = self.snapshot()
-        line = (f"{s['queue']} pins waiting ({s['archiving']} archiving, {s['retrying']} "
-                f"retrying), {s['archived']} paths archived")
+        line = (f"{plural(s['queue'], 'pin')} waiting ({s['archiving']} archiving, "
+                f"{s['retrying']} retrying), {plural(s['archived'], 'path')} archived")
         if not s["cache_ready"]:
             line = "waiting for the cache; " + line
         if self.last_error:
