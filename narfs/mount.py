@@ -46,7 +46,11 @@ DEBOUNCE = 0.05
 FLUSH_ACCESS = 10.0
 LOG_NAME = "mount.log"
 LOG_MAX = 8 << 20
-KNOWN_OPTIONS = {"allow_other"}
+# ro: a narfs mount always is; accepted because mount(8) users type it.
+KNOWN_OPTIONS = {"allow_other", "ro", "nonempty"}
+FUSE_DEVICE = "/dev/fuse"
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -69,19 +73,48 @@ def parse_options(given: list[str]) -> set[str]:
     return options
 
 
+def fuse_problem(device: str = FUSE_DEVICE) -> str | None:
+    """Why this user cannot use FUSE, or None. libfuse opens the device itself (fusermount3
+    only mounts), so a user who cannot open it cannot mount at all."""
+    if not os.path.exists(device):
+        return (f"{device} does not exist; load the module (modprobe fuse) or, in a "
+                "container, pass the device in")
+    if not os.access(device, os.R_OK | os.W_OK):
+        return (f"{device}: permission denied for this user; run as root, or have root make "
+                f"it usable (chmod 0666 {device}, as Debian's fuse3 package does)")
+    return None
+
+
+def check_mountpoint(mountpoint: str, nonempty: bool) -> None:
+    if not os.path.isdir(mountpoint):
+        raise NarfsError(f"{mountpoint}: mount point is not a directory; create it first "
+                         f"(mkdir -p {mountpoint})")
+    if mountpoint in {m.mountpoint for m in narfs_mounts(trusted=False)}:
+        raise NarfsError(f"{mountpoint}: a narfs mount is already there; "
+                         f"`narfs umount {mountpoint}` first")
+    try:
+        entries = os.listdir(mountpoint)
+    except OSError as e:
+        raise NarfsError(f"{mountpoint}: cannot read the mount point ({e.strerror})") from None
+    if entries and not nonempty:
+        raise NarfsError(f"{mountpoint}: mount point is not empty (the mount would hide its "
+                         f"{len(entries)} entries); use an empty directory, or -o nonempty to "
+                         "mount over them")
+
+
 def main(args: argparse.Namespace, settings: Settings) -> int:
+    options = parse_options(args.options)
+    mountpoint = os.path.realpath(args.mountpoint or settings.mountpoint)  # as /proc/mounts
+    check_mountpoint(mountpoint, "nonempty" in options)
+    problem = fuse_problem()
+    if problem:
+        raise NarfsError(f"cannot mount {mountpoint}: {problem}")
     cache = Cache(settings.cache_dir)
     cache.check()
     if not cache.root.isascii():
         raise NarfsError(f"{cache.root}: FUSE mount options must be ASCII; use a cache path "
                          "without non-ASCII characters")
-    mountpoint = os.path.realpath(args.mountpoint)  # as /proc/mounts will show it
-    if not os.path.isdir(mountpoint):
-        raise NarfsError(f"{mountpoint}: mount point is not a directory; create it first")
-    if mountpoint in {m.mountpoint for m in narfs_mounts(trusted=False)}:
-        raise NarfsError(f"{mountpoint}: a narfs mount is already there; "
-                         f"`narfs umount {mountpoint}` first")
-    allow_other = settings.allow_other or "allow_other" in parse_options(args.options)
+    allow_other = settings.allow_other or "allow_other" in options
     fast = choose_mode(settings.fuse_mode)
     if args.foreground:
         return serve(cache, settings, mountpoint, allow_other, Notifier.from_environment(),
@@ -135,7 +168,9 @@ def _daemonise(cache: Cache, settings: Settings, mountpoint: str, allow_other: b
     _, status = os.waitpid(pid, 0)
     if not message:
         message = f"{mountpoint}: the mount process ended ({status}) before the mount was live"
-    raise NarfsError(message + f"; see {cache.state_path(LOG_NAME)}")
+    log_file = cache.state_path(LOG_NAME)
+    # Point only at a log this user can read (the mount's own log may be root's).
+    raise NarfsError(message + (f"; see {log_file}" if os.access(log_file, os.R_OK) else ""))
 
 
 def _report(fd: int, message: str) -> None:
@@ -356,7 +391,7 @@ async def _refresh(fs: NarFS, hashes: set[str] | None) -> None:
 
 
 def umount_main(args: argparse.Namespace, settings: Settings) -> int:
-    mountpoint = os.path.realpath(args.mountpoint)
+    mountpoint = os.path.realpath(args.mountpoint or settings.mountpoint)
     if mountpoint not in {m.mountpoint for m in narfs_mounts(trusted=False)}:
         raise NarfsError(f"{mountpoint}: not a narfs mount (see /proc/mounts)")
     proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
