@@ -157,6 +157,17 @@ class Cache:
             raise NarfsError(describe_os_error(e, self.root)) from None
         return True
 
+    def init_if_new(self) -> bool:
+        """Create the cache in a missing or empty directory, as `nix copy --to file://DIR`
+        does; a non-empty directory that is not a cache is left for check() to refuse."""
+        try:
+            new = not os.listdir(self.root)
+        except FileNotFoundError:
+            new = True
+        except OSError:
+            return False  # not a directory, unreadable: check() says which
+        return self.init() if new else False
+
     @contextmanager
     def temporary(self, final: str) -> Iterator[BinaryIO]:
         """A temporary file beside `final`; on a clean exit it is fsynced and renamed over it."""

@@ -250,6 +250,8 @@ async def _archive(args: argparse.Namespace, settings: Settings) -> int:
     if invalid:
         raise NarfsError(f"{invalid[0]}: not a valid path in the Nix store; build or "
                          f"substitute it first ({len(invalid)} invalid in all)")
+    if Cache(settings.cache_dir).init_if_new():
+        log.info("created the binary cache %s", os.path.abspath(settings.cache_dir))
     with ThreadPoolExecutor(settings.threads, thread_name_prefix="zstd") as executor:
         archiver = Archiver.from_settings(settings, executor)
         with archiver.cache.writer():

@@ -30,7 +30,7 @@ from .cache import Cache
 from .catalog import Catalog, Entry
 from .config import Settings
 from .errors import NarfsError
-from .progress import human_size
+from .progress import human_size, plural
 from .report import when
 from .storepath import STORE_DIR, hash_part
 
@@ -254,16 +254,16 @@ def _gc(cache: Cache, older_than: float | None, max_size: int | None, dry_run: b
             held = sum(1 for h, a in access.items() if a < cutoff
                        and h not in {c.entry.hash for c in chosen})
             if held:
-                print(f"kept {held} paths unused for longer than {args_age(older_than)} because "
-                      "newer paths refer to them")
+                print(f"kept {plural(held, 'path')} unused for longer than "
+                      f"{args_age(older_than)} because newer paths refer to them")
     kept = len(entries) - len(chosen)
     if not chosen:
-        print(f"nothing to retire: {kept} paths, {human_size(before)} on disk")
+        print(f"nothing to retire: {plural(kept, 'path')}, {human_size(before)} on disk")
     else:
         nar = sum(c.entry.nar_size for c in chosen)
-        print(f"{verb} {len(chosen)} paths ({human_size(nar)} NAR): "
+        print(f"{verb} {plural(len(chosen), 'path')} ({human_size(nar)} NAR): "
               f"{'would free' if dry_run else 'freed'} {human_size(before - after)} on disk; "
-              f"kept {kept} paths, {human_size(after)}")
+              f"kept {plural(kept, 'path')}, {human_size(after)}")
     if max_size is not None and after > max_size:
         print(f"narfs gc: the cache still holds {human_size(after)} > --max-size "
               f"{human_size(max_size)}")

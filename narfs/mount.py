@@ -33,7 +33,7 @@ from .catalog import Catalog
 from .config import Settings
 from .errors import NarfsError
 from .fs import NarFS, fast_capable
-from .mounts import narfs_mounts, remove_stale_states, state_name, state_text
+from .mounts import fuse_problem, narfs_mounts, remove_stale_states, state_name, state_text
 from .notify import Notifier
 from .reader import HotTier, Reader
 from .storepath import is_hash
@@ -48,7 +48,6 @@ LOG_NAME = "mount.log"
 LOG_MAX = 8 << 20
 # ro: a narfs mount always is; accepted because mount(8) users type it.
 KNOWN_OPTIONS = {"allow_other", "ro", "nonempty"}
-FUSE_DEVICE = "/dev/fuse"
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -71,18 +70,6 @@ def parse_options(given: list[str]) -> set[str]:
         raise NarfsError(f"unknown mount option {sorted(unknown)[0]!r}; known: "
                          f"{', '.join(sorted(KNOWN_OPTIONS))}")
     return options
-
-
-def fuse_problem(device: str = FUSE_DEVICE) -> str | None:
-    """Why this user cannot use FUSE, or None. libfuse opens the device itself (fusermount3
-    only mounts), so a user who cannot open it cannot mount at all."""
-    if not os.path.exists(device):
-        return (f"{device} does not exist; load the module (modprobe fuse) or, in a "
-                "container, pass the device in")
-    if not os.access(device, os.R_OK | os.W_OK):
-        return (f"{device}: permission denied for this user; run as root, or have root make "
-                f"it usable (chmod 0666 {device}, as Debian's fuse3 package does)")
-    return None
 
 
 def check_mountpoint(mountpoint: str, nonempty: bool) -> None:

@@ -135,3 +135,18 @@ def mount_containing(path: str) -> tuple[Mount, str] | None:
         if best is None or len(mp) > len(best[0].mountpoint):
             best = (m, rel)
     return best
+
+
+FUSE_DEVICE = "/dev/fuse"
+
+
+def fuse_problem(device: str = FUSE_DEVICE) -> str | None:
+    """Why this user cannot use FUSE, or None. libfuse opens the device itself (fusermount3
+    only mounts), so a user who cannot open it cannot mount at all."""
+    if not os.path.exists(device):
+        return (f"{device} does not exist; load the module (modprobe fuse) or, in a "
+                "container, pass the device in")
+    if not os.access(device, os.R_OK | os.W_OK):
+        return (f"{device}: permission denied for this user; run as root, or have root make "
+                f"it usable (chmod 0666 {device}, as Debian's fuse3 package does)")
+    return None

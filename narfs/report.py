@@ -21,7 +21,7 @@ from .config import Settings
 from .errors import CorruptError, NarfsError
 from .mounts import mode_of, narfs_mounts
 from .progress import human_size, plural
-from .storepath import STORE_DIR
+from .storepath import STORE_DIR, store_path_of
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,13 @@ def ago(t: float, now: float | None = None) -> str:
 
 
 def matches(pattern: str | None, base: str) -> bool:
+    """A shell-style pattern matches `<hash>-<name>` or `<name>` (so `hello*` finds
+    hello-2.12); a store path prefix is allowed; a plain word matches as a substring."""
     if not pattern:
         return True
+    pattern = pattern.removeprefix(STORE_DIR + "/")
     if any(c in pattern for c in "*?["):
-        return fnmatch.fnmatchcase(base, pattern)
+        return fnmatch.fnmatchcase(base, pattern) or fnmatch.fnmatchcase(base[33:], pattern)
     return pattern in base
 
 
@@ -124,7 +127,12 @@ def pins_waiting(roots_dir: str) -> Pins:
     try:
         with os.scandir(roots_dir) as it:
             for e in it:
-                if not e.is_symlink():
+                # Only what narfs watch counts as a pin: a symlink into the store.
+                try:
+                    if not e.is_symlink() or store_path_of(os.readlink(e.path),
+                                                           roots_dir) is None:
+                        continue
+                except OSError:
                     continue
                 try:
                     mtime = e.stat(follow_symlinks=False).st_mtime

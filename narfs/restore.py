@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import difflib
 import errno
 import json
 import logging
@@ -52,6 +53,9 @@ CHUNK = 1 << 20
 PATH_COST = 256 << 10  # what one path costs Nix beyond its bytes (registration, locks), in bytes
 MAX_BATCH = 2000  # paths per `nix copy` command line
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+BY_NAME = ".by-name"  # the mount's by-name view (fs.py)
+NIX_DB = "/nix/var/nix/db"
+DAEMON_SOCKET = "/nix/var/nix/daemon-socket/socket"
 
 
 # --- keys -----------------------------------------------------------------------------------
@@ -76,14 +80,28 @@ class Target:
     arg: str
     cache: Cache
     hash: str
+    out_link: str | None = None  # `./result`: made a GC root again once restored
+
+
+def close_names(name: str, names: set[str]) -> list[str]:
+    """What a user who typed `name` may have meant: names that add a version to it
+    (`hello` → hello-2.12.1, newest-looking first), then near misses (typos)."""
+    versioned = sorted((n for n in names if n.startswith(name + "-")
+                        and n[len(name) + 1:][:1].isdigit()), reverse=True)
+    close = difflib.get_close_matches(name, sorted(names), n=5, cutoff=0.7)
+    return list(dict.fromkeys([*versioned, *close]))[:5]
 
 
 def _by_name(name: str, cache: Cache) -> str:
-    rows = [(e.archived, e.name, e.hash) for e, _ in entries_with_access(cache)
-            if e.name[33:] == name]
+    entries = [e for e, _ in entries_with_access(cache)]
+    rows = [(e.archived, e.name, e.hash) for e in entries if e.name[33:] == name]
     if not rows:
+        maybe = close_names(name, {e.name[33:] for e in entries})
+        if maybe:
+            raise NarfsError(f"{name}: no archived path has this name in {cache.root}; did you "
+                             f"mean {' or '.join(maybe)}?")
         raise NarfsError(f"{name}: no archived path has this name, hash or store path in "
-                         f"{cache.root}; list them with `narfs ls {name}`")
+                         f"{cache.root}; list them with `narfs ls`")
     rows.sort()
     archived, base, h = rows[-1]
     if len(rows) > 1:
@@ -105,12 +123,16 @@ def resolve(arg: str, cache: Cache) -> Target:
             if not top:
                 raise NarfsError(f"{arg}: the root of the narfs mount {mount.mountpoint}; name "
                                  "a store path inside it")
+            if top == BY_NAME:
+                top = _by_name_link(arg, mount.mountpoint, rel)
             if not is_base_name(top):
                 raise NarfsError(f"{arg}: {top!r} in the narfs mount {mount.mountpoint} is not "
                                  "a store path")
             target = Target(arg, Cache(mount.cache_dir), hash_part(top))
         elif arg.startswith(STORE_DIR + "/") or os.path.islink(arg):
             target = Target(arg, cache, hash_part(user_store_path(arg)))
+            if not arg.startswith(STORE_DIR + "/"):
+                target.out_link = os.path.abspath(arg)
         else:
             raise NarfsError(f"{arg}: neither a store path ({STORE_DIR}/<hash>-<name>) nor a "
                              "file inside a narfs mount")
@@ -125,6 +147,23 @@ def resolve(arg: str, cache: Cache) -> Target:
         raise NarfsError(f"{arg}: not archived in {target.cache.root}; list what is with "
                          "`narfs ls`")
     return target
+
+
+def _by_name_link(arg: str, mountpoint: str, rel: str) -> str:
+    """The store path a `.by-name/<name>/<latest|version>/...` path stands for, as the mount
+    itself answers it (its link), so restore agrees with what `ls` showed."""
+    parts = rel.split("/")
+    if len(parts) < 2 or not parts[1]:
+        raise NarfsError(f"{arg}: name a path inside {BY_NAME}/<name>/ of the narfs mount "
+                         f"{mountpoint}")
+    link = os.path.join(mountpoint, BY_NAME, parts[1], parts[2] if len(parts) > 2 else "latest")
+    try:
+        top = os.path.basename(os.readlink(link))
+    except OSError as e:
+        raise NarfsError(f"{link}: {e.strerror}; see `ls {os.path.dirname(link)}`") from None
+    if not is_base_name(top):
+        raise NarfsError(f"{link}: does not point at a store path in the mount")
+    return top
 
 
 def read_info(cache: Cache, h: str) -> NarInfo:
@@ -566,6 +605,13 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
                                "--realise", *p.tops])
         for root, top in zip(out.decode().split(), p.tops, strict=False):
             print(f"GC root {root} → {top}")
+    # An out-link restored through (`narfs restore ./result`) is a root again, as nix-build
+    # left it: the next GC must not take back what was just restored.
+    for t in targets:
+        if t.out_link is not None:
+            path = read_info(cache, t.hash).store_path
+            await store.run(["nix-store", "--add-root", t.out_link, "--realise", path])
+            print(f"GC root {t.out_link} → {path}")
     catalog = open_catalog(cache, sync=False)
     if catalog is not None:
         with catalog:
@@ -573,7 +619,26 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
     return 0
 
 
+def store_problem() -> str | None:
+    """Why this user cannot put paths into the Nix store, or None: not root, the store's
+    database is root's (a single-user Nix) and no nix-daemon listens for others."""
+    if os.geteuid() == 0 or os.access(NIX_DB, os.W_OK):
+        return None
+    remote = os.environ.get("NIX_REMOTE", "")
+    if remote.startswith(("daemon", "unix://")):
+        return None
+    if remote in ("", "auto") and os.path.exists(DAEMON_SOCKET):
+        return None
+    return (f"restoring writes to {STORE_DIR}, which only root can here: the store is "
+            f"root's and no nix-daemon runs ({DAEMON_SOCKET} is missing); run it as root "
+            "(sudo narfs restore ...), start nix-daemon, or unpack without Nix with --to DIR")
+
+
 def main(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.to and not args.dry_run:
+        problem = store_problem()
+        if problem:
+            raise NarfsError(problem)
     cache = Cache(settings.cache_dir)
     targets = [resolve(arg, cache) for arg in args.targets]
     roots = {t.cache.root for t in targets}

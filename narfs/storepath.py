@@ -6,6 +6,7 @@ import re
 from .errors import CorruptError, NarfsError
 
 STORE_DIR = "/nix/store"
+GC_ROOTS_DIR = "/nix/var/nix/gcroots"  # a symlink anywhere under it is a GC root
 HASH_LEN = 32
 _BASE = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{32}-[A-Za-z0-9+\-._?=]{1,211}")
 _HASH = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{32}")
@@ -58,3 +59,17 @@ def user_store_path(arg: str) -> str:
     if not is_base_name(top):
         raise NarfsError(f"{arg}: not a valid store path name")
     return prefix + top
+
+
+def store_path_of(target: str, roots: str) -> str | None:
+    """The top-level store path a pin's link target holds, or None when it is outside the store.
+
+    A relative target counts from the roots dir, as Nix's GC reads it; a target inside a store
+    path pins (and so archives) the whole path.
+    """
+    full = os.path.normpath(os.path.join(roots, target))
+    prefix = STORE_DIR + "/"
+    if not full.startswith(prefix):
+        return None
+    base = full[len(prefix):].split("/", 1)[0]
+    return prefix + base if is_base_name(base) else None

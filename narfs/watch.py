@@ -54,7 +54,7 @@ from .config import Settings
 from .errors import NarfsError
 from .notify import Notifier
 from .progress import plural
-from .storepath import STORE_DIR, hash_part, is_base_name
+from .storepath import GC_ROOTS_DIR, STORE_DIR, hash_part, store_path_of
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +83,6 @@ class AlreadyRunning(NarfsError):
 
 
 # --- the roots dir ------------------------------------------------------------------------------
-
-
-def store_path_of(target: str, roots: str) -> str | None:
-    """The top-level store path a pin's link target holds, or None when it is outside the store.
-
-    A relative target counts from the roots dir, as Nix's GC reads it; a target inside a store
-    path pins (and so archives) the whole path.
-    """
-    full = os.path.normpath(os.path.join(roots, target))
-    prefix = STORE_DIR + "/"
-    if not full.startswith(prefix):
-        return None
-    base = full[len(prefix):].split("/", 1)[0]
-    return prefix + base if is_base_name(base) else None
 
 
 @dataclass(frozen=True)
@@ -351,7 +337,7 @@ class Service:
         # Names known before but gone now are looked at too, so they leave the queue.
         here = set(names)
         await self.look_at([*names, *(n for n in [*self.pins, *self.reported] if n not in here)])
-        log.info("watching %s: %d pins waiting", self.roots.path, len(self.pins))
+        log.info("watching %s: %s waiting", self.roots.path, plural(len(self.pins), "pin"))
 
     async def look_at(self, names: Iterable[str]) -> None:
         """Bring the queue up to date with what these names are now on disk."""
@@ -581,7 +567,34 @@ async def serve(settings: Settings, notifier: Notifier, executor: ThreadPoolExec
     return 0
 
 
+def refuse_second_watch(cache: Cache) -> None:
+    """Say at once that another watch holds this cache, before any other log line (the
+    service's own check comes later, once the cache is usable)."""
+    try:
+        fd = os.open(os.path.join(cache.root, ".narfs", LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file yet: no watch has ever held this cache
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise AlreadyRunning(
+            f"{cache.root}: refused: another narfs watch is already archiving into this cache; "
+            "stop it first (systemctl stop narfs-watch)") from None
+    finally:
+        os.close(fd)
+
+
+def warn_if_not_gc_roots(roots_dir: str) -> None:
+    real = os.path.realpath(roots_dir)
+    if not (real + "/").startswith(GC_ROOTS_DIR + "/"):
+        log.warning("%s: not under %s, so its pins are not GC roots: Nix may collect a build "
+                    "before it is archived; use a directory under %s (the default is "
+                    "%s/narfs)", roots_dir, GC_ROOTS_DIR, GC_ROOTS_DIR, GC_ROOTS_DIR)
+
+
 def main(args: argparse.Namespace, settings: Settings) -> int:
+    refuse_second_watch(Cache(settings.cache_dir))
+    warn_if_not_gc_roots(settings.roots_dir)
     notifier = Notifier.from_environment()
     try:
         with ThreadPoolExecutor(settings.threads, thread_name_prefix="zstd") as executor:

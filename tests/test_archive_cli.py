@@ -285,7 +285,7 @@ def test_summary_line(narfs: Narfs, nixstore: NixStore, tmp_path: Path) -> None:
         assert i.signed_by(load_secret_key(str(narfs.key)).public)
 
     again = narfs("archive", top)
-    assert again.stdout.strip() == "nothing to archive: all 3 paths are already in the cache"
+    assert again.stdout.strip() == "nothing to archive: 3 paths already in the cache"
 
 
 def _damage(path: str) -> str:
@@ -411,7 +411,7 @@ def test_sigkill_in_the_middle_of_a_large_path(narfs: Narfs, nixstore: NixStore)
     assert list(narfs.cache.glob("*.narinfo")) == []
 
     again = narfs("archive", big)
-    assert "archived 1 paths" in again.stdout, again.stdout
+    assert "archived 1 path:" in again.stdout, again.stdout
     infos = cache_is_whole(narfs.cache)  # also: no .narfs-tmp-* anywhere
     assert [i.store_path for i in infos] == [big]
     run([*NIX, "store", "verify", "--store", f"file://{narfs.cache}", "--sigs-needed", "1",
@@ -468,8 +468,8 @@ def test_a_terminal_gets_a_progress_bar_and_logs_get_lines(narfs: Narfs, nixstor
     tty = on_a_terminal(narfs, "archive", on_tty)
     assert re.search(r"archiving: +\d+%\|", tty), f"no progress bar:\n{tty!r}"
     assert "narfs: archived" not in tty, "per-path log lines on a terminal"
-    assert "archived 1 paths:" in tty
+    assert "archived 1 path:" in tty
     out = narfs("archive", piped)
     assert "%|" not in out.stderr, "a progress bar drawn into a pipe"
     assert re.search(r"^narfs: archived [a-z0-9]{32}-narfs-progress-pipe \(", out.stderr, re.M)
-    assert "archived 1 paths:" in out.stdout
+    assert "archived 1 path:" in out.stdout

@@ -68,7 +68,7 @@ def test_old_paths_go_recent_closures_stay(narfs: Narfs, nixstore: NixStore) -> 
 
     out = narfs("gc", "--older-than", "365d")
     assert f"retired {old} " in out.stdout, out.stdout
-    assert "retired 1 paths" in out.stdout
+    assert "retired 1 path " in out.stdout
     assert names(narfs) == {shared, dep, recent}
     assert not (narfs.cache / f"{hash_part(old)}.ls").exists()
     assert not (narfs.cache / old_nar).exists()

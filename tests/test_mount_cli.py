@@ -13,7 +13,7 @@ from pathlib import Path
 from mounting import is_mounted, unmount
 
 from conftest import Narfs
-from narfs.mount import FUSE_DEVICE
+from narfs.mounts import FUSE_DEVICE
 
 
 def _one_line_error(proc: subprocess.CompletedProcess) -> str:

@@ -91,7 +91,7 @@ def test_restore_by_store_path_hash_and_name(narfs: Narfs, nixstore: NixStore) -
     # --dry-run says what would come back and changes nothing.
     delete_paths([chain[2]])
     out = narfs("restore", "--dry-run", top)
-    assert f"would restore {top}" in out.stdout and "would restore 1 paths" in out.stdout
+    assert f"would restore {top}" in out.stdout and "would restore 1 path:" in out.stdout
     assert valid([top]) == []
 
     bad = narfs("restore", "no-such-name-anywhere", check=False)
@@ -364,7 +364,7 @@ def test_an_out_link_names_its_path_even_once_collected(narfs: Narfs, nixstore: 
     link = work / "result"
     link.symlink_to(top)
     out = narfs("archive", "result", cwd=str(work))
-    assert "archived 1 paths" in out.stdout, out.stdout + out.stderr
+    assert "archived 1 path:" in out.stdout, out.stdout + out.stderr
     nixstore.unroot()
     delete_paths([top])
     assert link.is_symlink() and not link.exists()

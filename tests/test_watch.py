@@ -29,7 +29,8 @@ from inotify_simple import INotify, flags
 
 from conftest import Narfs, nix_copy_from
 from narfs.notify import Notifier
-from narfs.watch import RootsDir, backoff, classify, store_path_of
+from narfs.storepath import store_path_of
+from narfs.watch import RootsDir, backoff, classify
 from nixtools import NIX, NixStore, delete_paths, gc_roots, nix_string, run
 
 HOOK = Path(__file__).resolve().parent.parent / "systemd" / "narfs-hook"
@@ -493,7 +494,7 @@ def test_sigterm_stops_within_seconds_cleanly_and_notifies(rig: Rig, narfs: Narf
         wait_for(lambda: received("READY=1"), 20, "READY=1", service)
         wait_for(lambda: received("STATUS="), 5, "STATUS=", service)
         pin = pin_by_hand(rig, big_path)
-        wait_for(lambda: received("STATUS=1 pins waiting (1 archiving, 0 retrying), 0 paths "
+        wait_for(lambda: received("STATUS=1 pin waiting (1 archiving, 0 retrying), 0 paths "
                                   "archived"), 10, "STATUS= with the queue length", service)
         in_the_middle(service, 1 << 20)
         took = service.stop()
@@ -525,7 +526,7 @@ def test_bad_pins_are_reported_once_and_kept(rig: Rig, narfs: Narfs, tmp_path: P
     gone = "/nix/store/" + "0" * 32 + "-narfs-never-built"
     (rig.roots / "gone-at-start").symlink_to(gone)
     service = rig.start()
-    service.wait_log(r"watching .*: 1 pins waiting")
+    service.wait_log(r"watching .*: 1 pin waiting")
     # The same kinds again, now arriving through inotify, and a good build among them.
     (rig.roots / "b-file").write_text("not a pin either\n")
     (rig.roots / "into-etc").symlink_to("/etc/hostname")
