@@ -11,10 +11,8 @@ import dataclasses
 import importlib
 import logging
 import os
-import shutil
 import socket
 import sys
-import sysconfig
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar, NoReturn
@@ -213,7 +211,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
                   "to other commands or edit the file")
         else:
             print(f"unchanged: config {cfg}")
-    hook = _hook_path()
+    hook = config.hook_path()
     print("\n# Add to /etc/nix/nix.conf, then restart nix-daemon:")
     print(f"extra-substituters = file://{cache.root}")
     print(f"extra-trusted-public-keys = {key.public.text()}")
@@ -232,12 +230,6 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
         print(f'  {name} = "{value}";')
     print("};")
     return 0
-
-
-def _hook_path() -> str:
-    """The narfs-hook installed beside this narfs (its venv's bin), else the one on PATH."""
-    beside = os.path.join(sysconfig.get_path("scripts"), "narfs-hook")
-    return beside if os.path.exists(beside) else shutil.which("narfs-hook") or beside
 
 
 async def _archive(args: argparse.Namespace, settings: Settings) -> int:

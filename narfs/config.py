@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sysconfig
 import tomllib
 from dataclasses import dataclass, fields, replace
 
@@ -97,3 +99,9 @@ def render(settings: Settings, keys: tuple[str, ...]) -> str:
         lines.append(f"{key} = {value!r}".replace("'", '"') if isinstance(value, str)
                      else f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
     return "\n".join(lines) + "\n"
+
+
+def hook_path() -> str:
+    """The narfs-hook installed beside this narfs (its venv's bin), else the one on PATH."""
+    beside = os.path.join(sysconfig.get_path("scripts"), "narfs-hook")
+    return beside if os.path.exists(beside) else shutil.which("narfs-hook") or beside
