@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 BATCH_PATHS = 128  # a batch ends at this many paths ...
 BATCH_BYTES = 32 << 20  # ... or this many NAR bytes, whichever comes first
+PROGRESS_STEP = 1 << 20  # a bar moves at most once a MiB of NAR (tqdm redraws at most 10/s)
 
 
 def _syncfs_func():
@@ -143,6 +144,9 @@ class Archiver:
         # Set by a stopping service (`narfs watch`): NAR writes end at their next chunk, remove
         # their temporary and fail the path, so shutdown neither waits for nor leaves a big write.
         self.stop = threading.Event()
+        # NAR bytes written so far of each path being written: [done, total] (the service's
+        # STATUS= names the path and its progress; plain ints, updated from worker threads).
+        self.in_progress: dict[str, list[int]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, executor: ThreadPoolExecutor) -> Archiver:
@@ -185,16 +189,13 @@ class Archiver:
         """Write batch `k`, wait until batch k-1 is committed, commit it."""
         try:
             async with self.limiter:
-                written = await trio.to_thread.run_sync(self._write_batch, batch, result)
+                written = await trio.to_thread.run_sync(self._write_batch, batch, result, bar)
             if k:
                 await committed[k - 1].wait()
             async with self.limiter:
                 await trio.to_thread.run_sync(self._commit, written, result)
         finally:
             committed[k].set()
-        for w in written:
-            if w.info.path not in result.failed:
-                bar.advance(w.info.nar_size, name_part(w.info.path))
 
     def _fail(self, result: Result, path: str, e: Exception) -> None:
         if isinstance(e, NarfsError):
@@ -206,12 +207,13 @@ class Archiver:
             result.failed[path] = describe_os_error(e, self.cache.root)
         log.error("%s: %s", path, result.failed[path])
 
-    def _write_batch(self, batch: list[PathInfo], result: Result) -> list[_Written]:
+    def _write_batch(self, batch: list[PathInfo], result: Result,
+                     bar: Progress) -> list[_Written]:
         """Step 1 for every path of a batch (in a worker thread); failures go to `result`."""
         written = []
         for info in batch:
             try:
-                written.append(self.write_files(info))
+                written.append(self.write_files(info, bar))
             except (NarfsError, OSError) as e:
                 self._fail(result, info.path, e)
         return written
@@ -281,11 +283,12 @@ class Archiver:
             raise
         return tmp
 
-    def write_files(self, info: PathInfo) -> _Written:
+    def write_files(self, info: PathInfo, bar: Progress | None = None) -> _Written:
         """Step 1 for one path: its NAR, listing and signed narinfo, as temporaries.
 
         Runs in a worker thread. The NAR's final name is the hash of its compressed bytes, so
-        it can only be named once it is written.
+        it can only be named once it is written. The bar moves with the bytes, so one large
+        path shows its progress rather than 0% until it is done.
         """
         cache = self.cache
         s = self.settings
@@ -301,15 +304,26 @@ class Archiver:
                                         self.executor if parallel else None, s.threads)
                 nar_sha = hashlib.sha256()
                 ser = NarSerialiser(info.path)
+                done = [0, info.nar_size]
+                shown = 0
+                label = name_part(info.path)
+                self.in_progress[info.path] = done
                 try:
                     for chunk in ser:
                         if self.stop.is_set():
                             raise NarfsError("interrupted: narfs is stopping")
                         nar_sha.update(chunk)
                         writer.write(chunk)
+                        done[0] += len(chunk)
+                        if bar is not None and done[0] - shown >= PROGRESS_STEP:
+                            bar.advance(done[0] - shown, label)
+                            shown = done[0]
                     writer.close()
                 finally:
                     writer.abort()
+                    self.in_progress.pop(info.path, None)
+                    if bar is not None and done[0] > shown:
+                        bar.advance(done[0] - shown, label)
             nar_hash = nix32.format_sha256(nar_sha.digest())
             if nar_hash != info.nar_hash or writer.nar_size != info.nar_size:
                 raise NarfsError(

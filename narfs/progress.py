@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 
 from tqdm import tqdm
 
@@ -12,6 +13,7 @@ class Progress:
 
     def __init__(self, total: int, what: str, unit: str = "B") -> None:
         self.bar: tqdm | None = None
+        self.lock = threading.Lock()  # worker threads advance it, each with its own path
         if sys.stderr.isatty() and total > 0:
             self.bar = tqdm(total=total, desc=what, unit=unit, unit_scale=True,
                             unit_divisor=1024 if unit == "B" else 1000, leave=False,
@@ -19,9 +21,10 @@ class Progress:
 
     def advance(self, n: int, label: str = "") -> None:
         if self.bar is not None:
-            if label:
-                self.bar.set_postfix_str(label[:40], refresh=False)
-            self.bar.update(n)
+            with self.lock:
+                if label:
+                    self.bar.set_postfix_str(label[:40], refresh=False)
+                self.bar.update(n)
 
     def close(self) -> None:
         if self.bar is not None:

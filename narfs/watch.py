@@ -36,6 +36,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import stat
@@ -53,7 +54,7 @@ from .cache import TMP_PREFIX, Cache, describe_os_error
 from .config import Settings
 from .errors import NarfsError
 from .notify import Notifier
-from .progress import plural
+from .progress import human_size, plural
 from .storepath import GC_ROOTS_DIR, STORE_DIR, hash_part, store_path_of
 
 log = logging.getLogger(__name__)
@@ -512,13 +513,26 @@ class Service:
 
     def status_line(self) -> str:
         s = self.snapshot()
-        line = (f"{plural(s['queue'], 'pin')} waiting ({s['archiving']} archiving, "
-                f"{s['retrying']} retrying), {plural(s['archived'], 'path')} archived")
+        line = (f"{self.archiving_now()}{plural(s['queue'], 'pin')} waiting "
+                f"({s['archiving']} archiving, {s['retrying']} retrying), "
+                f"{plural(s['archived'], 'path')} archived")
         if not s["cache_ready"]:
             line = "waiting for the cache; " + line
         if self.last_error:
             line += f"; last error: {self.last_error}"
         return line[:1000]
+
+    def archiving_now(self) -> str:
+        """`archiving <name> (37% of 200.0 MiB); ` for the paths being written now."""
+        if self.archiver is None:
+            return ""
+        now = sorted(list(self.archiver.in_progress.items()))
+        if not now:
+            return ""
+        path, (done, total) = now[0]
+        more = f" and {plural(len(now) - 1, 'more path')}" if len(now) > 1 else ""
+        return (f"archiving {path[len(STORE_DIR) + 1:]} ({100 * done // max(total, 1)}% of "
+                f"{human_size(total)}){more}; ")
 
     async def write_state(self) -> None:
         self.notifier.send(f"STATUS={self.status_line()}")
@@ -533,7 +547,9 @@ class Service:
 
     async def _publish_state(self) -> None:
         while True:
-            await self._changed.wait()
+            # While a path is written, STATUS= moves with its bytes: once a second.
+            with trio.move_on_after(STATE_INTERVAL if self.jobs else math.inf):
+                await self._changed.wait()
             self._changed = trio.Event()
             await self.write_state()
             await trio.sleep(STATE_INTERVAL)

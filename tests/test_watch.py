@@ -478,25 +478,34 @@ def test_sigterm_stops_within_seconds_cleanly_and_notifies(rig: Rig, narfs: Narf
     sock.settimeout(0)
     got: list[str] = []
 
-    def received(field: str) -> bool:
-        """Whether a datagram held a line `field` (or, for `X=`, a line starting so)."""
+    def lines() -> list[str]:
+        return [line for m in got for line in m.split("\n")]
+
+    def received(field: str, containing: str = "") -> bool:
+        """Whether a datagram held a line `field` (or, for `X=`, a line starting so and
+        holding `containing`)."""
         try:
             while True:
                 got.append(sock.recv(4096).decode())
         except BlockingIOError:
             pass
-        lines = [line for m in got for line in m.split("\n")]
-        return any(line == field or (field.endswith("=") and line.startswith(field))
-                   for line in lines)
+        return any(line == field or (field.endswith("=") and line.startswith(field)
+                                     and containing in line) for line in lines())
 
     try:
         service = rig.start(env={"NOTIFY_SOCKET": "@" + name})
         wait_for(lambda: received("READY=1"), 20, "READY=1", service)
         wait_for(lambda: received("STATUS="), 5, "STATUS=", service)
         pin = pin_by_hand(rig, big_path)
-        wait_for(lambda: received("STATUS=1 pin waiting (1 archiving, 0 retrying), 0 paths "
-                                  "archived"), 10, "STATUS= with the queue length", service)
+        wait_for(lambda: received("STATUS=", "1 pin waiting (1 archiving, 0 retrying), "
+                                  "0 paths archived"), 10, "STATUS= with the queue length",
+                 service)
         in_the_middle(service, 1 << 20)
+        # STATUS= names the path being written and moves with its bytes (issue 16).
+        moving = re.compile(rf"^STATUS=archiving {os.path.basename(big_path)} "
+                            r"\(([1-9]\d?)% of [\d.]+ MiB\); 1 pin waiting")
+        wait_for(lambda: received("STATUS=") and any(moving.match(line) for line in lines()),
+                 10, "STATUS= with the path's progress", service)
         took = service.stop()
         assert took < 5, f"SIGTERM took {took:.1f} s"
         assert temporaries(narfs.cache) == [], service.log()
