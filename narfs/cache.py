@@ -90,6 +90,23 @@ class Cache:
                 raise NarfsError(f"{d}: cache directory is not writable; run narfs as the "
                                  "cache's owner or fix its permissions")
 
+    def newest(self, versions: list[tuple[float, str]]) -> tuple[float, str]:
+        """Of (archive time, hash) pairs sorted oldest first, the newest: the latest archive
+        time, and among paths published at the same instant (coarse timestamps, a copied
+        cache) the later write, i.e. the narinfo whose inode changed last (its ctime: the
+        rename that published it, which copying tools cannot set back); then the hash."""
+        tied = [v for v in versions[-8:] if v[0] == versions[-1][0]]
+        if len(tied) == 1:
+            return versions[-1]
+
+        def written(v: tuple[float, str]) -> tuple[int, str]:
+            try:
+                return os.lstat(self.narinfo_path(v[1])).st_ctime_ns, v[1]
+            except OSError:
+                return -1, v[1]
+
+        return max(tied, key=written)
+
     def has(self, h: str) -> bool:
         return os.path.exists(self.narinfo_path(h))
 

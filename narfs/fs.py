@@ -584,7 +584,7 @@ class NarFS(pyfuse3.Operations):
             d = self.names.get(key)
             if d is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            newest = d.versions[-1]
+            newest = self.cache.newest(d.versions)
             if index == BYNAME_DIR:
                 return self._dir_attr(inode, int(newest[0] * 1e9))
             return self._link_attr(inode, self._target(newest[1]), newest[0])
@@ -628,7 +628,7 @@ class NarFS(pyfuse3.Operations):
             if d is None or index != BYNAME_DIR:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if name == LATEST:
-                archived, h = d.versions[-1]
+                archived, h = self.cache.newest(d.versions)
                 return self._link_attr(d.slot << INDEX_BITS | BYNAME_LINK, self._target(h),
                                        archived)
             for archived, h in d.versions:
@@ -675,7 +675,7 @@ class NarFS(pyfuse3.Operations):
             d = self.names.get(key)
             if d is None or index != BYNAME_LINK:
                 raise pyfuse3.FUSEError(errno.EINVAL)
-            return self._target(d.versions[-1][1])
+            return self._target(self.cache.newest(d.versions)[1])
         if index == BYNAME_LINK:
             if key not in self.paths:
                 raise pyfuse3.FUSEError(errno.ENOENT)
@@ -714,7 +714,7 @@ class NarFS(pyfuse3.Operations):
             d = self.names.get(key)
             if d is None:
                 return
-            newest_archived, newest = d.versions[-1]
+            newest_archived, newest = self.cache.newest(d.versions)
             items = [(d.slot, LATEST, newest, newest_archived)]
             items += [(self.paths[h].slot, version_name(a, h), h, a) for a, h in d.versions]
             for slot, name, h, archived in sorted(items):

@@ -103,9 +103,11 @@ def _by_name(name: str, cache: Cache) -> str:
         raise NarfsError(f"{name}: no archived path has this name, hash or store path in "
                          f"{cache.root}; list them with `narfs ls`")
     rows.sort()
-    archived, base, h = rows[-1]
+    archived, h = cache.newest([(a, h) for a, _, h in rows])  # as the mount's `latest`
+    base = next(b for _, b, rh in rows if rh == h)
     if len(rows) > 1:
-        others = ", ".join(f"{STORE_DIR}/{b} ({when(a)})" for a, b, _ in reversed(rows[:-1][-3:]))
+        rest = [r for r in rows if r[2] != h]
+        others = ", ".join(f"{STORE_DIR}/{b} ({when(a)})" for a, b, _ in reversed(rest[-3:]))
         more = f" and {len(rows) - 4} more" if len(rows) > 4 else ""
         print(f"narfs: {name}: {len(rows)} archived paths have this name; restoring the newest, "
               f"{STORE_DIR}/{base} (archived {when(archived)}); others: {others}{more} "

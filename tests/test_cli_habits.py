@@ -169,3 +169,36 @@ def test_restore_as_a_user_who_cannot_write_the_store() -> None:
         assert "only root can" in err and "nix-daemon" in err and "--to" in err
     finally:
         subprocess.run(["rm", "-rf", str(shared)], check=False)
+
+
+def test_latest_is_the_newest_archived_then_the_later_write(narfs: Narfs, nixstore: NixStore,
+                                                            tmp_path: Path) -> None:
+    """`.by-name/<name>/latest` and `restore NAME` agree: the latest archive time (narinfo
+    mtime) wins; at equal archive times the narinfo written last (here: touched last)."""
+    from mounting import mounted
+
+    a = nixstore.text("first", "narfs-tie-1.0")
+    b = nixstore.text("second", "narfs-tie-1.0")
+    narfs("archive", a, b)
+    narinfo = {p: narfs.cache / f"{os.path.basename(p)[:32]}.narinfo" for p in (a, b)}
+
+    def stamp(*order: tuple[str, float]) -> None:
+        for p, t in order:  # each utime also sets the narinfo's ctime: a write, in order
+            os.utime(narinfo[p], (t, t))
+            time.sleep(0.02)  # past the kernel's timestamp granularity
+
+    def latest() -> str:
+        narfs("ls")  # the catalog in step with the new times before the mount starts from it
+        with mounted(narfs, tmp_path / "mnt") as m:
+            link = os.readlink(m / ".by-name" / "narfs-tie-1.0" / "latest")
+        told = narfs("restore", "--dry-run", "narfs-tie-1.0").stderr
+        assert f"restoring the newest, {os.path.dirname(a)}/{os.path.basename(link)} " in told
+        return os.path.join(os.path.dirname(a), os.path.basename(link))
+
+    t = 1.8e9
+    stamp((a, t + 60), (b, t))  # b written later, but a archived later
+    assert latest() == a
+    stamp((a, t), (b, t))  # a tie: the later write
+    assert latest() == b
+    stamp((b, t), (a, t))
+    assert latest() == a
