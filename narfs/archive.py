@@ -208,7 +208,7 @@ class Archiver:
         log.error("%s: %s", path, result.failed[path])
 
     def _write_batch(self, batch: list[PathInfo], result: Result,
-                     bar: Progress) -> list[_Written]:
+                     bar: Progress | None = None) -> list[_Written]:
         """Step 1 for every path of a batch (in a worker thread); failures go to `result`."""
         written = []
         for info in batch:
