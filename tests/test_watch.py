@@ -655,8 +655,9 @@ def test_a_failing_path_is_retried_without_holding_up_others(rig: Rig, narfs: Na
                  "the good path archived while the damaged one waits", service)
         service.wait_log(rf"{bad}: not archived: store path is damaged.*retry 1 in 5 s")
         assert rig.pin(bad).is_symlink() and not narinfo(narfs.cache, bad).exists()
-        wait_for(lambda: service.state().get("retrying") == 1, 5, "watch.json: 1 retrying",
-                 service)
+        # The state file lags by up to a second: wait for the one written after the unpin.
+        wait_for(lambda: (s := service.state()).get("retrying") == 1 and s.get("queue") == 1,
+                 5, "watch.json: 1 retrying, 1 queued", service)
         state = service.state()
         assert state["queue"] == 1 and "damaged" in state["last_error"], state
     finally:
