@@ -159,7 +159,8 @@ def check_roots(settings: Settings) -> Iterator[Line]:
         yield WARN, f"pins: {plural(pins.count, 'pin')} waiting, the oldest pinned " \
             f"{ago(pins.oldest)}", "see the service's last error below, or `narfs status`"
     else:
-        yield OK, f"pins: {plural(pins.count, 'pin')} waiting", ""
+        oldest = f", the oldest pinned {ago(pins.oldest)}" if pins.oldest is not None else ""
+        yield OK, f"pins: {plural(pins.count, 'pin')} waiting{oldest}", ""
 
 
 def check_service(cache: Cache, settings: Settings) -> Iterator[Line]:

@@ -79,3 +79,10 @@ def test_doctor(narfs: Narfs, roots: Path) -> None:
     code, out = doctor(narfs)
     assert code == 1 and "FAIL  narfs watch: not running" in out
     assert out.splitlines()[-1] == "1 problem found"
+
+    # A pin left waiting for an hour: named with its age.
+    pin = roots / ("0" * 32 + "-narfs-doctor")
+    pin.symlink_to(f"/nix/store/{pin.name}")
+    os.utime(pin, (time.time() - 3600,) * 2, follow_symlinks=False)
+    code, out = doctor(narfs)
+    assert code == 1 and "WARN  pins: 1 pin waiting, the oldest pinned 1 h ago" in out, out
