@@ -17,10 +17,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from . import nixversions
 from .cache import Cache
 from .config import Settings, config_path, hook_path
 from .errors import NarfsError
 from .mounts import fuse_problem, narfs_mounts
+from .nixversions import NixVersion
 from .progress import human_size, plural
 from .report import _pid_is_watch, ago, pins_waiting, watch_state
 from .restore import trusted_key
@@ -29,7 +31,6 @@ from .storepath import GC_ROOTS_DIR
 OK, INFO, WARN, FAIL = "ok", "--", "WARN", "FAIL"
 Line = tuple[str, str, str]  # level, what was found, the fix ("" when none is needed)
 
-MIN_NIX = (2, 8)
 HOOK_DEFAULT_ROOTS = f"{GC_ROOTS_DIR}/narfs"
 PIN_LATE = 600.0  # a pin waiting longer than this means the service is not keeping up
 FREE_MIN = 1 << 30
@@ -42,41 +43,43 @@ def _nix(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def check_nix() -> Iterator[Line]:
+def nix_version() -> NixVersion | str:
+    """The `nix` on PATH, or why it cannot be used."""
     try:
-        out = subprocess.run(["nix-store", "--version"], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        yield FAIL, "Nix: nix-store not found", "install Nix (Debian: tools/install-debian)"
-        return
-    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
-    if not m:
-        yield WARN, f"Nix: version not recognised ({out.strip()[:60]!r})", ""
-    elif (int(m[1]), int(m[2])) < MIN_NIX:
-        yield FAIL, f"Nix {m[0]}: older than {'.'.join(map(str, MIN_NIX))}", \
-            "upgrade Nix (narfs supports 2.8 and newer, and Lix)"
+        proc = subprocess.run(["nix", "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"nix --version: {e}"
+    try:
+        return nixversions.parse_version((proc.stdout.splitlines() or [""])[0])
+    except NarfsError as e:
+        return str(e)
+
+
+def check_nix(v: NixVersion | str) -> Iterator[Line]:
+    oldest = ".".join(map(str, nixversions.OLDEST))
+    if isinstance(v, str):
+        yield FAIL, f"Nix: {v}", "install Nix (Debian: tools/install-debian) or put it on PATH"
+    elif not v.lix and v.release[:2] < nixversions.OLDEST:
+        yield FAIL, f"Nix {v.release[0]}.{v.release[1]}: older than {oldest}", \
+            f"upgrade Nix (narfs supports {oldest} and newer, and Lix)"
     else:
-        yield OK, f"Nix {m[0]}", ""
+        yield OK, f"Nix {'.'.join(map(str, v.release))}{' (Lix)' if v.lix else ''}", ""
 
 
-def nix_settings() -> dict[str, object] | None:
+def nix_settings(v: NixVersion) -> dict[str, object] | None:
     """Nix's effective settings (nix.conf, includes, $NIX_CONFIG), or None."""
-    for cmd in (("config", "show", "--json"), ("show-config", "--json")):
-        try:
-            proc = _nix(*cmd)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        if proc.returncode == 0:
-            try:
-                doc = json.loads(proc.stdout)
-            except ValueError:
-                return None
-            return {k: v.get("value") if isinstance(v, dict) else v for k, v in doc.items()}
-    return None
+    try:
+        proc = _nix(*nixversions.config_show_args(v), "--json")
+        doc = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    return {k: v.get("value") if isinstance(v, dict) else v for k, v in doc.items()}
 
 
-def check_nix_conf(settings: Settings, cache: Cache) -> Iterator[Line]:
-    conf = nix_settings()
+def check_nix_conf(settings: Settings, cache: Cache, v: NixVersion | str) -> Iterator[Line]:
+    conf = None if isinstance(v, str) else nix_settings(v)
     where = "/etc/nix/nix.conf (NixOS: nix.settings)"
     if conf is None:
         yield WARN, "nix.conf: cannot read Nix's settings (nix config show failed)", ""
@@ -236,8 +239,10 @@ def check_mounts(cache: Cache, settings: Settings) -> Iterator[Line]:
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     cache = Cache(settings.cache_dir)
+    v = nix_version()
     checks: list[Callable[[], Iterator[Line]]] = [
-        check_nix, lambda: check_nix_conf(settings, cache), lambda: check_roots(settings),
+        lambda: check_nix(v), lambda: check_nix_conf(settings, cache, v),
+        lambda: check_roots(settings),
         lambda: check_service(cache, settings), lambda: check_cache(cache),
         lambda: check_mounts(cache, settings)]
     problems = 0
