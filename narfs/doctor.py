@@ -24,7 +24,7 @@ from .errors import NarfsError
 from .mounts import fuse_problem, narfs_mounts
 from .nixversions import NixVersion
 from .progress import human_size, plural
-from .report import _pid_is_watch, ago, pins_waiting, watch_state
+from .report import ago, pid_is_watch, pins_waiting, watch_state
 from .restore import trusted_key
 from .storepath import GC_ROOTS_DIR
 
@@ -168,7 +168,7 @@ def check_roots(settings: Settings) -> Iterator[Line]:
 
 def check_service(cache: Cache, settings: Settings) -> Iterator[Line]:
     state = watch_state(cache)
-    running = "stopped" not in state and _pid_is_watch(state.get("pid"))
+    running = "stopped" not in state and pid_is_watch(state.get("pid"))
     if running:
         yield OK, f"narfs watch: running (pid {state['pid']})", ""
     else:

@@ -147,7 +147,7 @@ def pins_waiting(roots_dir: str) -> Pins:
     return Pins(count, oldest)
 
 
-def _pid_is_watch(pid: object) -> bool:
+def pid_is_watch(pid: object) -> bool:
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
@@ -199,7 +199,7 @@ def status_main(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print("pins waiting: none")
     state = watch_state(cache)
-    if "stopped" not in state and _pid_is_watch(state.get("pid")):
+    if "stopped" not in state and pid_is_watch(state.get("pid")):
         line = f"running (pid {state['pid']}"
         if "started" in state:
             line += f", since {when(state['started'])}"
