@@ -72,6 +72,7 @@ import trio
 from .cache import Cache
 from .catalog import Catalog, Entry
 from .errors import CorruptError, NarfsError
+from .progress import plural
 from .reader import Reader
 from .storepath import HASH_LEN, STORE_DIR, is_hash
 from .tree import (
@@ -288,7 +289,7 @@ class NarFS(pyfuse3.Operations):
         for h, base, archived in sorted(rows):
             self._add(h, base, archived, tops.get(h), sort=False)
         self._sort()
-        log.info("%d archived paths", len(self.paths))
+        log.info("%s archived", plural(len(self.paths), "path"))
 
     def _add(self, h: str, base: str, archived: float, top: list | None,
              sort: bool = True) -> None:
@@ -358,8 +359,8 @@ class NarFS(pyfuse3.Operations):
             self._sort()
         if added or removed:
             self.changed_ns = time.time_ns()
-            log.info("catalog: %d paths added, %d retired; %d archived", len(added),
-                     len(removed), len(self.paths))
+            log.info("catalog: %s added, %d retired; %d archived",
+                     plural(len(added), "path"), len(removed), len(self.paths))
         if self.live:
             for parent, name, ino in gone:
                 pyfuse3.invalidate_entry_async(parent, name, deleted=ino, ignore_enoent=True)
@@ -393,7 +394,7 @@ class NarFS(pyfuse3.Operations):
             await self._tops([h for h in missing[i:i + TOPS_BATCH]
                               if h in self.paths and self.paths[h].top is None])
         if missing:
-            log.info("learnt the top nodes of %d paths", len(missing))
+            log.info("learnt the top nodes of %s", plural(len(missing), "path"))
 
     async def _tops(self, hashes: list[str]) -> None:
         if not hashes:

@@ -35,6 +35,7 @@ from .errors import NarfsError
 from .fs import NarFS, fast_capable
 from .mounts import fuse_problem, narfs_mounts, remove_stale_states, state_name, state_text
 from .notify import Notifier
+from .progress import plural
 from .reader import HotTier, Reader
 from .storepath import is_hash
 
@@ -84,9 +85,9 @@ def check_mountpoint(mountpoint: str, nonempty: bool) -> None:
     except OSError as e:
         raise NarfsError(f"{mountpoint}: cannot read the mount point ({e.strerror})") from None
     if entries and not nonempty:
+        hidden = plural(len(entries), "entry", "entries")
         raise NarfsError(f"{mountpoint}: mount point is not empty (the mount would hide its "
-                         f"{len(entries)} entries); use an empty directory, or -o nonempty to "
-                         "mount over them")
+                         f"{hidden}); use an empty directory, or -o nonempty to mount over them")
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
