@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -83,7 +84,10 @@ def check_mountpoint(mountpoint: str, nonempty: bool) -> None:
     try:
         entries = os.listdir(mountpoint)
     except OSError as e:
-        raise NarfsError(f"{mountpoint}: cannot read the mount point ({e.strerror})") from None
+        hint = (f"; a dead mount is there: `fusermount3 -u {mountpoint}` first"
+                if e.errno == errno.ENOTCONN else "")
+        raise NarfsError(f"{mountpoint}: cannot read the mount point ({e.strerror}){hint}"
+                         ) from None
     if entries and not nonempty:
         hidden = plural(len(entries), "entry", "entries")
         raise NarfsError(f"{mountpoint}: mount point is not empty (the mount would hide its "
