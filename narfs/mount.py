@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 from collections.abc import AsyncIterator
 
@@ -75,19 +76,22 @@ def parse_options(given: list[str]) -> set[str]:
 
 
 def check_mountpoint(mountpoint: str, nonempty: bool) -> None:
-    if not os.path.isdir(mountpoint):
-        raise NarfsError(f"{mountpoint}: mount point is not a directory; create it first "
-                         f"(mkdir -p {mountpoint})")
-    if mountpoint in {m.mountpoint for m in narfs_mounts(trusted=False)}:
-        raise NarfsError(f"{mountpoint}: a narfs mount is already there; "
-                         f"`narfs umount {mountpoint}` first")
+    dead = (f"{mountpoint}: a dead mount is there (its process ended); "
+            f"`fusermount3 -u {mountpoint}` first")
     try:
+        if not stat.S_ISDIR(os.stat(mountpoint).st_mode):  # a dead mount: ENOTCONN
+            raise FileNotFoundError
+        if mountpoint in {m.mountpoint for m in narfs_mounts(trusted=False)}:
+            raise NarfsError(f"{mountpoint}: a narfs mount is already there; "
+                             f"`narfs umount {mountpoint}` first")
         entries = os.listdir(mountpoint)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NarfsError(f"{mountpoint}: mount point is not a directory; create it first "
+                         f"(mkdir -p {mountpoint})") from None
     except OSError as e:
-        hint = (f"; a dead mount is there: `fusermount3 -u {mountpoint}` first"
-                if e.errno == errno.ENOTCONN else "")
-        raise NarfsError(f"{mountpoint}: cannot read the mount point ({e.strerror}){hint}"
-                         ) from None
+        if e.errno == errno.ENOTCONN:
+            raise NarfsError(dead) from None
+        raise NarfsError(f"{mountpoint}: cannot read the mount point ({e.strerror})") from None
     if entries and not nonempty:
         hidden = plural(len(entries), "entry", "entries")
         raise NarfsError(f"{mountpoint}: mount point is not empty (the mount would hide its "

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from mounting import is_mounted, unmount
@@ -77,3 +78,27 @@ def test_user_without_fuse_gets_the_reason(tmp_path: Path) -> None:
         assert not is_mounted(mnt)
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(shared)], check=False)
+
+
+def test_a_dead_mount_on_the_mount_point_is_named(narfs: Narfs, tmp_path: Path) -> None:
+    """The mount process killed: the mount point answers ENOTCONN; mounting again says so and
+    names the fix instead of a bare OS error."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = narfs.popen("mount", "--foreground", str(mnt), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert is_mounted(mnt)
+        proc.kill()
+        proc.wait(10)
+        err = _one_line_error(narfs("mount", str(mnt), check=False))
+        assert f"a dead mount is there (its process ended); `fusermount3 -u {mnt}` first" \
+            in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        unmount(mnt)
