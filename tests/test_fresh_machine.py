@@ -2,7 +2,9 @@
 
 `.ci/fresh-machine` unpacks a pristine debootstrap of bookworm (made once, kept under
 /var/lib/narfs-ci/), copies this tree in and runs the first ```sh block of README.md there as
-root. Whole-machine test: `-m 'not machine'` deselects it (the chroot matrix does)."""
+root: once in a private mount namespace without systemd (the service then runs in the
+background), once booted with systemd in systemd-nspawn (narfs's units run it). Whole-machine
+tests: `-m 'not machine'` deselects them (the chroot matrix does)."""
 
 from __future__ import annotations
 
@@ -32,15 +34,23 @@ def test_readme_first_command_is_the_loop() -> None:
 
 @pytest.mark.machine
 @pytest.mark.timeout(3600)
-def test_readme_first_command_on_a_fresh_debian() -> None:
+@pytest.mark.parametrize("systemd", [False, True], ids=["no-systemd", "systemd"])
+def test_readme_first_command_on_a_fresh_debian(systemd: bool) -> None:
     if shutil.which("debootstrap") is None and shutil.which("apt-get") is None:
         pytest.skip("needs debootstrap (Debian)")
-    proc = subprocess.run([str(REPO / ".ci" / "fresh-machine"), "bookworm"],
-                          capture_output=True, text=True, timeout=3500)
+    cmd = [str(REPO / ".ci" / "fresh-machine"), *(["--systemd"] if systemd else []), "bookworm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3500)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     # The command run is the README's, as written.
-    assert f"running in a fresh bookworm: {readme_first_command()}\n" in out
+    kind = " (systemd)" if systemd else ""
+    assert f"running in a fresh bookworm{kind}: {readme_first_command()}\n" in out
+    # Archived by the service: narfs's systemd unit, or the same service in the background.
+    if systemd:
+        assert "narfs-watch and narfs-mount run as systemd services" in out
+        assert re.search(r"^watch: +running \(pid \d+", out, re.M), out[-3000:]
+    else:
+        assert "No systemd here" in out
     # The loop: built through the hook, archived and unpinned by the service, deleted from
     # the store, read through the mount (the README command's own grep), restored, runs.
     hello = re.search(r"^built (/nix/store/[0-9a-z]{32}-narfs-hello-1\.0)$", out, re.M)
