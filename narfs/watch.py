@@ -547,9 +547,13 @@ class Service:
 
     async def _publish_state(self) -> None:
         while True:
-            # While a path is written, STATUS= moves with its bytes: once a second.
-            with trio.move_on_after(STATE_INTERVAL if self.jobs else math.inf):
+            # While a path is written, STATUS= moves with its bytes once a second; the state
+            # file is rewritten (and fsynced) only on changes, so a stop never waits for one.
+            with trio.move_on_after(STATE_INTERVAL if self.jobs else math.inf) as tick:
                 await self._changed.wait()
+            if tick.cancelled_caught:
+                self.notifier.send(f"STATUS={self.status_line()}")
+                continue
             self._changed = trio.Event()
             await self.write_state()
             await trio.sleep(STATE_INTERVAL)

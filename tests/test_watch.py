@@ -501,11 +501,6 @@ def test_sigterm_stops_within_seconds_cleanly_and_notifies(rig: Rig, narfs: Narf
                                   "0 paths archived"), 10, "STATUS= with the queue length",
                  service)
         in_the_middle(service, 1 << 20)
-        # STATUS= names the path being written and moves with its bytes (issue 16).
-        moving = re.compile(rf"^STATUS=archiving {os.path.basename(big_path)} "
-                            r"\(([1-9]\d?)% of [\d.]+ MiB\); 1 pin waiting")
-        wait_for(lambda: received("STATUS=") and any(moving.match(line) for line in lines()),
-                 10, "STATUS= with the path's progress", service)
         took = service.stop()
         assert took < 5, f"SIGTERM took {took:.1f} s"
         assert temporaries(narfs.cache) == [], service.log()
@@ -522,6 +517,39 @@ def test_sigterm_stops_within_seconds_cleanly_and_notifies(rig: Rig, narfs: Narf
     again = rig.start()
     wait_for(lambda: not pin.is_symlink(), 60, "the pin removed after the restart", again)
     verify(narfs.cache, [big_path], narfs.public_key)
+
+
+def test_status_names_the_path_being_archived_and_its_progress(rig: Rig, narfs: Narfs,
+                                                                big_path: str) -> None:
+    """Issue 16: while one large path is written, STATUS= says which and how far, and the
+    percentage moves (once a second) before the path is done."""
+    slow_compression(narfs, 15)
+    name = f"narfs-test-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(0)
+    got: list[str] = []
+    moving = re.compile(rf"^STATUS=archiving {os.path.basename(big_path)} "
+                        r"\(([1-9]\d?)% of [\d.]+ MiB\); 1 pin waiting \(1 archiving")
+
+    def percentages() -> set[int]:
+        try:
+            while True:
+                got.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        return {int(m.group(1)) for d in got for line in d.split("\n")
+                if (m := moving.match(line))}
+
+    try:
+        service = rig.start(env={"NOTIFY_SOCKET": "@" + name})
+        service.wait_log(r"watching .*: 0 pins waiting")
+        pin = pin_by_hand(rig, big_path)
+        wait_for(lambda: len(percentages()) >= 2, 60, "STATUS= with two percentages", service)
+        wait_for(lambda: not pin.is_symlink(), 120, "the large path archived", service)
+    finally:
+        sock.close()
+    service.stop()
 
 
 # --- bad input and faults -------------------------------------------------------------------
