@@ -82,6 +82,7 @@ def check_mountpoint(mountpoint: str, nonempty: bool) -> None:
         if not stat.S_ISDIR(os.stat(mountpoint).st_mode):  # a dead mount: ENOTCONN
             raise FileNotFoundError
         if mountpoint in {m.mountpoint for m in narfs_mounts(trusted=False)}:
+            os.listdir(mountpoint)  # a dead one: ENOTCONN (a stat may come from the kernel's cache)
             raise NarfsError(f"{mountpoint}: a narfs mount is already there; "
                              f"`narfs umount {mountpoint}` first")
         entries = os.listdir(mountpoint)
