@@ -152,6 +152,7 @@ class Archiver:
         key = None
         if settings.secret_key_file:
             key = load_secret_key(settings.secret_key_file)
+            cache.record_key(key.public)
         else:
             log.warning("no secret_key_file configured: narinfos are written unsigned "
                         "(run `narfs init` or pass --secret-key)")

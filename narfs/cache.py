@@ -16,13 +16,14 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from . import listing, narinfo
+from . import listing, narinfo, signing
 from .errors import CorruptError, NarfsError
 from .narinfo import NarInfo
 from .storepath import is_hash
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".narfs-tmp-"
 CACHE_INFO = "nix-cache-info"
+KEYS_FILE = "keys"
+_SIG_NAME = re.compile(rb"^Sig: ([^:\n]{1,255}):", re.M)
 PRIORITY = 10  # below cache.nixos.org's 40 (lower wins): the archive is asked first
 
 
@@ -104,7 +107,8 @@ class Cache:
     # --- reading (untrusted) --------------------------------------------------------------
 
     def _read_small(self, path: str, limit: int) -> bytes:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO put in a file's place must not hang the command.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise CorruptError(f"{path}: not a regular file")
@@ -131,6 +135,53 @@ class Cache:
             return listing.parse(data, nar_size)
         except CorruptError as e:
             raise CorruptError(f"{path}: {e}") from None
+
+    def signature_names(self) -> dict[str, int]:
+        """Key name → how many narinfos carry a signature by that name (unreadable ones are
+        skipped): the names a new key must not take."""
+        names: dict[str, int] = {}
+        for h in self.hashes():
+            try:
+                data = self._read_small(self.narinfo_path(h), narinfo.MAX_SIZE)
+            except (CorruptError, OSError):
+                continue
+            for name in {m.decode(errors="replace") for m in _SIG_NAME.findall(data)}:
+                names[name] = names.get(name, 0) + 1
+        return names
+
+    def recorded_keys(self) -> list[signing.PublicKey]:
+        """The public keys narfs has signed this cache with (`.narfs/keys`). Untrusted like
+        the rest: used only to tell "signed by a key you don't hold" from "does not verify",
+        never to trust a signature."""
+        try:
+            data = self._read_small(os.path.join(self.root, ".narfs", KEYS_FILE), 1 << 20)
+        except (CorruptError, OSError):
+            return []
+        keys = []
+        for line in data.decode(errors="replace").splitlines():
+            try:
+                keys.append(signing.parse_public_key(line))
+            except NarfsError:
+                continue
+        return keys
+
+    def record_key(self, key: signing.PublicKey) -> None:
+        """Remember a key that signs entries here, so that once it is lost, verify can still
+        say which entries it signed. Best effort: a read-only cache just does not learn it."""
+        if any(k.text() == key.text() for k in self.recorded_keys()):
+            return
+        try:
+            fd = os.open(self.state_path(KEYS_FILE),
+                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            log.debug("cannot record key %s: %s", key.name, e)
+            return
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.write(fd, f"{key.text()}\n".encode())
+        finally:
+            os.close(fd)
 
     def open_nar(self, info: NarInfo) -> BinaryIO:
         fd = os.open(self.nar_path(info.url), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "restore": ("narfs.restore", "main"),
     "gc": ("narfs.gc", "main"),
     "verify": ("narfs.verify", "main"),
+    "quarantine": ("narfs.quarantine", "main"),
     "status": ("narfs.report", "status_main"),
     "ls": ("narfs.report", "ls_main"),
 }
@@ -136,7 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check every entry of the cache")
     _cache_flag(p)
-    p.add_argument("--repair", action="store_true", help="un-publish broken entries")
+    p.add_argument("--repair", action="store_true", help=(
+        "un-publish entries whose data is damaged; quarantine the rest it takes out"))
+    p.add_argument("--adopt", action="append", metavar="KEYNAME", help=(
+        "sign with your key the entries signed by KEYNAME whose NAR matches its NarHash "
+        "(e.g. your own key from before a reinstall); repeatable"))
+    _key_flag(p)
+
+    p = sub.add_parser("quarantine", help="list what verify --repair set aside, or restore it")
+    _cache_flag(p)
+    p.add_argument("--restore", nargs="+", metavar="TARGET",
+                   help="publish again: store paths, hashes, names, or `all`")
 
     p = sub.add_parser("status", help="totals, pins waiting, last error, mount state")
     _cache_flag(p)
@@ -155,13 +166,19 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
         key = signing.load_secret_key(key_file)
         print(f"unchanged: signing key {key_file}")
     else:
-        name = f"{socket.gethostname()}-narfs-1"
+        name, taken = new_key_name(cache, socket.gethostname())
         os.makedirs(os.path.dirname(os.path.abspath(key_file)), mode=0o700, exist_ok=True)
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(signing.generate_secret_key(name))
         key = signing.load_secret_key(key_file)
-        print(f"created: signing key {key_file} (mode 0600)")
+        print(f"created: signing key {key_file} named {name} (mode 0600)")
+        if taken:
+            print(f"note: {taken} already sign entries in {cache.root} with keys this machine "
+                  f"does not hold, so the new key is {name}; keep their public keys in "
+                  "trusted-public-keys, or re-sign those entries with `narfs verify --adopt "
+                  "NAME`")
+    cache.record_key(key.public)
     cfg = config.config_path()
     if not os.path.exists(cfg):
         os.makedirs(os.path.dirname(os.path.abspath(cfg)), exist_ok=True)
@@ -195,6 +212,18 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
         print(f'  {name} = "{value}";')
     print("};")
     return 0
+
+
+def new_key_name(cache: Cache, host: str) -> tuple[str, str]:
+    """`<host>-narfs-<n>` with the lowest serial no signature in the cache, and no key narfs
+    recorded there, uses: a new key under an old name would make every entry that name signed
+    look forged. Returns the name and the names passed over ("" when none)."""
+    used = set(cache.signature_names()) | {k.name for k in cache.recorded_keys()}
+    serial = 1
+    while f"{host}-narfs-{serial}" in used:
+        serial += 1
+    taken = [f"{host}-narfs-{n}" for n in range(1, serial)]
+    return f"{host}-narfs-{serial}", ", ".join(taken)
 
 
 def _hook_path() -> str:
