@@ -131,9 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         "file:// substituters) are not seen as accesses. A path a kept path refers to is "
         "kept. Without --older-than or --max-size: --older-than 365d."))
     _cache_flag(p)
-    p.add_argument("--older-than", metavar="AGE", help="e.g. 365d, 12h, 30s")
+    p.add_argument("--older-than", metavar="AGE", help=(
+        "with a unit: 365d, 12h, 90min, 2w, 1y (s, min, h, d, w, y; no bare numbers, no m)"))
     p.add_argument("--max-size", metavar="SIZE", help="e.g. 500G")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--yes", action="store_true", help=(
+        "retire even when that is more than half the archive (needed then without --max-size)"))
 
     p = sub.add_parser("verify", help="check every entry of the cache")
     _cache_flag(p)
