@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 
@@ -45,6 +46,9 @@ class Settings:
 
 
 _TYPES = {f.name: f.type for f in fields(Settings)}
+# The one form of the roots_dir line that narfs-hook (sh, no TOML parser) reads too.
+_ROOTS_LINE = re.compile(r"""^[ \t]*roots_dir[ \t]*=[ \t]*(?:"([^"\\\n]*)"|'([^'\n]*)')"""
+                         r"""[ \t]*(?:#.*)?$""", re.M)
 
 
 def config_path() -> str:
@@ -58,9 +62,11 @@ def load(overrides: dict[str, object] | None = None, must_exist: bool = True) ->
     creates it)."""
     path = config_path()
     values: dict[str, object] = {}
+    text = ""
     try:
         with open(path, "rb") as f:
-            values = tomllib.load(f)
+            text = f.read().decode("utf-8", errors="replace")
+        values = tomllib.loads(text)
     except FileNotFoundError:
         if "NARFS_CONFIG" in os.environ and must_exist:
             raise NarfsError(f"{path}: config file named by $NARFS_CONFIG does not exist; "
@@ -78,6 +84,8 @@ def load(overrides: dict[str, object] | None = None, must_exist: bool = True) ->
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise NarfsError(f"{path}: setting {key} must be a {want.__name__}")
         settings = replace(settings, **{key: value})
+    if "roots_dir" in values or _ROOTS_LINE.search(text):
+        _check_roots_line(path, text, values.get("roots_dir"))
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     settings = replace(settings, **given)
     if not 1 <= settings.access_window <= 1 << 31:
@@ -87,6 +95,16 @@ def load(overrides: dict[str, object] | None = None, must_exist: bool = True) ->
     if not 4096 <= settings.frame_size <= 1 << 30:
         raise NarfsError(f"{path}: frame_size must be between 4096 and 1073741824 bytes")
     return settings
+
+
+def _check_roots_line(path: str, text: str, value: object) -> None:
+    """narfs-hook reads roots_dir with shell builtins (it must take milliseconds): refuse any
+    spelling of it that the hook would read differently from TOML, so the hook, `narfs watch`
+    and `narfs status` always agree on one roots dir."""
+    found = [a or b for a, b in _ROOTS_LINE.findall(text)]
+    if len(found) != 1 or found[0] != value or not found[0].startswith("/"):
+        raise NarfsError(f'{path}: write roots_dir as one line, roots_dir = "/absolute/dir" '
+                         "(no escapes), as narfs-hook reads it without a TOML parser")
 
 
 def render(settings: Settings, keys: tuple[str, ...]) -> str:

@@ -162,7 +162,8 @@ def watch_state(cache: Cache) -> dict:
         return {}
     types = {"pid": int, "started": (int, float), "stopped": (int, float), "queue": int,
              "archiving": int, "retrying": int, "ignored": int, "archived": int,
-             "last_error": str, "last_error_time": (int, float), "oldest_pin_time": (int, float)}
+             "last_error": str, "last_error_time": (int, float), "oldest_pin_time": (int, float),
+             "roots_dir": str}
     return {k: doc[k] for k, t in types.items()
             if isinstance(doc.get(k), t) and not isinstance(doc.get(k), bool)}
 
@@ -201,6 +202,10 @@ def status_main(args: argparse.Namespace, settings: Settings) -> int:
             if state.get(key) or (key == "queue" and key in state):
                 line += f", {state[key]} {what}"
         print(f"watch:        {line}")
+        watched = state.get("roots_dir")
+        if watched and os.path.abspath(watched) != os.path.abspath(settings.roots_dir):
+            print(f"              watches {watched}, but narfs-hook pins in {settings.roots_dir} "
+                  "(roots_dir): restart narfs watch so both use one roots dir")
         if state.get("ignored"):
             print(f"              {state['ignored']} entries in {settings.roots_dir} are not "
                   "pins of store paths (see the watch log)")

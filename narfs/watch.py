@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import trio
 from inotify_simple import INotify, flags
 
-from . import store
+from . import config, store
 from .archive import Archiver
 from .cache import TMP_PREFIX, Cache, describe_os_error
 from .config import Settings
@@ -580,6 +580,11 @@ async def serve(settings: Settings, notifier: Notifier, executor: ThreadPoolExec
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
+    configured = config.load().roots_dir
+    if os.path.abspath(settings.roots_dir) != os.path.abspath(configured):
+        log.warning("--roots %s: narfs-hook pins in %s (roots_dir in %s), which this watch does "
+                    "not look at; set roots_dir there instead", settings.roots_dir, configured,
+                    config.config_path())
     notifier = Notifier.from_environment()
     try:
         with ThreadPoolExecutor(settings.threads, thread_name_prefix="zstd") as executor:
