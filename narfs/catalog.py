@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -107,6 +108,21 @@ def _top_ok(top: object) -> bool:
             and type(top[2]) is (str if top[0] == 3 else int))
 
 
+def _drop_special_files(state_dir: str) -> None:
+    """SQLite follows symlinks and blocks on FIFOs: a catalog file (or its -wal, -shm,
+    -journal) that is not a regular file is removed (the link itself, never its target); the
+    catalog is derived data and is rebuilt."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        path = os.path.join(state_dir, FILENAME + suffix)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            log.warning("%s: not a regular file; removed it (the catalog is rebuilt)", path)
+            os.unlink(path)
+
+
 def _table(path: str, name: str) -> SqliteDict:
     return SqliteDict(path, tablename=name, autocommit=False, journal_mode="WAL",
                       encode=json.dumps, decode=_decode, outer_stack=False, timeout=30)
@@ -115,6 +131,8 @@ def _table(path: str, name: str) -> SqliteDict:
 class Catalog:
     def __init__(self, cache: Cache, path: str | None = None) -> None:
         self.cache = cache
+        if path is None:
+            _drop_special_files(cache.state_dir())
         self.path = path or cache.state_path(FILENAME)
         self.bad: dict[str, str] = {}  # hash → why its narinfo was not taken (last sync)
         self.damaged: set[str] = set()  # hashes whose catalog value was unusable (logged once)

@@ -11,6 +11,7 @@ import fnmatch
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -154,7 +155,11 @@ def watch_state(cache: Cache) -> dict:
     """`narfs watch`'s state file, validated field by field; {} when absent or unreadable."""
     path = os.path.join(cache.root, ".narfs", WATCH_STATE)
     try:
-        with open(path, "rb") as f:
+        # Not through a symlink, not blocking on a FIFO: the state file is untrusted too.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return {}
             doc = json.loads(f.read(MAX_STATE))
     except (OSError, ValueError):
         return {}

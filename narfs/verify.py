@@ -40,7 +40,7 @@ import trio
 import zstandard
 
 from . import listing, nar, nix32, nixversions, quarantine, store, zstdseek
-from .cache import CACHE_INFO, TMP_PREFIX, Cache, cache_info_text, fsync_dir
+from .cache import CACHE_INFO, TMP_PREFIX, Cache, cache_info_text, fsync_dir, kind_of
 from .catalog import Catalog, Entry
 from .config import Settings
 from .errors import CorruptError, NarfsError
@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 KNOWN_DIRS = {"nar", ".narfs", "log", "realisations", "debuginfo"}  # the last three: Nix's
+STATE_DIRS = {"trees", "hot", "quarantine"}  # in .narfs/; everything else there is a file
 RECENT = 3600  # with a writer active, unreferenced files younger than this may be in flight
 
 BROKEN = "broken"  # the entry cannot be restored as it is: taken out by --repair
@@ -245,9 +246,8 @@ def scan(cache: Cache, writer_active: bool, now: float) -> Scan:
         path = os.path.join(cache.root, name)
         if name == CACHE_INFO:
             try:
-                with open(path, "rb") as f:
-                    text = f.read(4096).decode(errors="replace")
-            except OSError as e:
+                text = cache.read_small(path, 4096).decode(errors="replace")
+            except (OSError, CorruptError) as e:
                 text = ""
                 log.debug("%s: %s", path, e)
             if f"StoreDir: {STORE_DIR}" not in text.splitlines():
@@ -261,6 +261,11 @@ def scan(cache: Cache, writer_active: bool, now: float) -> Scan:
             s.listings.add(name[:-3])
         elif name in KNOWN_DIRS and os.path.isdir(path) and not os.path.islink(path):
             pass
+        elif name in ("nar", ".narfs"):
+            mode = os.lstat(path).st_mode
+            s.problems.append(Problem(path, f"{kind_of(mode)}, not a directory: narfs reads and "
+                                      "writes nothing through it; replace it with a directory",
+                                      STRAY))
         else:
             stray(path, "unknown file in the cache root")
     if not os.path.exists(os.path.join(cache.root, CACHE_INFO)):
@@ -271,7 +276,7 @@ def scan(cache: Cache, writer_active: bool, now: float) -> Scan:
     for h in sorted(s.listings - known):
         stray(cache.listing_path(h), "listing without a narinfo")
     try:
-        names = sorted(os.listdir(cache.nar_dir))
+        names = sorted(os.listdir(cache.nar_dir)) if _is_real_dir(cache.nar_dir) else []
     except FileNotFoundError:
         names = []
     for name in names:
@@ -280,7 +285,25 @@ def scan(cache: Cache, writer_active: bool, now: float) -> Scan:
             stray(path, "temporary file left by an interrupted writer")
         else:
             s.nars[f"nar/{name}"] = path
+    state = os.path.join(cache.root, ".narfs")
+    for name in sorted(os.listdir(state)) if _is_real_dir(state) else []:
+        path = os.path.join(state, name)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(mode) if name in STATE_DIRS else stat.S_ISREG(mode):
+            continue
+        stray(path, f"{kind_of(mode)} in narfs's own state: nothing reads or writes through it "
+              "(narfs recreates the file)")
     return s
+
+
+def _is_real_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def catalog_problems(catalog: Catalog, cache: Cache, checked: list[Checked]) -> list[Problem]:

@@ -37,7 +37,8 @@ import pytest
 from mounting import Mount, mounted, wait_for
 
 from conftest import Narfs
-from hostile import CASES, write_case
+from hostile import CASES, COMPONENTS, GOOD_TREE, plant, write_case, write_entry
+from narfs.narinfo import parse as parse_narinfo
 from narfs.signing import load_secret_key
 from nixtools import NixStore, run
 
@@ -338,3 +339,48 @@ def test_damaged_catalog_values_crash_nothing(narfs: Narfs, nixstore: NixStore,
         assert proc.returncode == 0, f"narfs {args}:\n{proc.stdout}\n{proc.stderr}"
         if args == ["ls"]:
             assert p in proc.stdout and q in proc.stdout, proc.stdout
+
+
+# --- components that are symlinks, FIFOs, sockets or devices (issue 11) -----------------------
+
+
+def one_line_or_success(proc: subprocess.CompletedProcess) -> None:
+    no_traceback(proc)
+    if proc.returncode != 0 and " problems; " not in proc.stdout:  # verify's own verdict
+        lines = proc.stderr.strip().splitlines()
+        assert lines and lines[-1].startswith("narfs: error: "), (proc.args, proc.stderr)
+
+
+@pytest.mark.parametrize(("component", "kind"), COMPONENTS,
+                         ids=[f"{c}={k}" for c, k in COMPONENTS])
+def test_a_component_that_is_not_what_it_seems(narfs: Narfs, tmp_path: Path, component: str,
+                                               kind: str) -> None:
+    """Nothing outside the cache is written, appended to or deleted through it, no command
+    hangs on it (a hang is a timeout here), none prints a traceback, and verify names it."""
+    key = load_secret_key(str(narfs.key))
+    good = write_entry(narfs.cache, key, GOOD_TREE, "hostile-good")
+    h = base(good)[:32]
+    url = parse_narinfo((narfs.cache / f"{h}.narinfo").read_bytes()).url
+    narfs("ls")  # the catalog exists
+    (narfs.cache / ".narfs" / "watch.json").write_text("{}")
+    (narfs.cache / ".narfs" / "mount.log").write_text("")
+    for d in ("trees", "hot"):
+        (narfs.cache / ".narfs" / d).mkdir(exist_ok=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    planted = plant(narfs.cache, component, kind, outside,
+                    {"narinfo": f"{h}.narinfo", "ls": f"{h}.ls", "nar": url})
+    if component in ("nar", ".narfs"):  # what a writer or --repair might clear away
+        (outside / component / ".narfs-tmp-decoy").write_bytes(b"not the cache's\n")
+        (outside / component / ("0" * 52 + ".nar")).write_bytes(b"not the cache's\n")
+    before = snapshot(outside)
+
+    first = narfs("verify", check=False, timeout=60)
+    one_line_or_success(first)
+    # Named: as a problem (exit 1), or, for the catalog, derived data, as removed and rebuilt.
+    assert str(planted) in first.stdout + first.stderr, first.stdout + first.stderr
+    assert first.returncode != 0 or "catalog.sqlite" in component
+    for args in (["status"], ["gc", "--older-than", "1d"],
+                 ["restore", "--to", str(tmp_path / "to"), h], ["verify", "--repair"]):
+        one_line_or_success(narfs(*args, check=False, timeout=60))
+    assert snapshot(outside) == before
