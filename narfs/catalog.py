@@ -34,6 +34,7 @@ from pathlib import Path
 
 from sqlitedict import SqliteDict
 
+from . import listing
 from .cache import Cache
 from .errors import CorruptError
 from .narinfo import NarInfo
@@ -318,8 +319,8 @@ class Catalog:
             for h, root, top in items:
                 if h not in self.paths:  # retired meanwhile: never resurrect a dropped path
                     continue
-                if root is not None:
-                    self.listings[h] = root
+                if root is not None and listing.depth(root) <= listing.MAX_LS_DEPTH:
+                    self.listings[h] = root  # deeper ones: json cannot nest them
                 if top is not None:
                     tops.append((h, top))
             self.listings.commit()  # before the next table is written: see _drop

@@ -519,7 +519,13 @@ async def repair(cache: Cache, catalog: Catalog, report: Report) -> tuple[list[s
         if c.hash in gone or c.listing is None:
             continue
         if any(p.kind == LISTING for p in c.problems):
-            cache.write_atomic(cache.listing_path(c.hash), listing.render(c.listing))
+            ls = listing.render(c.listing)
+            if ls is None:  # too deep for a `.ls`: the mount reads the NAR instead
+                os.unlink(cache.listing_path(c.hash))
+                lines.append(f"removed {cache.listing_path(c.hash)}: its tree is too deep "
+                             "for a listing")
+                continue
+            cache.write_atomic(cache.listing_path(c.hash), ls)
             lines.append(f"rewrote {cache.listing_path(c.hash)} from its NAR")
     if any(p.kind == CACHEINFO for p in report.problems):
         cache.write_atomic(os.path.join(cache.root, CACHE_INFO), cache_info_text().encode())

@@ -101,9 +101,9 @@ def _listing_for(data: bytes) -> bytes | None:
     b = ListingBuilder()
     try:
         parse(io.BytesIO(data), b, len(data))
-    except Exception:
+        return listing.render(b.root)
+    except (Exception, RecursionError):  # json nests no deeper than Python's recursion limit
         return None
-    return listing.render(b.root)
 
 
 def write_entry(cache: Path, key: SecretKey, data: bytes, name: str,

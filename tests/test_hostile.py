@@ -384,3 +384,22 @@ def test_a_component_that_is_not_what_it_seems(narfs: Narfs, tmp_path: Path, com
                  ["restore", "--to", str(tmp_path / "to"), h], ["verify", "--repair"]):
         one_line_or_success(narfs(*args, check=False, timeout=60))
     assert snapshot(outside) == before
+
+
+def test_deep_trees_mount_and_verify(narfs: Narfs, tmp_path: Path) -> None:
+    """Issue 11: a valid NAR a few hundred directories deep (Nix 2.26 makes them; 2.34 stops
+    at 64) once ended the mount at start (json cannot nest its listing); up to nar.MAX_DEPTH
+    it mounts, reads and verifies, and archive-side listings simply leave it out."""
+    from hostile import _deep
+
+    key = load_secret_key(str(narfs.key))
+    deep = {n: write_entry(narfs.cache, key, _deep(n), f"hostile-deep-{n}") for n in (300, 1000)}
+    out = narfs("verify").stdout
+    assert out.startswith("healthy: 2 entries"), out
+    with mounted(narfs, tmp_path / "mnt") as m:
+        for n, p in deep.items():
+            leaf = Path(m.path, base(p), *["d"] * n)
+            assert leaf.read_bytes() == b"bottom"
+        wait_for(lambda: "learnt the top nodes" in m.log(), 10, "the tops filled")
+        assert m.alive(), m.log()
+    assert "Traceback" not in m.log(), m.log()
