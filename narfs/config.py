@@ -46,6 +46,11 @@ class Settings:
 
 
 _TYPES = {f.name: f.type for f in fields(Settings)}
+# What each number may be: beyond these a value is a typo (and some would exhaust memory).
+_RANGES = {"frame_size": (4096, 1 << 30), "zstd_level": (1, 22), "jobs": (0, 1024),
+           "frame_cache_mb": (1, 1 << 20), "hot_tier_mb": (0, 1 << 24),
+           "parallel_paths": (1, 1024), "access_window": (1, 1 << 31)}
+assert _RANGES.keys() == {k for k, t in _TYPES.items() if t == "int"}
 # The one form of the roots_dir line that narfs-hook (sh, no TOML parser) reads too.
 _ROOTS_LINE = re.compile(r"""^[ \t]*roots_dir[ \t]*=[ \t]*(?:"([^"\\\n]*)"|'([^'\n]*)')"""
                          r"""[ \t]*(?:#.*)?$""", re.M)
@@ -88,12 +93,14 @@ def load(overrides: dict[str, object] | None = None, must_exist: bool = True) ->
         _check_roots_line(path, text, values.get("roots_dir"))
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     settings = replace(settings, **given)
-    if not 1 <= settings.access_window <= 1 << 31:
-        raise NarfsError(f"{path}: access_window must be between 1 and {1 << 31} seconds")
     if settings.fuse_mode not in ("auto", "fast", "stock"):
         raise NarfsError(f"{path}: fuse_mode must be auto, fast or stock")
-    if not 4096 <= settings.frame_size <= 1 << 30:
-        raise NarfsError(f"{path}: frame_size must be between 4096 and 1073741824 bytes")
+    for key, (low, high) in _RANGES.items():
+        value = getattr(settings, key)
+        if not low <= value <= high:
+            shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:20]}..."
+            raise NarfsError(f"{path}: setting {key} = {shown} is out of range; it must be "
+                             f"between {low} and {high}")
     return settings
 
 

@@ -403,3 +403,14 @@ def test_deep_trees_mount_and_verify(narfs: Narfs, tmp_path: Path) -> None:
         wait_for(lambda: "learnt the top nodes" in m.log(), 10, "the tops filled")
         assert m.alive(), m.log()
     assert "Traceback" not in m.log(), m.log()
+
+
+@pytest.mark.parametrize("line", [
+    "zstd_level = 99", "zstd_level = -1", "jobs = -3", "frame_cache_mb = 0",
+    f"frame_cache_mb = {'9' * 300}", "hot_tier_mb = -1", "parallel_paths = 0",
+    f"frame_size = {'9' * 300}", "frame_size = -4096"])
+def test_absurd_numbers_in_the_config_are_one_line(narfs: Narfs, line: str) -> None:
+    narfs.config.write_text(narfs.config.read_text() + line + "\n")
+    key = line.split()[0]
+    msg = refused(narfs("status", check=False))
+    assert key in msg and "out of range" in msg, msg
