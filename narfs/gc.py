@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from .cache import Cache
 from .catalog import Catalog, Entry
 from .config import Settings
-from .errors import NarfsError
+from .errors import CorruptError, NarfsError
 from .progress import human_size
 from .report import when
 from .storepath import STORE_DIR, hash_part
@@ -164,17 +164,28 @@ def _unlink(path: str) -> int:
 
 
 def urls_in_use(cache: Cache, catalog: Catalog) -> set[str]:
-    """NAR URLs the published narinfos name, after a fresh sync; narinfos the catalog could not
-    take still protect the NAR their URL line names."""
+    """NAR URLs the published narinfos name, read from the narinfos themselves: the catalog is
+    derived data, and a URL it got wrong must not cost another entry its NAR. A narinfo that
+    does not parse still protects the NAR its URL line names. (The catalog is synced too, so
+    it drops what was retired.)"""
     catalog.sync()
-    urls = {e.url for e in catalog.entries()}
-    for h in catalog.bad:
+    urls = set()
+    for h in cache.hashes():
         try:
-            with open(cache.narinfo_path(h), "rb") as f:
-                urls.update(m.decode() for m in _URL_LINE.findall(f.read(1 << 20)))
-        except OSError:
-            pass
+            data = cache.read_small(cache.narinfo_path(h), 1 << 20)
+        except (CorruptError, OSError):
+            continue
+        urls.update(m.decode() for m in _URL_LINE.findall(data))
     return urls
+
+
+def true_url(cache: Cache, h: str) -> str | None:
+    """The NAR URL `h`'s narinfo names (None if it does not parse): what gc deletes is
+    decided by the narinfo, never by the catalog's copy of it."""
+    try:
+        return cache.read_narinfo(h).url
+    except (CorruptError, OSError):
+        return None
 
 
 def retire(cache: Cache, catalog: Catalog, doomed: Iterable[tuple[str, str | None]]) -> Freed:
@@ -276,7 +287,8 @@ def _gc(cache: Cache, older_than: float | None, max_size: int | None, dry_run: b
         dry_run = dry_run or refuse
         verb = "would retire" if dry_run else "retired"
         if not dry_run and chosen:
-            freed = retire(cache, catalog, ((c.entry.hash, c.entry.url) for c in chosen))
+            freed = retire(cache, catalog, ((c.entry.hash, true_url(cache, c.entry.hash))
+                                            for c in chosen))
             catalog.sync()
             after = before - freed.bytes
         for c in chosen:

@@ -270,3 +270,25 @@ def test_gc_racing_an_archive_never_leaves_a_broken_closure(narfs: Narfs,
     narfs("archive", top)  # a second run brings both back
     assert names(narfs) == {dep, top}
     assert_cache_whole(narfs)
+
+
+def test_a_forged_catalog_url_costs_no_kept_entry_its_nar(narfs: Narfs,
+                                                          nixstore: NixStore) -> None:
+    """Issue 11: the catalog is derived data; gc decides which NAR files go from the
+    narinfos. Here the kept twin's catalog value names another file (same mtime, so a sync
+    does not look again): the shared NAR must stay."""
+    a = nixstore.text("identical twin contents\n", "narfs-gc-forged-a")
+    b = nixstore.text("identical twin contents\n", "narfs-gc-forged-b")
+    narfs("archive", a, b)
+    url = parse_narinfo((narfs.cache / f"{hash_part(b)}.narinfo").read_bytes()).url
+    with Catalog(Cache(str(narfs.cache))) as catalog:
+        catalog.sync()
+        entry = dict(catalog.paths[hash_part(b)])
+        entry["url"] = "nar/" + "1" * 52 + ".nar.zst"
+        catalog.paths[hash_part(b)] = entry
+        catalog.paths.commit()
+    age(narfs, [a], 30 * DAY)
+    narfs("gc", "--older-than", "7d", "--yes")
+    assert names(narfs) == {b}
+    assert (narfs.cache / url).is_file(), "gc deleted a NAR that a kept narinfo names"
+    assert_cache_whole(narfs)
