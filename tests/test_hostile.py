@@ -414,3 +414,51 @@ def test_absurd_numbers_in_the_config_are_one_line(narfs: Narfs, line: str) -> N
     key = line.split()[0]
     msg = refused(narfs("status", check=False))
     assert key in msg and "out of range" in msg, msg
+
+
+MOUNT_COMPONENTS = [("{nar}", "fifo"), ("{nar}", "dev-zero"), ("{narinfo}", "fifo"),
+                    ("{ls}", "fifo"), ("nar", "outside-dir"), (".narfs/trees", "outside-dir"),
+                    (".narfs/hot", "outside-dir"), (".narfs/catalog.sqlite", "outside-file")]
+
+
+@pytest.mark.parametrize(("component", "kind"), MOUNT_COMPONENTS,
+                         ids=[f"{c}={k}" for c, k in MOUNT_COMPONENTS])
+def test_the_mount_and_a_component_that_is_not_what_it_seems(
+        narfs: Narfs, tmp_path: Path, component: str, kind: str) -> None:
+    """The mount either serves the good entry (the bad one answers an error, never hangs) or
+    refuses to start with one line; nothing outside the cache changes."""
+    key = load_secret_key(str(narfs.key))
+    good = write_entry(narfs.cache, key, GOOD_TREE, "hostile-good")
+    bad = write_entry(narfs.cache, key, GOOD_TREE + b"", "hostile-bad")
+    hb = base(bad)[:32]
+    url = parse_narinfo((narfs.cache / f"{hb}.narinfo").read_bytes()).url
+    if url == parse_narinfo((narfs.cache / f"{base(good)[:32]}.narinfo").read_bytes()).url:
+        good = write_entry(narfs.cache, key, GOOD_TREE.replace(b"good data", b"good text"),
+                           "hostile-good")
+    narfs("ls")
+    for d in ("trees", "hot"):
+        (narfs.cache / ".narfs" / d).mkdir(exist_ok=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    plant(narfs.cache, component, kind, outside,
+          {"narinfo": f"{hb}.narinfo", "ls": f"{hb}.ls", "nar": url})
+    before = snapshot(outside)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if component in (".narfs/trees", ".narfs/hot"):  # refused at start, in one line
+        proc = narfs("mount", str(mnt), check=False, timeout=60)
+        assert proc.returncode == 1 and component.split("/")[1] in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.ismount(mnt)
+    else:
+        with mounted(narfs, mnt) as m:
+            names = os.listdir(m.path)
+            if base(good) in names and component != "nar":
+                assert (m / base(good) / "readme").read_bytes() in (b"good data\n",
+                                                                    b"good text\n")
+            if base(bad) in names:  # an error, not a hang: `timeout` ends a stuck read
+                read = subprocess.run(["timeout", "20", "cat", str(m / base(bad) / "readme")],
+                                      capture_output=True)
+                assert read.returncode not in (124, 137), "a read hung on it"
+            assert m.alive(), m.log()
+        assert "Traceback" not in m.log(), m.log()
+    assert snapshot(outside) == before
