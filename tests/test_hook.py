@@ -19,10 +19,12 @@ Facts about Nix 2.8.0 these tests rely on (checked on the machine they were writ
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -332,6 +334,18 @@ def test_roots_dir_in_the_config_is_where_hook_watch_and_status_look(
     assert not elsewhere.exists()
     status = narfs("status").stdout
     assert "pins waiting: 3 " in status, status
+
+    # A watch started before the change (or with --roots) still looks elsewhere: status says so.
+    watch = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "narfs",
+                              "watch"])
+    try:
+        (narfs.cache / ".narfs" / "watch.json").write_text(json.dumps(
+            {"pid": watch.pid, "started": 1.0, "roots_dir": str(pins)}))
+        status = narfs("status").stdout
+        assert f"watches {pins}, but narfs-hook pins in {moved}" in status, status
+    finally:
+        watch.kill()
+        watch.wait()
 
     # A spelling the hook would read differently from TOML is refused by narfs itself.
     for bad in (f'roots_dir = "{pins}\\\\x"', f'roots_dir = """{pins}"""', 'roots_dir = "rel"'):
