@@ -187,7 +187,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(cfg)), exist_ok=True)
         settings = dataclasses.replace(settings, secret_key_file=key_file)
         with open(cfg, "w") as f:
-            f.write(config.render(settings, ("cache_dir", "secret_key_file", "roots_dir")))
+            f.write(config.render(settings, ("roots_dir", "cache_dir", "secret_key_file")))
         print(f"created: config {cfg}")
     else:
         current = config.load()
