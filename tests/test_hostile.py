@@ -351,37 +351,57 @@ def one_line_or_success(proc: subprocess.CompletedProcess) -> None:
         assert lines and lines[-1].startswith("narfs: error: "), (proc.args, proc.stderr)
 
 
-@pytest.mark.parametrize(("component", "kind"), COMPONENTS,
-                         ids=[f"{c}={k}" for c, k in COMPONENTS])
-def test_a_component_that_is_not_what_it_seems(narfs: Narfs, tmp_path: Path, component: str,
-                                               kind: str) -> None:
+ENTRY_PARTS = ("{narinfo}", "{ls}", "{nar}")
+GROUPS = [[c] for c in COMPONENTS if c[0] not in ENTRY_PARTS] + [
+    [c for c in COMPONENTS if c[0] in ENTRY_PARTS]]  # one bad entry each, in one cache
+
+
+@pytest.mark.parametrize("group", GROUPS,
+                         ids=["+".join(f"{c}={k}" for c, k in g) if len(g) == 1 else "entries"
+                              for g in GROUPS])
+def test_a_component_that_is_not_what_it_seems(narfs: Narfs, tmp_path: Path,
+                                               group: list[tuple[str, str]]) -> None:
     """Nothing outside the cache is written, appended to or deleted through it, no command
-    hangs on it (a hang is a timeout here), none prints a traceback, and verify names it."""
+    hangs on it (a hang is a timeout here), none prints a traceback, and verify names it.
+    The narinfo, listing and NAR cases each spoil their own entry, all in one cache."""
+    from narfs.cache import Cache
+    from narfs.catalog import Catalog
+
     key = load_secret_key(str(narfs.key))
-    good = write_entry(narfs.cache, key, GOOD_TREE, "hostile-good")
-    h = base(good)[:32]
-    url = parse_narinfo((narfs.cache / f"{h}.narinfo").read_bytes()).url
-    narfs("ls")  # the catalog exists
-    (narfs.cache / ".narfs" / "watch.json").write_text("{}")
-    (narfs.cache / ".narfs" / "mount.log").write_text("")
-    for d in ("trees", "hot"):
-        (narfs.cache / ".narfs" / d).mkdir(exist_ok=True)
+    write_entry(narfs.cache, key, GOOD_TREE, "hostile-good")
     outside = tmp_path / "outside"
     outside.mkdir()
-    planted = plant(narfs.cache, component, kind, outside,
-                    {"narinfo": f"{h}.narinfo", "ls": f"{h}.ls", "nar": url})
-    if component in ("nar", ".narfs"):  # what a writer or --repair might clear away
-        (outside / component / ".narfs-tmp-decoy").write_bytes(b"not the cache's\n")
-        (outside / component / ("0" * 52 + ".nar")).write_bytes(b"not the cache's\n")
+    planted, bad = [], []
+    for i, (component, kind) in enumerate(group):
+        data = GOOD_TREE.replace(b"good data", f"entr {i:04}".encode())  # same length
+        p = write_entry(narfs.cache, key, data, f"hostile-{i}")
+        h = base(p)[:32]
+        url = parse_narinfo((narfs.cache / f"{h}.narinfo").read_bytes()).url
+        if i == 0:
+            with Catalog(Cache(str(narfs.cache))) as catalog:  # the catalog exists
+                catalog.sync()
+            (narfs.cache / ".narfs" / "watch.json").write_text("{}")
+            (narfs.cache / ".narfs" / "mount.log").write_text("")
+            for d in ("trees", "hot"):
+                (narfs.cache / ".narfs" / d).mkdir(exist_ok=True)
+        where = outside / str(i)
+        where.mkdir()
+        planted.append(plant(narfs.cache, component, kind, where,
+                             {"narinfo": f"{h}.narinfo", "ls": f"{h}.ls", "nar": url}))
+        bad.append(h)
+        if component in ("nar", ".narfs"):  # what a writer or --repair might clear away
+            (where / component / ".narfs-tmp-decoy").write_bytes(b"not the cache's\n")
+            (where / component / ("0" * 52 + ".nar")).write_bytes(b"not the cache's\n")
     before = snapshot(outside)
 
     first = narfs("verify", check=False, timeout=60)
     one_line_or_success(first)
-    # Named: as a problem (exit 1), or, for the catalog, derived data, as removed and rebuilt.
-    assert str(planted) in first.stdout + first.stderr, first.stdout + first.stderr
-    assert first.returncode != 0 or "catalog.sqlite" in component
-    for args in (["status"], ["gc", "--older-than", "1d"],
-                 ["restore", "--to", str(tmp_path / "to"), h], ["verify", "--repair"]):
+    for (component, _), path in zip(group, planted, strict=True):
+        # Named: as a problem (exit 1), or, for the catalog (derived), as removed and rebuilt.
+        assert str(path) in first.stdout + first.stderr, first.stdout + first.stderr
+        assert first.returncode != 0 or "catalog.sqlite" in component
+    restores = [["restore", "--to", str(tmp_path / f"to-{h}"), h] for h in bad]
+    for args in (["status"], ["gc", "--older-than", "1d"], *restores, ["verify", "--repair"]):
         one_line_or_success(narfs(*args, check=False, timeout=60))
     assert snapshot(outside) == before
 
