@@ -52,12 +52,14 @@ from .report import open_catalog
 from .restore import trusted_key
 from .signing import PublicKey, SecretKey, load_secret_key
 from .storepath import STORE_DIR, hash_part, is_hash
+from .tree import Tree
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 KNOWN_DIRS = {"nar", ".narfs", "log", "realisations", "debuginfo"}  # the last three: Nix's
 STATE_DIRS = {"trees", "hot", "quarantine"}  # in .narfs/; everything else there is a file
+MAX_TREE_FILE = 1 << 30
 RECENT = 3600  # with a writer active, unreferenced files younger than this may be in flight
 
 BROKEN = "broken"  # the entry cannot be restored as it is: taken out by --repair
@@ -299,6 +301,32 @@ def scan(cache: Cache, writer_active: bool, now: float) -> Scan:
     return s
 
 
+def check_trees(cache: Cache, s: Scan, checked: list[Checked]) -> None:
+    """The mount's tree files are derived data it trusts once their header names the NAR:
+    each must be exactly the tree built from its NAR (else a forged one would serve other
+    bytes under a path's name). Those that are not are strays: --repair removes them."""
+    trees = os.path.join(cache.root, ".narfs", "trees")
+    if not _is_real_dir(trees):
+        return
+    by_hash = {c.hash: c for c in checked}
+    for name in sorted(os.listdir(trees)):
+        path = os.path.join(trees, name)
+        c = by_hash.get(name[:-5]) if name.endswith(".tree") else None
+        if c is None or c.info is None:
+            s.stray(path, "tree file of no archived path")
+            continue
+        if c.listing is None:
+            continue  # the entry itself is named
+        try:
+            data = cache.read_small(path, MAX_TREE_FILE)
+            want = Tree.build(c.hash, 0, c.listing, c.info.nar_size).dumps(c.info.nar_hash)
+        except (OSError, NarfsError) as e:
+            s.stray(path, f"tree file unreadable: {e}")
+            continue
+        if data != want:
+            s.stray(path, "tree file disagrees with its NAR (the mount would serve other bytes)")
+
+
 def _is_real_dir(path: str) -> bool:
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
@@ -398,6 +426,7 @@ async def verify(cache: Cache, key: PublicKey | None, threads: int, writer_activ
     for url, path in sorted(s.nars.items()):
         if url not in urls:
             s.stray(path, "stray NAR: no narinfo refers to it")
+    await trio.to_thread.run_sync(check_trees, cache, s, checked)
     problems = list(s.problems)
     for c in checked:
         problems += c.problems

@@ -482,3 +482,32 @@ def test_the_mount_and_a_component_that_is_not_what_it_seems(
             assert m.alive(), m.log()
         assert "Traceback" not in m.log(), m.log()
     assert snapshot(outside) == before
+
+
+def test_verify_checks_the_mounts_tree_files(narfs: Narfs, tmp_path: Path) -> None:
+    """Derived state is as untrusted as the rest: a tree file the mount wrote passes, one
+    whose offsets were changed (its header still names the NAR, so the mount would trust it)
+    is named, and --repair removes it."""
+    from hostile import nar, node_dir, node_file
+
+    key = load_secret_key(str(narfs.key))
+    files = [(f"f{i:04}".encode(), node_file(f"file {i}\n".encode())) for i in range(1100)]
+    p = write_entry(narfs.cache, key, nar(node_dir(files)), "hostile-many")
+    with mounted(narfs, tmp_path / "mnt") as m:
+        assert (m / base(p) / "f0007").read_text() == "file 7\n"
+    tree = narfs.cache / ".narfs" / "trees" / f"{base(p)[:32]}.tree"
+    assert tree.is_file()
+    out = narfs("verify").stdout
+    assert out.startswith("healthy: 1 entries"), out
+
+    data = bytearray(tree.read_bytes())
+    n = 1101  # nodes: the root and its files
+    offsets = data.index(b"\n") + 1 + n + n * 8  # after the header, kinds (u8), sizes (u64)
+    data[offsets + 8 * 7] ^= 0x08  # f0006's contents now start 8 bytes off
+    tree.write_bytes(bytes(data))
+    res = narfs("verify", check=False)
+    assert res.returncode == 1
+    assert any("tree file disagrees with its NAR" in ln
+               for ln in res.stdout.splitlines() if ln.startswith(f"{tree}: ")), res.stdout
+    assert f"repair: removed {tree}" in narfs("verify", "--repair").stdout
+    assert narfs("verify").stdout.startswith("healthy: 1 entries")
