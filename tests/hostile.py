@@ -210,7 +210,11 @@ def plant(cache: Path, component: str, kind: str, outside: Path, files: dict[str
     elif kind == "fifo":
         os.mkfifo(path)
     elif kind == "dev-zero":
-        os.mknod(path, 0o600 | stat_.S_IFCHR, os.makedev(1, 5))
+        try:
+            os.mknod(path, 0o600 | stat_.S_IFCHR, os.makedev(1, 5))
+        except PermissionError:  # a container that forbids device nodes
+            import pytest
+            pytest.skip("cannot make a device node here")
     elif kind == "socket":
         s = socket.socket(socket.AF_UNIX)
         cwd = os.getcwd()
