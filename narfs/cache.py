@@ -389,8 +389,12 @@ class Cache:
     def remove_temporaries(self) -> list[str]:
         """Delete what an interrupted writer left behind; callers hold the exclusive lock."""
         removed = []
-        for d in (self.root, self.nar_dir):
+        # .narfs/ too (watch.json is written through a temporary); never through a symlink.
+        state = os.path.join(self.root, ".narfs")
+        for d in (self.root, self.nar_dir, state):
             try:
+                if not stat.S_ISDIR(os.lstat(d).st_mode):
+                    continue
                 names = os.listdir(d)
             except FileNotFoundError:
                 continue

@@ -1,7 +1,8 @@
-"""Issue 11: the catalog as several processes share it (fast, in-process, no Nix needed).
+"""Issue 11: narfs's own state as several processes share it (fast, in-process, no Nix).
 
 Every mount, gc and verify syncs the same catalog; a mount must learn what changed against
-what it shows, not against what its own sync happened to write."""
+what it shows, not against what its own sync happened to write. Writers leave temporaries in
+`.narfs/` too, and the first writer in clears them, never through a symlink."""
 
 from __future__ import annotations
 
@@ -53,3 +54,35 @@ def test_a_follower_learns_changes_another_process_synced(tmp_path: Path) -> Non
         gc.sync()
         assert mount.sync([hs[2]]) == ([hs[2]], [])
         assert mount.sync([hs[2]]) == ([], [])
+
+
+def test_leftover_state_temporaries_go_never_through_a_symlink(tmp_path: Path) -> None:
+    """watch.json is written through a temporary in .narfs/: a writer killed there leaves it,
+    and the next first writer clears it (as in the root and nar/), but never follows a
+    symlinked .narfs/ to clear somebody else's files."""
+    import pytest
+
+    from narfs.cache import TMP_PREFIX
+    from narfs.errors import NarfsError
+
+    cache = Cache(str(tmp_path / "cache"))
+    cache.init()
+    left = Path(cache.state_dir()) / f"{TMP_PREFIX}watch.json-x"
+    left.write_text("{")
+    with cache.writer():
+        pass
+    assert not left.exists()
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    decoy = outside / f"{TMP_PREFIX}decoy"
+    decoy.write_text("not the cache's")
+    state = Path(cache.root) / ".narfs"
+    for p in state.iterdir():
+        p.unlink()
+    state.rmdir()
+    state.symlink_to(outside)
+    with pytest.raises(NarfsError, match="not a directory"):
+        with cache.writer():
+            pass
+    assert decoy.exists()
