@@ -157,6 +157,7 @@ class Archiver:
         key = None
         if settings.secret_key_file:
             key = load_secret_key(settings.secret_key_file)
+            cache.record_key(key.public)
         else:
             log.warning("no secret_key_file configured: narinfos are written unsigned "
                         "(run `narfs init` or pass --secret-key)")
@@ -237,7 +238,8 @@ class Archiver:
             syncfs(cache.root)
             for w in ready:
                 os.rename(w.nar_tmp, cache.nar_path(w.entry.url))
-                os.rename(w.listing_tmp, cache.listing_path(w.entry.hash))
+                if w.listing_tmp:
+                    os.rename(w.listing_tmp, cache.listing_path(w.entry.hash))
             cache.sync_nar_dir()
             fsync_dir(cache.root)
             with cache.publish_lock(exclusive=False):
@@ -332,7 +334,8 @@ class Archiver:
                     f"run `nix-store --verify --check-contents --repair`")
             file_hash = nix32.encode(writer.sha256.digest())
             assert ser.listing is not None
-            written.listing_tmp = self._temporary(cache.root, listing.render(ser.listing))
+            ls = listing.render(ser.listing)  # None: too deep for a `.ls` (read from the NAR)
+            written.listing_tmp = self._temporary(cache.root, ls) if ls is not None else ""
             entry = NarInfo(
                 store_path=info.path,
                 url=f"nar/{file_hash}.nar.zst",

@@ -16,13 +16,14 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from . import listing, narinfo
+from . import listing, narinfo, signing
 from .errors import CorruptError, NarfsError
 from .narinfo import NarInfo
 from .storepath import is_hash
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".narfs-tmp-"
 CACHE_INFO = "nix-cache-info"
+KEYS_FILE = "keys"
+_SIG_NAME = re.compile(rb"^Sig: ([^:\n]{1,255}):", re.M)
 PRIORITY = 10  # below cache.nixos.org's 40 (lower wins): the archive is asked first
 
 
@@ -44,6 +47,32 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# What opening a file the cache should hold as a regular file says when it is something else.
+_NOT_A_FILE = {errno.ELOOP: "a symlink", errno.ENXIO: "a socket or an absent device",
+               errno.ENODEV: "a device", errno.EISDIR: "a directory"}
+
+
+def kind_of(mode: int) -> str:
+    """What a file of this mode is, for messages."""
+    for test, what in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return what
+    return "a regular file"
+
+
+def _real_dir(path: str) -> None:
+    """Refuse a directory of the cache layout that is a symlink or not a directory."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise NarfsError(f"{path}: {kind_of(st.st_mode)}, not a directory; narfs reads and writes "
+                         "nothing through it: replace it with a directory")
 
 
 def describe_os_error(e: OSError, path: str) -> str:
@@ -79,12 +108,17 @@ class Cache:
         if not os.path.isdir(self.root):
             raise NarfsError(f"{self.root}: cache directory does not exist; run "
                              f"`narfs init --cache {self.root}`")
-        if not os.path.isfile(os.path.join(self.root, CACHE_INFO)):
+        info = os.path.join(self.root, CACHE_INFO)
+        if os.path.lexists(info) and not stat.S_ISREG(os.lstat(info).st_mode):
+            raise NarfsError(f"{info}: {kind_of(os.lstat(info).st_mode)}, not a file; remove it "
+                             f"and run `narfs init --cache {self.root}` to write it again")
+        if not os.path.isfile(info):
             raise NarfsError(f"{self.root}: not a binary cache (no {CACHE_INFO}); run "
                              f"`narfs init --cache {self.root}` or point --cache at a cache")
 
     def check_writable(self) -> None:
         self.check()
+        _real_dir(self.nar_dir)
         for d in (self.root, self.nar_dir):
             if os.path.isdir(d) and not os.access(d, os.W_OK):
                 raise NarfsError(f"{d}: cache directory is not writable; run narfs as the "
@@ -120,8 +154,14 @@ class Cache:
 
     # --- reading (untrusted) --------------------------------------------------------------
 
-    def _read_small(self, path: str, limit: int) -> bytes:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    def read_small(self, path: str, limit: int) -> bytes:
+        # O_NONBLOCK: opening a FIFO put in a file's place must not hang the command.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in _NOT_A_FILE:
+                raise CorruptError(f"{path}: {_NOT_A_FILE[e.errno]}, not read") from None
+            raise
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise CorruptError(f"{path}: not a regular file")
@@ -133,7 +173,7 @@ class Cache:
     def read_narinfo(self, h: str) -> NarInfo:
         path = self.narinfo_path(h)
         try:
-            return narinfo.parse(self._read_small(path, narinfo.MAX_SIZE), expect_hash=h)
+            return narinfo.parse(self.read_small(path, narinfo.MAX_SIZE), expect_hash=h)
         except CorruptError as e:
             raise CorruptError(f"{path}: {e}") from None
 
@@ -141,7 +181,7 @@ class Cache:
         """The `.ls` root node, or None when the cache has no listing for this path."""
         path = self.listing_path(h)
         try:
-            data = self._read_small(path, listing.MAX_SIZE)
+            data = self.read_small(path, listing.MAX_SIZE)
         except FileNotFoundError:
             return None
         try:
@@ -149,12 +189,80 @@ class Cache:
         except CorruptError as e:
             raise CorruptError(f"{path}: {e}") from None
 
+    def signature_names(self) -> dict[str, int]:
+        """Key name → how many narinfos carry a signature by that name (unreadable ones are
+        skipped): the names a new key must not take."""
+        names: dict[str, int] = {}
+        for h in self.hashes():
+            try:
+                data = self.read_small(self.narinfo_path(h), narinfo.MAX_SIZE)
+            except (CorruptError, OSError):
+                continue
+            for name in {m.decode(errors="replace") for m in _SIG_NAME.findall(data)}:
+                names[name] = names.get(name, 0) + 1
+        return names
+
+    def recorded_keys(self) -> list[signing.PublicKey]:
+        """The public keys narfs has signed this cache with (`.narfs/keys`). Untrusted like
+        the rest: used only to tell "signed by a key you don't hold" from "does not verify",
+        never to trust a signature."""
+        try:
+            data = self.read_small(os.path.join(self.root, ".narfs", KEYS_FILE), 1 << 20)
+        except (CorruptError, OSError):
+            return []
+        keys = []
+        for line in data.decode(errors="replace").splitlines():
+            try:
+                keys.append(signing.parse_public_key(line))
+            except NarfsError:
+                continue
+        return keys
+
+    def record_key(self, key: signing.PublicKey) -> None:
+        """Remember a key that signs entries here, so that once it is lost, verify can still
+        say which entries it signed. Best effort: a read-only cache just does not learn it."""
+        if any(k.text() == key.text() for k in self.recorded_keys()):
+            return
+        try:
+            fd = os.open(self.state_path(KEYS_FILE),
+                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            log.debug("cannot record key %s: %s", key.name, e)
+            return
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.write(fd, f"{key.text()}\n".encode())
+        finally:
+            os.close(fd)
+
     def open_nar(self, info: NarInfo) -> BinaryIO:
-        fd = os.open(self.nar_path(info.url), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        """The NAR file a narinfo names, opened through `nar/` without following a symlink in
+        either place (a symlinked `nar/` would lead reads outside the cache), and without
+        blocking on a FIFO."""
+        path = self.nar_path(info.url)
+        try:
+            dfd = os.open(self.nar_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                          | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CorruptError(f"{self.nar_dir}: not a directory (a symlink?); no NAR is "
+                                   "read through it") from None
+            raise
+        try:
+            fd = os.open(os.path.basename(info.url), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError as e:
+            if e.errno in _NOT_A_FILE:
+                raise CorruptError(f"{path}: {_NOT_A_FILE[e.errno]}, not read") from None
+            raise
+        finally:
+            os.close(dfd)
         f = os.fdopen(fd, "rb")
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             f.close()
-            raise CorruptError(f"{self.nar_path(info.url)}: not a regular file")
+            raise CorruptError(f"{path}: not a regular file")
+        os.set_blocking(fd, True)
         return f
 
     # --- writing --------------------------------------------------------------------------
@@ -221,10 +329,30 @@ class Cache:
             return
         fsync_dir(self.root)
 
-    def state_path(self, name: str) -> str:
+    def state_dir(self) -> str:
+        """`.narfs/`, created if missing, refused when it is a symlink or not a directory."""
         d = os.path.join(self.root, ".narfs")
-        os.makedirs(d, mode=0o755, exist_ok=True)
-        return os.path.join(d, name)
+        try:
+            os.mkdir(d, 0o755)
+        except FileExistsError:
+            pass
+        _real_dir(d)
+        return d
+
+    def state_path(self, name: str) -> str:
+        """`.narfs/<name>`, once `.narfs` is a real directory and `<name>`, if it exists, a
+        regular file or directory: nothing narfs writes there may follow a symlink out of the
+        cache or block on a FIFO. (A swap after the check is left to the directory's
+        permissions: only root writes `.narfs/` in the intended setup.)"""
+        path = os.path.join(self.state_dir(), name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return path
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise NarfsError(f"{path}: {kind_of(st.st_mode)}, not narfs's own file; remove it "
+                             "(narfs recreates it)")
+        return path
 
     @contextmanager
     def writer(self, exclusive: bool = False) -> Iterator[None]:
@@ -260,8 +388,9 @@ class Cache:
     def writer_active(self) -> bool:
         """Whether some process holds the cache as a writer right now (a probe, no waiting)."""
         try:
-            fd = os.open(os.path.join(self.root, ".narfs", "lock"), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = os.open(os.path.join(self.root, ".narfs", "lock"),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # missing, or a symlink (verify names it): no writer holds it
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -288,8 +417,12 @@ class Cache:
     def remove_temporaries(self) -> list[str]:
         """Delete what an interrupted writer left behind; callers hold the exclusive lock."""
         removed = []
-        for d in (self.root, self.nar_dir):
+        # .narfs/ too (watch.json is written through a temporary); never through a symlink.
+        state = os.path.join(self.root, ".narfs")
+        for d in (self.root, self.nar_dir, state):
             try:
+                if not stat.S_ISDIR(os.lstat(d).st_mode):
+                    continue
                 names = os.listdir(d)
             except FileNotFoundError:
                 continue

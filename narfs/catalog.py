@@ -11,6 +11,12 @@ A sqlitedict database in `<cache>/.narfs/catalog.sqlite` (WAL, JSON values, neve
 Invariant: the cache directory is the truth. `sync()` reconciles the catalog with it (new,
 changed and removed narinfos), and a missing or damaged catalog is rebuilt from it, so deleting
 the file loses nothing but access times (which fall back to archive times).
+
+Several processes sync one catalog (every mount, gc, verify, restore, ...), so what one sync
+writes, another finds already done. A follower (the mount) therefore must not learn changes
+from what its sync wrote: once it has read `index()`, every `sync()` of that Catalog object
+reports the changes against what this object has reported before (its view), whoever wrote
+them to the database. Deletes tolerate a row another process deleted first.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -27,6 +34,7 @@ from pathlib import Path
 
 from sqlitedict import SqliteDict
 
+from . import listing
 from .cache import Cache
 from .errors import CorruptError
 from .narinfo import NarInfo
@@ -101,6 +109,21 @@ def _top_ok(top: object) -> bool:
             and type(top[2]) is (str if top[0] == 3 else int))
 
 
+def _drop_special_files(state_dir: str) -> None:
+    """SQLite follows symlinks and blocks on FIFOs: a catalog file (or its -wal, -shm,
+    -journal) that is not a regular file is removed (the link itself, never its target); the
+    catalog is derived data and is rebuilt."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        path = os.path.join(state_dir, FILENAME + suffix)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            log.warning("%s: not a regular file; removed it (the catalog is rebuilt)", path)
+            os.unlink(path)
+
+
 def _table(path: str, name: str) -> SqliteDict:
     return SqliteDict(path, tablename=name, autocommit=False, journal_mode="WAL",
                       encode=json.dumps, decode=_decode, outer_stack=False, timeout=30)
@@ -109,10 +132,13 @@ def _table(path: str, name: str) -> SqliteDict:
 class Catalog:
     def __init__(self, cache: Cache, path: str | None = None) -> None:
         self.cache = cache
+        if path is None:
+            _drop_special_files(cache.state_dir())
         self.path = path or cache.state_path(FILENAME)
         self.bad: dict[str, str] = {}  # hash → why its narinfo was not taken (last sync)
         self.damaged: set[str] = set()  # hashes whose catalog value was unusable (logged once)
         self._lock = threading.Lock()
+        self._view: dict[str, int | None] | None = None  # hash → mtime_ns, once index() ran
         self._open()
 
     def _check(self) -> None:
@@ -221,7 +247,26 @@ class Catalog:
                     self.paths[h] = value
                     self.damaged.discard(h)
                 self._drop(dropped, stale=list(added))
-            return list(added), dropped
+            if self._view is None:
+                return list(added), dropped
+            # What the database holds now, for the hashes looked at: its entries as synced.
+            current = {h: st.st_mtime_ns for h, st in on_disk.items()
+                       if h in added or known.get(h) == st.st_mtime_ns}
+            return self._follow(current, set(current) | set(self._view) if subset is None
+                                else subset)
+
+    def _follow(self, current: dict[str, int], scope: Iterable[str]
+                ) -> tuple[list[str], list[str]]:
+        """The changes since this object's last report, for the hashes in `scope`."""
+        view = self._view
+        assert view is not None
+        added = [h for h, mtime in current.items() if view.get(h, -1) != mtime]
+        removed = [h for h in scope if h in view and h not in current]
+        for h in removed:
+            del view[h]
+        for h in added:
+            view[h] = current[h]
+        return added, removed
 
     def _drop(self, hashes: list[str], stale: Iterable[str] = ()) -> None:
         """Remove `hashes` from every table, and the derived listings of `stale` ones.
@@ -233,8 +278,10 @@ class Catalog:
         for table, derived in ((self.paths, False), (self.listings, True), (self.tops, True),
                                (self.access, False)):
             for h in (*hashes, *stale) if derived else hashes:
-                if h in table:
+                try:
                     del table[h]
+                except KeyError:  # not there, or another mount's sync deleted it just now
+                    pass
             table.commit()
 
     # --- reading --------------------------------------------------------------------------
@@ -272,8 +319,8 @@ class Catalog:
             for h, root, top in items:
                 if h not in self.paths:  # retired meanwhile: never resurrect a dropped path
                     continue
-                if root is not None:
-                    self.listings[h] = root
+                if root is not None and listing.depth(root) <= listing.MAX_LS_DEPTH:
+                    self.listings[h] = root  # deeper ones: json cannot nest them
                 if top is not None:
                     tops.append((h, top))
             self.listings.commit()  # before the next table is written: see _drop
@@ -288,8 +335,8 @@ class Catalog:
         conn = sqlite3.connect(Path(self.path).as_uri() + "?mode=ro", uri=True)
         try:
             rows = conn.execute(
-                "SELECT key, json_extract(value, '$.name'), json_extract(value, '$.archived') "
-                "FROM paths WHERE json_valid(value)").fetchall()
+                "SELECT key, json_extract(value, '$.name'), json_extract(value, '$.archived'), "
+                "json_extract(value, '$.mtime_ns') FROM paths WHERE json_valid(value)").fetchall()
             try:
                 tops = {k: t for k, v in conn.execute("SELECT key, value FROM tops")
                         if _top_ok(t := _decode(v))}
@@ -298,10 +345,12 @@ class Catalog:
         finally:
             conn.close()
         # Damaged rows are left out (the mount's first sync rewrites them from the narinfos).
-        rows = [(h, name, archived) for h, name, archived in rows
+        rows = [(h, name, archived, mtime) for h, name, archived, mtime in rows
                 if isinstance(h, str) and isinstance(name, str) and name.startswith(f"{h}-")
                 and isinstance(archived, int | float)]
-        return rows, tops
+        with self._lock:  # the caller shows these now: later syncs report against them
+            self._view = {h: mtime if type(mtime) is int else None for h, _, _, mtime in rows}
+        return [(h, name, archived) for h, name, archived, _ in rows], tops
 
     # --- access times -------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "restore": ("narfs.restore", "main"),
     "gc": ("narfs.gc", "main"),
     "verify": ("narfs.verify", "main"),
+    "quarantine": ("narfs.quarantine", "main"),
     "status": ("narfs.report", "status_main"),
     "ls": ("narfs.report", "ls_main"),
     "doctor": ("narfs.doctor", "main"),
@@ -156,12 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
         "narfs mount and narfs restore. Downloads served straight from the directory (nginx, "
         "file:// substituters) are not seen as accesses. A path a kept path refers to is "
         "kept. Without --older-than or --max-size: --older-than 365d."))
-    p.add_argument("--older-than", metavar="AGE", help="e.g. 365d, 12h, 30s")
+    p.add_argument("--older-than", metavar="AGE", help=(
+        "with a unit: 365d, 12h, 90min, 2w, 1y (s, min, h, d, w, y; no bare numbers, no m)"))
     p.add_argument("--max-size", metavar="SIZE", help="e.g. 500G")
     p.add_argument("--dry-run", action="store_true", help="list what would be retired")
+    p.add_argument("--yes", action="store_true", help=(
+        "retire even when that is more than half the archive (needed then without --max-size)"))
 
     p = command("verify", "check every entry of the cache")
-    p.add_argument("--repair", action="store_true", help="un-publish broken entries")
+    p.add_argument("--repair", action="store_true", help=(
+        "un-publish entries whose data is damaged; quarantine the rest it takes out"))
+    p.add_argument("--adopt", action="append", metavar="KEYNAME", help=(
+        "sign with your key the entries signed by KEYNAME whose NAR matches its NarHash "
+        "(e.g. your own key from before a reinstall); repeatable"))
+    _key_flag(p)
+
+    p = command("quarantine", "list what verify --repair set aside, or restore it")
+    p.add_argument("--restore", nargs="+", metavar="TARGET",
+                   help="publish again: store paths, hashes, names, or `all`")
 
     command("status", "totals, pins waiting, last error, mount state")
     p = command("ls", "archived paths with size, date and last access")
@@ -190,19 +203,25 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
         key = signing.load_secret_key(key_file)
         print(f"unchanged: signing key {key_file}")
     else:
-        name = f"{socket.gethostname()}-narfs-1"
+        name, taken = new_key_name(cache, socket.gethostname())
         os.makedirs(os.path.dirname(os.path.abspath(key_file)), mode=0o700, exist_ok=True)
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(signing.generate_secret_key(name))
         key = signing.load_secret_key(key_file)
-        print(f"created: signing key {key_file} (mode 0600)")
+        print(f"created: signing key {key_file} named {name} (mode 0600)")
+        if taken:
+            print(f"note: {taken} already sign entries in {cache.root} with keys this machine "
+                  f"does not hold, so the new key is {name}; keep their public keys in "
+                  "trusted-public-keys, or re-sign those entries with `narfs verify --adopt "
+                  "NAME`")
+    cache.record_key(key.public)
     cfg = config.config_path()
     if not os.path.exists(cfg):
         os.makedirs(os.path.dirname(os.path.abspath(cfg)), exist_ok=True)
         settings = dataclasses.replace(settings, secret_key_file=key_file)
         with open(cfg, "w") as f:
-            f.write(config.render(settings, ("cache_dir", "secret_key_file", "roots_dir")))
+            f.write(config.render(settings, ("roots_dir", "cache_dir", "secret_key_file")))
         print(f"created: config {cfg}")
     else:
         current = config.load()
@@ -230,6 +249,18 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
         print(f'  {name} = "{value}";')
     print("};")
     return 0
+
+
+def new_key_name(cache: Cache, host: str) -> tuple[str, str]:
+    """`<host>-narfs-<n>` with the lowest serial no signature in the cache, and no key narfs
+    recorded there, uses: a new key under an old name would make every entry that name signed
+    look forged. Returns the name and the names passed over ("" when none)."""
+    used = set(cache.signature_names()) | {k.name for k in cache.recorded_keys()}
+    serial = 1
+    while f"{host}-narfs-{serial}" in used:
+        serial += 1
+    taken = [f"{host}-narfs-{n}" for n in range(1, serial)]
+    return f"{host}-narfs-{serial}", ", ".join(taken)
 
 
 async def _archive(args: argparse.Namespace, settings: Settings) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sysconfig
 import tomllib
@@ -47,6 +48,14 @@ class Settings:
 
 
 _TYPES = {f.name: f.type for f in fields(Settings)}
+# What each number may be: beyond these a value is a typo (and some would exhaust memory).
+_RANGES = {"frame_size": (4096, 1 << 30), "zstd_level": (1, 22), "jobs": (0, 1024),
+           "frame_cache_mb": (1, 1 << 20), "hot_tier_mb": (0, 1 << 24),
+           "parallel_paths": (1, 1024), "access_window": (1, 1 << 31)}
+assert _RANGES.keys() == {k for k, t in _TYPES.items() if t == "int"}
+# The one form of the roots_dir line that narfs-hook (sh, no TOML parser) reads too.
+_ROOTS_LINE = re.compile(r"""^[ \t]*roots_dir[ \t]*=[ \t]*(?:"([^"\\\n]*)"|'([^'\n]*)')"""
+                         r"""[ \t]*(?:#.*)?$""", re.M)
 
 
 def config_path() -> str:
@@ -60,9 +69,11 @@ def load(overrides: dict[str, object] | None = None, must_exist: bool = True) ->
     creates it)."""
     path = config_path()
     values: dict[str, object] = {}
+    text = ""
     try:
         with open(path, "rb") as f:
-            values = tomllib.load(f)
+            text = f.read().decode("utf-8", errors="replace")
+        values = tomllib.loads(text)
     except FileNotFoundError:
         if "NARFS_CONFIG" in os.environ and must_exist:
             raise NarfsError(f"{path}: config file named by $NARFS_CONFIG does not exist; "
@@ -80,15 +91,29 @@ def load(overrides: dict[str, object] | None = None, must_exist: bool = True) ->
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise NarfsError(f"{path}: setting {key} must be a {want.__name__}")
         settings = replace(settings, **{key: value})
+    if "roots_dir" in values or _ROOTS_LINE.search(text):
+        _check_roots_line(path, text, values.get("roots_dir"))
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     settings = replace(settings, **given)
-    if not 1 <= settings.access_window <= 1 << 31:
-        raise NarfsError(f"{path}: access_window must be between 1 and {1 << 31} seconds")
     if settings.fuse_mode not in ("auto", "fast", "stock"):
         raise NarfsError(f"{path}: fuse_mode must be auto, fast or stock")
-    if not 4096 <= settings.frame_size <= 1 << 30:
-        raise NarfsError(f"{path}: frame_size must be between 4096 and 1073741824 bytes")
+    for key, (low, high) in _RANGES.items():
+        value = getattr(settings, key)
+        if not low <= value <= high:
+            shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:20]}..."
+            raise NarfsError(f"{path}: setting {key} = {shown} is out of range; it must be "
+                             f"between {low} and {high}")
     return settings
+
+
+def _check_roots_line(path: str, text: str, value: object) -> None:
+    """narfs-hook reads roots_dir with shell builtins (it must take milliseconds): refuse any
+    spelling of it that the hook would read differently from TOML, so the hook, `narfs watch`
+    and `narfs status` always agree on one roots dir."""
+    found = [a or b for a, b in _ROOTS_LINE.findall(text)]
+    if len(found) != 1 or found[0] != value or not found[0].startswith("/"):
+        raise NarfsError(f'{path}: write roots_dir as one line, roots_dir = "/absolute/dir" '
+                         "(no escapes), as narfs-hook reads it without a TOML parser")
 
 
 def render(settings: Settings, keys: tuple[str, ...]) -> str:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from .cache import Cache
 from .catalog import Catalog, Entry
 from .config import Settings
-from .errors import NarfsError
+from .errors import CorruptError, NarfsError
 from .progress import human_size, plural
 from .report import when
 from .storepath import STORE_DIR, hash_part
@@ -37,29 +37,54 @@ from .storepath import STORE_DIR, hash_part
 log = logging.getLogger(__name__)
 
 DEFAULT_AGE = "365d"  # what the seed's `find -atime 365 -delete` meant; the timer runs `narfs gc`
-_AGE_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400,
-              "y": 365 * 86400}
+# No `m`: users mean minutes and months by it alike (`6M` retired nearly everything once).
+_AGE_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+AGE_FORMS = "365d, 12h, 90min, 2w, 1y (units s, min, h, d, w, y)"
+MAX_AGE = 1000 * 365 * 86400  # older than any Nix store: a bigger age is a typo
+MAX_SIZE = 1 << 60  # an exbibyte: a bigger size is a typo
 _URL_LINE = re.compile(rb"^URL: (nar/[A-Za-z0-9._+-]{1,255})$", re.M)
 
 
+def _shown(text: str) -> str:
+    """A user's value in an error line, cut short: the line stays one line on a terminal."""
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
 def parse_age(text: str) -> float:
-    """`365d`, `12h`, `30s`, `2w`, `90min`/`90m`, `1y`; a bare number is seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
-    if not m or m.group(2) not in {"", *_AGE_UNITS}:
-        raise NarfsError(f"--older-than {text!r}: not an age; write it like 365d, 12h, 30s, 2w")
-    return float(m.group(1)) * _AGE_UNITS.get(m.group(2), 1)
+    """`365d` (Nix's own form), `12h`, `30s`, `2w`, `90min`, `1y`: the unit is required,
+    because a bare `30` meant as days would retire everything older than 30 seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m:
+        raise NarfsError(f"--older-than {_shown(text)}: not an age; write it like {AGE_FORMS}")
+    number, unit = m.groups()
+    if not unit:
+        raise NarfsError(f"--older-than {_shown(text)}: an age needs a unit; write "
+                         f"{number[:20]}d for {number[:20]} days (units s, min, h, d, w, y)")
+    if unit.lower().startswith("m") and unit.lower() != "min":
+        days = f"{float(number) * 30:g}d" if len(number) <= 6 else "days (d)"
+        raise NarfsError(f"--older-than {_shown(text)}: {unit[:10]!r} could mean minutes or "
+                         f"months; write {number[:20]}min for minutes, or {days} for months")
+    if unit.lower() not in _AGE_UNITS:
+        raise NarfsError(f"--older-than {_shown(text)}: unknown unit {unit[:10]!r}; write it like "
+                         f"{AGE_FORMS}")
+    seconds = float(number) * _AGE_UNITS[unit.lower()]
+    if seconds > MAX_AGE:
+        raise NarfsError(f"--older-than {_shown(text)}: longer than 1000 years; write it like "
+                         f"{AGE_FORMS}")
+    return seconds
 
 
 def parse_size(text: str) -> int:
     """`500G`, `10M`, `1.5T` (powers of 1024, `GiB` too), `500GB` (powers of 1000), bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgtp])(ib|b)?|b)?\s*", text.lower())
     if not m:
-        raise NarfsError(f"--max-size {text!r}: not a size; write it like 500G, 10M or bytes")
+        raise NarfsError(f"--max-size {_shown(text)}: not a size; write it like 500G, 10M or bytes")
     number, prefix, suffix = m.groups()
-    if prefix is None:
-        return int(float(number))
-    power = "kmgtp".index(prefix) + 1
-    return int(float(number) * (1000 if suffix == "b" else 1024) ** power)
+    power = 0 if prefix is None else "kmgtp".index(prefix) + 1
+    size = float(number) * (1000 if suffix == "b" else 1024) ** power
+    if size > MAX_SIZE:
+        raise NarfsError(f"--max-size {_shown(text)}: larger than an exbibyte; write it like 500G")
+    return int(size)
 
 
 # --- order ----------------------------------------------------------------------------------
@@ -139,17 +164,28 @@ def _unlink(path: str) -> int:
 
 
 def urls_in_use(cache: Cache, catalog: Catalog) -> set[str]:
-    """NAR URLs the published narinfos name, after a fresh sync; narinfos the catalog could not
-    take still protect the NAR their URL line names."""
+    """NAR URLs the published narinfos name, read from the narinfos themselves: the catalog is
+    derived data, and a URL it got wrong must not cost another entry its NAR. A narinfo that
+    does not parse still protects the NAR its URL line names. (The catalog is synced too, so
+    it drops what was retired.)"""
     catalog.sync()
-    urls = {e.url for e in catalog.entries()}
-    for h in catalog.bad:
+    urls = set()
+    for h in cache.hashes():
         try:
-            with open(cache.narinfo_path(h), "rb") as f:
-                urls.update(m.decode() for m in _URL_LINE.findall(f.read(1 << 20)))
-        except OSError:
-            pass
+            data = cache.read_small(cache.narinfo_path(h), 1 << 20)
+        except (CorruptError, OSError):
+            continue
+        urls.update(m.decode() for m in _URL_LINE.findall(data))
     return urls
+
+
+def true_url(cache: Cache, h: str) -> str | None:
+    """The NAR URL `h`'s narinfo names (None if it does not parse): what gc deletes is
+    decided by the narinfo, never by the catalog's copy of it."""
+    try:
+        return cache.read_narinfo(h).url
+    except (CorruptError, OSError):
+        return None
 
 
 def retire(cache: Cache, catalog: Catalog, doomed: Iterable[tuple[str, str | None]]) -> Freed:
@@ -226,10 +262,16 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     if args.dry_run:  # no writer lock: taking it may clear leftovers, and dry runs change nothing
         return _gc(cache, older_than, max_size, dry_run=True)
     with cache.writer():
-        return _gc(cache, older_than, max_size, dry_run=False)
+        return _gc(cache, older_than, max_size, dry_run=False, yes=args.yes)
 
 
-def _gc(cache: Cache, older_than: float | None, max_size: int | None, dry_run: bool) -> int:
+def too_much(chosen: list[Candidate], entries: int, before: int, after: int) -> bool:
+    """More than half of the archive's paths or bytes: more than any routine gc retires."""
+    return len(chosen) * 2 > entries or (before - after) * 2 > before
+
+
+def _gc(cache: Cache, older_than: float | None, max_size: int | None, dry_run: bool,
+        yes: bool = False) -> int:
     now = time.time()
     with Catalog(cache) as catalog:
         catalog.sync()
@@ -239,9 +281,14 @@ def _gc(cache: Cache, older_than: float | None, max_size: int | None, dry_run: b
                 for h in entries}
         nar_disk = {e.url: _size(cache.nar_path(e.url)) for e in entries.values()}
         chosen, before, after = plan(entries, access, disk, nar_disk, older_than, max_size, now)
+        # --max-size says how much may go; an age alone can say far more than was meant.
+        refuse = not dry_run and not yes and max_size is None and bool(chosen) \
+            and too_much(chosen, len(entries), before, after)
+        dry_run = dry_run or refuse
         verb = "would retire" if dry_run else "retired"
         if not dry_run and chosen:
-            freed = retire(cache, catalog, ((c.entry.hash, c.entry.url) for c in chosen))
+            freed = retire(cache, catalog, ((c.entry.hash, true_url(cache, c.entry.hash))
+                                            for c in chosen))
             catalog.sync()
             after = before - freed.bytes
         for c in chosen:
@@ -264,6 +311,11 @@ def _gc(cache: Cache, older_than: float | None, max_size: int | None, dry_run: b
         print(f"{verb} {plural(len(chosen), 'path')} ({human_size(nar)} NAR): "
               f"{'would free' if dry_run else 'freed'} {human_size(before - after)} on disk; "
               f"kept {plural(kept, 'path')}, {human_size(after)}")
+    if refuse:
+        raise NarfsError(f"{cache.root}: gc would retire {len(chosen)} of {len(entries)} paths "
+                         f"({human_size(before - after)} of {human_size(before)}), more than "
+                         "half the archive; check the list above, then add --yes to retire them "
+                         "(or --max-size to bound what stays)")
     if max_size is not None and after > max_size:
         print(f"narfs gc: the cache still holds {human_size(after)} > --max-size "
               f"{human_size(max_size)}")

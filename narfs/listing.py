@@ -11,7 +11,29 @@ from .nar import MAX_DEPTH, MAX_NAME, MAX_TARGET
 MAX_SIZE = 256 << 20
 
 
-def render(root: dict) -> bytes:
+# A listing nests two JSON levels per directory, and json (encoder and decoder) stops near
+# Python's recursion limit: trees deeper than this (Nix makes them; see nar.MAX_DEPTH) get no
+# `.ls` and no catalog listing, and are read from their NAR instead.
+MAX_LS_DEPTH = 256
+
+
+def depth(root: dict) -> int:
+    """How many directories deep the tree goes (iteratively: it may be deep)."""
+    deepest = 0
+    stack = [(root, 0)]
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        entries = node.get("entries") if isinstance(node, dict) else None
+        if isinstance(entries, dict):
+            stack.extend((child, d + 1) for child in entries.values())
+    return deepest
+
+
+def render(root: dict) -> bytes | None:
+    """The `.ls` document, or None for a tree deeper than MAX_LS_DEPTH."""
+    if depth(root) > MAX_LS_DEPTH:
+        return None
     return json.dumps({"version": 1, "root": root}, separators=(",", ":")).encode()
 
 

@@ -11,6 +11,7 @@ import fnmatch
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -162,7 +163,11 @@ def watch_state(cache: Cache) -> dict:
     """`narfs watch`'s state file, validated field by field; {} when absent or unreadable."""
     path = os.path.join(cache.root, ".narfs", WATCH_STATE)
     try:
-        with open(path, "rb") as f:
+        # Not through a symlink, not blocking on a FIFO: the state file is untrusted too.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return {}
             doc = json.loads(f.read(MAX_STATE))
     except (OSError, ValueError):
         return {}
@@ -170,7 +175,8 @@ def watch_state(cache: Cache) -> dict:
         return {}
     types = {"pid": int, "started": (int, float), "stopped": (int, float), "queue": int,
              "archiving": int, "retrying": int, "ignored": int, "archived": int,
-             "last_error": str, "last_error_time": (int, float), "oldest_pin_time": (int, float)}
+             "last_error": str, "last_error_time": (int, float), "oldest_pin_time": (int, float),
+             "roots_dir": str}
     return {k: doc[k] for k, t in types.items()
             if isinstance(doc.get(k), t) and not isinstance(doc.get(k), bool)}
 
@@ -209,6 +215,10 @@ def status_main(args: argparse.Namespace, settings: Settings) -> int:
             if state.get(key) or (key == "queue" and key in state):
                 line += f", {state[key]} {what}"
         print(f"watch:        {line}")
+        watched = state.get("roots_dir")
+        if watched and os.path.abspath(watched) != os.path.abspath(settings.roots_dir):
+            print(f"              watches {watched}, but narfs-hook pins in {settings.roots_dir} "
+                  "(roots_dir): restart narfs watch so both use one roots dir")
         if state.get("ignored"):
             print(f"              {plural(state['ignored'], 'entry', 'entries')} in "
                   f"{settings.roots_dir} not pinning store paths (see the watch log)")

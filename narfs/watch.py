@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import trio
 from inotify_simple import INotify, flags
 
-from . import store
+from . import config, store
 from .archive import Archiver
 from .cache import TMP_PREFIX, Cache, describe_os_error
 from .config import Settings
@@ -615,6 +615,11 @@ def warn_if_not_gc_roots(roots_dir: str) -> None:
 def main(args: argparse.Namespace, settings: Settings) -> int:
     refuse_second_watch(Cache(settings.cache_dir))
     warn_if_not_gc_roots(settings.roots_dir)
+    configured = config.load().roots_dir
+    if os.path.abspath(settings.roots_dir) != os.path.abspath(configured):
+        log.warning("--roots %s: narfs-hook pins in %s (roots_dir in %s), which this watch does "
+                    "not look at; set roots_dir there instead", settings.roots_dir, configured,
+                    config.config_path())
     notifier = Notifier.from_environment()
     try:
         with ThreadPoolExecutor(settings.threads, thread_name_prefix="zstd") as executor:

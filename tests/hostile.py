@@ -101,9 +101,9 @@ def _listing_for(data: bytes) -> bytes | None:
     b = ListingBuilder()
     try:
         parse(io.BytesIO(data), b, len(data))
-    except Exception:
+        return listing.render(b.root)
+    except (Exception, RecursionError):  # json nests no deeper than Python's recursion limit
         return None
-    return listing.render(b.root)
 
 
 def write_entry(cache: Path, key: SecretKey, data: bytes, name: str,
@@ -154,3 +154,74 @@ def write_case(cache: Path, key: SecretKey, case: str) -> str:
     if case in BAD_NARS:
         return write_entry(cache, key, BAD_NARS[case](), f"hostile-{case}")
     return write_entry(cache, key, GOOD_TREE, f"hostile-{case}", tamper=case)
+
+
+# --- components of the cache that are not what they should be (issue 11) ----------------------
+#
+# (component, what is put in its place). A component is a path relative to the cache root;
+# `{narinfo}`, `{ls}` and `{nar}` stand for the good entry's files. "outside-file" and
+# "outside-dir" are symlinks to a file or directory outside the cache (a copy of what was
+# there), "dev-zero" a character device like /dev/zero, "fifo" and "socket" what they say.
+COMPONENTS: list[tuple[str, str]] = [
+    ("nar", "outside-dir"),
+    (".narfs", "outside-dir"),
+    (".narfs/catalog.sqlite", "outside-file"),
+    (".narfs/catalog.sqlite-wal", "outside-file"),
+    (".narfs/catalog.sqlite", "fifo"),
+    (".narfs/lock", "fifo"),
+    (".narfs/lock", "outside-file"),
+    (".narfs/publish.lock", "outside-file"),
+    (".narfs/watch.json", "fifo"),
+    (".narfs/keys", "fifo"),
+    (".narfs/mount.log", "outside-file"),
+    (".narfs/trees", "outside-dir"),
+    (".narfs/hot", "outside-dir"),
+    ("{narinfo}", "fifo"),
+    ("{narinfo}", "outside-file"),
+    ("{narinfo}", "socket"),
+    ("{ls}", "fifo"),
+    ("{ls}", "dev-zero"),
+    ("{nar}", "fifo"),
+    ("{nar}", "outside-file"),
+    ("{nar}", "dev-zero"),
+    ("{nar}", "socket"),
+    ("nix-cache-info", "fifo"),
+]
+
+
+def plant(cache: Path, component: str, kind: str, outside: Path, files: dict[str, str]) -> Path:
+    """Put `kind` where `component` is (moving what was there to `outside`); returns its path."""
+    import shutil
+    import socket
+    import stat as stat_
+
+    path = cache / component.format(**files)
+    if path.exists() or path.is_symlink():
+        copy = outside / path.name
+        shutil.move(str(path), str(copy))
+    else:
+        copy = outside / path.name
+        if kind == "outside-dir":
+            copy.mkdir()
+        else:
+            copy.write_bytes(b"outside the cache\n")
+    if kind in ("outside-file", "outside-dir"):
+        path.symlink_to(copy)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        try:
+            os.mknod(path, 0o600 | stat_.S_IFCHR, os.makedev(1, 5))
+        except PermissionError:  # a container that forbids device nodes
+            import pytest
+            pytest.skip("cannot make a device node here")
+    elif kind == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        cwd = os.getcwd()
+        os.chdir(path.parent)  # a socket's path must fit in 108 bytes; its name does
+        try:
+            s.bind(path.name)
+        finally:
+            os.chdir(cwd)
+            s.close()
+    return path

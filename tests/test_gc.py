@@ -101,7 +101,7 @@ def test_shared_nar_goes_only_with_its_last_narinfo(narfs: Narfs, nixstore: NixS
     assert (narfs.cache / url_b).is_file()
     assert_cache_whole(narfs)
     age(narfs, [b], 30 * DAY)
-    out = narfs("gc", "--older-than", "2w")
+    out = narfs("gc", "--older-than", "2w", "--yes")  # all of the archive: --yes
     assert f"retired {b} " in out.stdout
     assert not (narfs.cache / url_b).exists()
     assert os.listdir(narfs.cache / "nar") == []
@@ -162,18 +162,51 @@ def test_dry_run_changes_nothing(narfs: Narfs, nixstore: NixStore) -> None:
 def test_ages_and_sizes() -> None:
     assert parse_age("365d") == 365 * DAY
     assert parse_age("12h") == 12 * 3600
-    assert parse_age("30s") == parse_age("30") == 30
+    assert parse_age("30s") == 30
+    assert parse_age("90min") == parse_age("1.5h") == 90 * 60
     assert parse_age("2w") == 14 * DAY
+    assert parse_age("1y") == 365 * DAY
     assert parse_size("500G") == 500 << 30
     assert parse_size("10M") == parse_size("10MiB") == 10 << 20
     assert parse_size("1GB") == 10**9
     assert parse_size("12345") == 12345
-    for bad in ("", "12x", "d", "-1d", "1.2.3h"):
+    # A bare number (seconds once) and `m` (minutes once, months to many) are refused.
+    for bad in ("", "30", "6M", "6m", "6mo", "6months", "12x", "d", "-1d", "1.2.3h", "1e3d",
+                "9" * 300 + "d", "1001y"):
         with pytest.raises(NarfsError):
             parse_age(bad)
-    for bad in ("", "12X", "G", "10MiBB", "1kib2"):
+    for bad in ("", "12X", "G", "10MiBB", "1kib2", "9" * 300, "2000P", "-5G"):
         with pytest.raises(NarfsError):
             parse_size(bad)
+
+
+def test_ambiguous_ages_and_mass_retirement_need_the_user_to_say_so(
+        narfs: Narfs, nixstore: NixStore) -> None:
+    paths = [nixstore.text(f"path {i}\n", f"narfs-gc-half-{i}") for i in range(3)]
+    narfs("archive", *paths)
+    age(narfs, paths[:2], 40 * DAY)
+    for bad, words in (("30", "needs a unit"), ("6M", "minutes or months"),
+                       ("9" * 300 + "d", "1000 years")):
+        res = narfs("gc", "--older-than", bad, check=False)
+        assert res.returncode != 0 and words in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert names(narfs) == set(paths)
+    res = narfs("gc", "--max-size", "9" * 300, check=False)
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+    # Two of three paths are older than 30d: more than half the archive.
+    res = narfs("gc", "--older-than", "30d", check=False)
+    assert res.returncode == 1
+    assert "more than half" in res.stderr and "--yes" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert all(f"would retire {p} " in res.stdout for p in paths[:2]), res.stdout
+    assert names(narfs) == set(paths)
+    assert "would retire 2 paths" in narfs("gc", "--older-than", "30d", "--dry-run").stdout
+    assert names(narfs) == set(paths)
+    out = narfs("gc", "--older-than", "30d", "--yes").stdout
+    assert "retired 2 paths" in out, out
+    assert names(narfs) == {paths[2]}
+    assert_cache_whole(narfs)
 
 
 def _entry(h: str, refs: list[str], url: str | None = None) -> Entry:
@@ -236,4 +269,26 @@ def test_gc_racing_an_archive_never_leaves_a_broken_closure(narfs: Narfs,
     assert not list(narfs.cache.glob("nar/.narfs-tmp-*")), "temporaries left behind"
     narfs("archive", top)  # a second run brings both back
     assert names(narfs) == {dep, top}
+    assert_cache_whole(narfs)
+
+
+def test_a_forged_catalog_url_costs_no_kept_entry_its_nar(narfs: Narfs,
+                                                          nixstore: NixStore) -> None:
+    """Issue 11: the catalog is derived data; gc decides which NAR files go from the
+    narinfos. Here the kept twin's catalog value names another file (same mtime, so a sync
+    does not look again): the shared NAR must stay."""
+    a = nixstore.text("identical twin contents\n", "narfs-gc-forged-a")
+    b = nixstore.text("identical twin contents\n", "narfs-gc-forged-b")
+    narfs("archive", a, b)
+    url = parse_narinfo((narfs.cache / f"{hash_part(b)}.narinfo").read_bytes()).url
+    with Catalog(Cache(str(narfs.cache))) as catalog:
+        catalog.sync()
+        entry = dict(catalog.paths[hash_part(b)])
+        entry["url"] = "nar/" + "1" * 52 + ".nar.zst"
+        catalog.paths[hash_part(b)] = entry
+        catalog.paths.commit()
+    age(narfs, [a], 30 * DAY)
+    narfs("gc", "--older-than", "7d", "--yes")
+    assert names(narfs) == {b}
+    assert (narfs.cache / url).is_file(), "gc deleted a NAR that a kept narinfo names"
     assert_cache_whole(narfs)

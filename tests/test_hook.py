@@ -19,10 +19,12 @@ Facts about Nix 2.8.0 these tests rely on (checked on the machine they were writ
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Narfs
 from nixtools import gc_roots, nix_string, run
 
 HOOK_IN_TREE = Path(__file__).resolve().parent.parent / "systemd" / "narfs-hook"
@@ -99,7 +102,9 @@ def built() -> Iterator[Build]:
 
 
 def run_hook(env: dict[str, str], roots: Path | None = None) -> subprocess.CompletedProcess[str]:
-    full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
+    # /dev/null as the config: not a regular file, so the hook reads no roots_dir from it
+    # (whatever /etc/narfs/narfs.toml this machine has).
+    full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NARFS_CONFIG": "/dev/null", **env}
     if roots is not None:
         full["NARFS_ROOTS"] = str(roots)
     return subprocess.run([str(hook_path())], env=full, capture_output=True, text=True, timeout=30)
@@ -276,7 +281,7 @@ def gcroots_dir() -> Iterator[Path]:
 def test_end_to_end_nix_build_pins_a_gc_root(gcroots_dir: Path) -> None:
     expr = salted_expr(("out", "lib"))
     # Nix hands its own environment to the hook: NARFS_ROOTS set here reaches it.
-    env = {**os.environ, "NARFS_ROOTS": str(gcroots_dir)}
+    env = {**os.environ, "NARFS_ROOTS": str(gcroots_dir), "NARFS_CONFIG": "/dev/null"}
     drv = run(["nix-instantiate", "-E", expr]).stdout.strip()
     outputs = run(["nix-store", "--query", "--outputs", drv]).stdout.split()
     try:
@@ -298,3 +303,53 @@ def test_end_to_end_nix_build_pins_a_gc_root(gcroots_dir: Path) -> None:
         shutil.rmtree(gcroots_dir, ignore_errors=True)
         delete_from_store([*outputs, drv])
     assert not any(os.path.lexists(p) for p in outputs), "unpinned outputs were not deleted"
+
+
+def set_roots_line(config: Path, line: str) -> None:
+    kept = [ln for ln in config.read_text().splitlines()
+            if not ln.lstrip().startswith("roots_dir")]
+    config.write_text("\n".join([*kept, line]) + "\n")
+
+
+def test_roots_dir_in_the_config_is_where_hook_watch_and_status_look(
+        tmp_path: Path, built: Build, narfs: Narfs) -> None:
+    """Issue 11: after roots_dir changes in narfs.toml, the hook pins where `narfs watch`
+    and `narfs status` look, not in $NARFS_ROOTS or the default."""
+    pins, elsewhere = tmp_path / "pins", tmp_path / "elsewhere"
+    set_roots_line(narfs.config, f'roots_dir = "{pins}"')
+    env = {"OUT_PATHS": " ".join(built.outputs), "NARFS_CONFIG": str(narfs.config)}
+    proc = run_hook(env)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert_pinned(pins, built.outputs)
+    assert "pins waiting: 3 " in narfs("status").stdout
+
+    # NARFS_ROOTS left over in the daemon's environment loses to the config, and says so.
+    moved = tmp_path / "moved"
+    set_roots_line(narfs.config, f"  roots_dir\t=  '{moved}'   # changed by the user")
+    proc = run_hook(env, elsewhere)
+    assert proc.returncode == 0
+    [line] = report_lines(proc)
+    assert "NARFS_ROOTS ignored" in line and str(moved) in line, line
+    assert_pinned(moved, built.outputs)
+    assert not elsewhere.exists()
+    status = narfs("status").stdout
+    assert "pins waiting: 3 " in status, status
+
+    # A watch started before the change (or with --roots) still looks elsewhere: status says so.
+    watch = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "narfs",
+                              "watch"])
+    try:
+        (narfs.cache / ".narfs" / "watch.json").write_text(json.dumps(
+            {"pid": watch.pid, "started": 1.0, "roots_dir": str(pins)}))
+        status = narfs("status").stdout
+        assert f"watches {pins}, but narfs-hook pins in {moved}" in status, status
+    finally:
+        watch.kill()
+        watch.wait()
+
+    # A spelling the hook would read differently from TOML is refused by narfs itself.
+    for bad in (f'roots_dir = "{pins}\\\\x"', f'roots_dir = """{pins}"""', 'roots_dir = "rel"'):
+        set_roots_line(narfs.config, bad)
+        res = narfs("status", check=False)
+        assert res.returncode == 1 and "roots_dir" in res.stderr, (bad, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1

@@ -37,7 +37,8 @@ import pytest
 from mounting import Mount, mounted, wait_for
 
 from conftest import Narfs
-from hostile import CASES, write_case
+from hostile import CASES, COMPONENTS, GOOD_TREE, plant, write_case, write_entry
+from narfs.narinfo import parse as parse_narinfo
 from narfs.signing import load_secret_key
 from nixtools import NixStore, run
 
@@ -338,3 +339,175 @@ def test_damaged_catalog_values_crash_nothing(narfs: Narfs, nixstore: NixStore,
         assert proc.returncode == 0, f"narfs {args}:\n{proc.stdout}\n{proc.stderr}"
         if args == ["ls"]:
             assert p in proc.stdout and q in proc.stdout, proc.stdout
+
+
+# --- components that are symlinks, FIFOs, sockets or devices (issue 11) -----------------------
+
+
+def one_line_or_success(proc: subprocess.CompletedProcess) -> None:
+    no_traceback(proc)
+    if proc.returncode != 0 and " problems; " not in proc.stdout:  # verify's own verdict
+        lines = proc.stderr.strip().splitlines()
+        assert lines and lines[-1].startswith("narfs: error: "), (proc.args, proc.stderr)
+
+
+ENTRY_PARTS = ("{narinfo}", "{ls}", "{nar}")
+GROUPS = [[c] for c in COMPONENTS if c[0] not in ENTRY_PARTS] + [
+    [c for c in COMPONENTS if c[0] in ENTRY_PARTS]]  # one bad entry each, in one cache
+
+
+@pytest.mark.parametrize("group", GROUPS,
+                         ids=["+".join(f"{c}={k}" for c, k in g) if len(g) == 1 else "entries"
+                              for g in GROUPS])
+def test_a_component_that_is_not_what_it_seems(narfs: Narfs, tmp_path: Path,
+                                               group: list[tuple[str, str]]) -> None:
+    """Nothing outside the cache is written, appended to or deleted through it, no command
+    hangs on it (a hang is a timeout here), none prints a traceback, and verify names it.
+    The narinfo, listing and NAR cases each spoil their own entry, all in one cache."""
+    from narfs.cache import Cache
+    from narfs.catalog import Catalog
+
+    key = load_secret_key(str(narfs.key))
+    write_entry(narfs.cache, key, GOOD_TREE, "hostile-good")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    planted, bad = [], []
+    for i, (component, kind) in enumerate(group):
+        data = GOOD_TREE.replace(b"good data", f"entr {i:04}".encode())  # same length
+        p = write_entry(narfs.cache, key, data, f"hostile-{i}")
+        h = base(p)[:32]
+        url = parse_narinfo((narfs.cache / f"{h}.narinfo").read_bytes()).url
+        if i == 0:
+            with Catalog(Cache(str(narfs.cache))) as catalog:  # the catalog exists
+                catalog.sync()
+            (narfs.cache / ".narfs" / "watch.json").write_text("{}")
+            (narfs.cache / ".narfs" / "mount.log").write_text("")
+            for d in ("trees", "hot"):
+                (narfs.cache / ".narfs" / d).mkdir(exist_ok=True)
+        where = outside / str(i)
+        where.mkdir()
+        planted.append(plant(narfs.cache, component, kind, where,
+                             {"narinfo": f"{h}.narinfo", "ls": f"{h}.ls", "nar": url}))
+        bad.append(h)
+        if component in ("nar", ".narfs"):  # what a writer or --repair might clear away
+            (where / component / ".narfs-tmp-decoy").write_bytes(b"not the cache's\n")
+            (where / component / ("0" * 52 + ".nar")).write_bytes(b"not the cache's\n")
+    before = snapshot(outside)
+
+    first = narfs("verify", check=False, timeout=60)
+    one_line_or_success(first)
+    for (component, _), path in zip(group, planted, strict=True):
+        # Named: as a problem (exit 1), or, for the catalog (derived), as removed and rebuilt.
+        assert str(path) in first.stdout + first.stderr, first.stdout + first.stderr
+        assert first.returncode != 0 or "catalog.sqlite" in component
+    restores = [["restore", "--to", str(tmp_path / f"to-{h}"), h] for h in bad]
+    for args in (["status"], ["gc", "--older-than", "1d"], *restores, ["verify", "--repair"]):
+        one_line_or_success(narfs(*args, check=False, timeout=60))
+    assert snapshot(outside) == before
+
+
+def test_deep_trees_mount_and_verify(narfs: Narfs, tmp_path: Path) -> None:
+    """Issue 11: a valid NAR a few hundred directories deep (Nix 2.26 makes them; 2.34 stops
+    at 64) once ended the mount at start (json cannot nest its listing); up to nar.MAX_DEPTH
+    it mounts, reads and verifies, and archive-side listings simply leave it out."""
+    from hostile import _deep
+
+    key = load_secret_key(str(narfs.key))
+    deep = {n: write_entry(narfs.cache, key, _deep(n), f"hostile-deep-{n}") for n in (300, 1000)}
+    out = narfs("verify").stdout
+    assert out.startswith("healthy: 2 entries"), out
+    with mounted(narfs, tmp_path / "mnt") as m:
+        for n, p in deep.items():
+            leaf = Path(m.path, base(p), *["d"] * n)
+            assert leaf.read_bytes() == b"bottom"
+        wait_for(lambda: "learnt the top nodes" in m.log(), 10, "the tops filled")
+        assert m.alive(), m.log()
+    assert "Traceback" not in m.log(), m.log()
+
+
+@pytest.mark.parametrize("line", [
+    "zstd_level = 99", "zstd_level = -1", "jobs = -3", "frame_cache_mb = 0",
+    f"frame_cache_mb = {'9' * 300}", "hot_tier_mb = -1", "parallel_paths = 0",
+    f"frame_size = {'9' * 300}", "frame_size = -4096"])
+def test_absurd_numbers_in_the_config_are_one_line(narfs: Narfs, line: str) -> None:
+    narfs.config.write_text(narfs.config.read_text() + line + "\n")
+    key = line.split()[0]
+    msg = refused(narfs("status", check=False))
+    assert key in msg and "out of range" in msg, msg
+
+
+MOUNT_COMPONENTS = [("{nar}", "fifo"), ("{nar}", "dev-zero"), ("{narinfo}", "fifo"),
+                    ("{ls}", "fifo"), ("nar", "outside-dir"), (".narfs/trees", "outside-dir"),
+                    (".narfs/hot", "outside-dir"), (".narfs/catalog.sqlite", "outside-file")]
+
+
+@pytest.mark.parametrize(("component", "kind"), MOUNT_COMPONENTS,
+                         ids=[f"{c}={k}" for c, k in MOUNT_COMPONENTS])
+def test_the_mount_and_a_component_that_is_not_what_it_seems(
+        narfs: Narfs, tmp_path: Path, component: str, kind: str) -> None:
+    """The mount either serves the good entry (the bad one answers an error, never hangs) or
+    refuses to start with one line; nothing outside the cache changes."""
+    key = load_secret_key(str(narfs.key))
+    good = write_entry(narfs.cache, key, GOOD_TREE, "hostile-good")
+    bad = write_entry(narfs.cache, key, GOOD_TREE + b"", "hostile-bad")
+    hb = base(bad)[:32]
+    url = parse_narinfo((narfs.cache / f"{hb}.narinfo").read_bytes()).url
+    if url == parse_narinfo((narfs.cache / f"{base(good)[:32]}.narinfo").read_bytes()).url:
+        good = write_entry(narfs.cache, key, GOOD_TREE.replace(b"good data", b"good text"),
+                           "hostile-good")
+    narfs("ls")
+    for d in ("trees", "hot"):
+        (narfs.cache / ".narfs" / d).mkdir(exist_ok=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    plant(narfs.cache, component, kind, outside,
+          {"narinfo": f"{hb}.narinfo", "ls": f"{hb}.ls", "nar": url})
+    before = snapshot(outside)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if component in (".narfs/trees", ".narfs/hot"):  # refused at start, in one line
+        proc = narfs("mount", str(mnt), check=False, timeout=60)
+        assert proc.returncode == 1 and component.split("/")[1] in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.ismount(mnt)
+    else:
+        with mounted(narfs, mnt) as m:
+            names = os.listdir(m.path)
+            if base(good) in names and component != "nar":
+                assert (m / base(good) / "readme").read_bytes() in (b"good data\n",
+                                                                    b"good text\n")
+            if base(bad) in names:  # an error, not a hang: `timeout` ends a stuck read
+                read = subprocess.run(["timeout", "20", "cat", str(m / base(bad) / "readme")],
+                                      capture_output=True)
+                assert read.returncode not in (124, 137), "a read hung on it"
+            assert m.alive(), m.log()
+        assert "Traceback" not in m.log(), m.log()
+    assert snapshot(outside) == before
+
+
+def test_verify_checks_the_mounts_tree_files(narfs: Narfs, tmp_path: Path) -> None:
+    """Derived state is as untrusted as the rest: a tree file the mount wrote passes, one
+    whose offsets were changed (its header still names the NAR, so the mount would trust it)
+    is named, and --repair removes it."""
+    from hostile import nar, node_dir, node_file
+
+    key = load_secret_key(str(narfs.key))
+    files = [(f"f{i:04}".encode(), node_file(f"file {i}\n".encode())) for i in range(1100)]
+    p = write_entry(narfs.cache, key, nar(node_dir(files)), "hostile-many")
+    with mounted(narfs, tmp_path / "mnt") as m:
+        assert (m / base(p) / "f0007").read_text() == "file 7\n"
+    tree = narfs.cache / ".narfs" / "trees" / f"{base(p)[:32]}.tree"
+    assert tree.is_file()
+    out = narfs("verify").stdout
+    assert out.startswith("healthy: 1 entries"), out
+
+    data = bytearray(tree.read_bytes())
+    n = 1101  # nodes: the root and its files
+    offsets = data.index(b"\n") + 1 + n + n * 8  # after the header, kinds (u8), sizes (u64)
+    data[offsets + 8 * 7] ^= 0x08  # f0006's contents now start 8 bytes off
+    tree.write_bytes(bytes(data))
+    res = narfs("verify", check=False)
+    assert res.returncode == 1
+    assert any("tree file disagrees with its NAR" in ln
+               for ln in res.stdout.splitlines() if ln.startswith(f"{tree}: ")), res.stdout
+    assert f"repair: removed {tree}" in narfs("verify", "--repair").stdout
+    assert narfs("verify").stdout.startswith("healthy: 1 entries")

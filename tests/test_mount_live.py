@@ -207,3 +207,29 @@ def test_sigterm_right_after_mounting_ends_the_process(narfs: Narfs, tmp_path: P
             m.proc.send_signal(signal.SIGTERM)
             assert m.proc.wait(timeout=10) == 0, m.log()
             assert not is_mounted(m.path)
+
+
+def test_gc_retires_paths_from_every_live_mount(narfs: Narfs, nixstore: NixStore,
+                                                tmp_path: Path) -> None:
+    """Issue 11: gc syncs the catalog itself right after un-publishing, so the mounts' own
+    syncs find the rows already gone; each mount must still drop the paths, and two mounts
+    deleting the same rows must not crash a refresh (KeyError)."""
+    paths = [nixstore.text(f"retired {i}\n", f"narfs-gc-live-{i}") for i in range(6)]
+    narfs("archive", *paths)
+    with mounted(narfs, tmp_path / "a") as a, mounted(narfs, tmp_path / "b") as b:
+        for i, p in enumerate(paths[:3]):
+            name = os.path.basename(p)
+            assert (a / name).exists() and (b / name).exists()  # the kernels know it
+            t = time.time() - (60 + i) * 86400  # oldest of all: gc takes it, and only it
+            os.utime(narfs.cache / f"{name[:32]}.narinfo", (t, t))
+            out = narfs("gc", "--older-than", "50d").stdout
+            assert f"retired {p} " in out and "retired 1 paths" in out, out
+            for m in (a, b):
+                wait_for(lambda m=m, name=name: name not in os.listdir(m.path), 5,
+                         f"{name} to leave {m.path}")
+                assert not (m / name).exists()
+        for m in (a, b):
+            assert m.alive()
+            assert "Traceback" not in m.log() and "failed" not in m.log(), m.log()
+            shown = sorted(n for n in os.listdir(m.path) if not n.startswith("."))
+            assert shown == sorted(os.path.basename(p) for p in paths[3:])

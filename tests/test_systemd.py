@@ -600,7 +600,8 @@ def test_package_expression(tmp_path: Path, defaults: dict, store_path: str) -> 
     patched.write_text(hook)
     patched.chmod(0o755)
     roots = tmp_path / "roots"
-    proc = subprocess.run([str(patched)], env={"OUT_PATHS": store_path, "NARFS_ROOTS": str(roots)},
+    proc = subprocess.run([str(patched)], env={"OUT_PATHS": store_path, "NARFS_ROOTS": str(roots),
+                                               "NARFS_CONFIG": "/dev/null"},
                           capture_output=True, text=True, timeout=30)
     assert (proc.returncode, proc.stderr) == (0, "")
     assert os.readlink(roots / os.path.basename(store_path)) == store_path

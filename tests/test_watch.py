@@ -143,7 +143,10 @@ class Rig:
         cmd = ["nix-build", "-E", expr, "--no-out-link"]
         if hook:
             cmd += ["--option", "post-build-hook", str(HOOK)]
-        out = run(cmd, env={**os.environ, "NARFS_ROOTS": str(self.roots)}).stdout.split()
+        # NARFS_CONFIG=/dev/null: no roots_dir from this machine's /etc/narfs/narfs.toml,
+        # which would win over NARFS_ROOTS.
+        out = run(cmd, env={**os.environ, "NARFS_ROOTS": str(self.roots),
+                            "NARFS_CONFIG": "/dev/null"}).stdout.split()
         # The .drv too: once a test deleted the output, nixstore.cleanup cannot ask for it.
         drv = run(["nix-store", "--query", "--deriver", out[0]]).stdout.strip()
         self.nixstore.paths += [*out, drv]
@@ -379,7 +382,7 @@ def test_with_the_nix_daemon_the_hook_runs_under_it(rig: Rig, narfs: Narfs,
     can only come from the daemon. narfs watch reaches the store through the daemon too."""
     sock = tmp_path / "daemon.sock"
     daemon_env = {**os.environ, "NIX_DAEMON_SOCKET_PATH": str(sock),
-                  "NARFS_ROOTS": str(rig.roots),
+                  "NARFS_ROOTS": str(rig.roots), "NARFS_CONFIG": "/dev/null",
                   "NIX_CONFIG": os.environ["NIX_CONFIG"] + f"post-build-hook = {HOOK}\n"}
     daemon_env.pop("NIX_REMOTE", None)
     client = {**os.environ, "NIX_REMOTE": "daemon", "NIX_DAEMON_SOCKET_PATH": str(sock)}
