@@ -84,6 +84,25 @@ def describe_os_error(e: OSError, path: str) -> str:
     return f"{path}: {e.strerror or e}"
 
 
+def read_small(path: str, limit: int, dir_fd: int | None = None) -> bytes:
+    """A small file of an untrusted directory, at most `limit` bytes: never through a symlink,
+    never a FIFO, socket or device (O_NONBLOCK: opening a FIFO must not hang the command)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in _NOT_A_FILE:
+            raise CorruptError(f"{path}: {_NOT_A_FILE[e.errno]}, not read") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptError(f"{path}: not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CorruptError(f"{path}: larger than {limit} bytes")
+    return data
+
+
 class Cache:
     """One cache directory. Reads treat its contents as untrusted (contract 5)."""
 
@@ -155,20 +174,7 @@ class Cache:
     # --- reading (untrusted) --------------------------------------------------------------
 
     def read_small(self, path: str, limit: int) -> bytes:
-        # O_NONBLOCK: opening a FIFO put in a file's place must not hang the command.
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno in _NOT_A_FILE:
-                raise CorruptError(f"{path}: {_NOT_A_FILE[e.errno]}, not read") from None
-            raise
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise CorruptError(f"{path}: not a regular file")
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise CorruptError(f"{path}: larger than {limit} bytes")
-        return data
+        return read_small(path, limit)
 
     def read_narinfo(self, h: str) -> NarInfo:
         path = self.narinfo_path(h)

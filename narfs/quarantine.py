@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from . import narinfo
-from .cache import Cache, fsync_dir
+from .cache import Cache, fsync_dir, read_small
 from .config import Settings
 from .errors import CorruptError, NarfsError
 from .gc import referrers_first
@@ -113,17 +113,6 @@ class Held:
     info: NarInfo | None  # None: its narinfo no longer parses
 
 
-def _read(dfd: int, name: str, limit: int) -> bytes:
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CorruptError(f"{name}: not a regular file")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise CorruptError(f"{name}: larger than {limit} bytes")
-    return data
-
-
 def held(cache: Cache) -> list[Held]:
     """Everything in the quarantine, oldest first."""
     qfd = _open_dir(cache, create=False)
@@ -141,13 +130,13 @@ def held(cache: Cache) -> list[Held]:
                 continue
             try:
                 try:
-                    note = json.loads(_read(efd, "why", 1 << 16))
+                    note = json.loads(read_small("why", 1 << 16, dir_fd=efd))
                     why, since = str(note["why"]), float(note["when"])
                 except (OSError, CorruptError, ValueError, KeyError, TypeError):
                     why, since = "(no reason recorded)", 0.0
                 try:
-                    info: NarInfo | None = narinfo.parse(_read(efd, "narinfo", narinfo.MAX_SIZE),
-                                                         expect_hash=h)
+                    raw = read_small("narinfo", narinfo.MAX_SIZE, dir_fd=efd)
+                    info: NarInfo | None = narinfo.parse(raw, expect_hash=h)
                 except (OSError, CorruptError):
                     info = None
             finally:
@@ -218,7 +207,7 @@ def _publish(cache: Cache, qfd: int, info: NarInfo) -> str:
     h = info.hash
     efd = os.open(h, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=qfd)
     try:
-        data = _read(efd, "narinfo", narinfo.MAX_SIZE)
+        data = read_small("narinfo", narinfo.MAX_SIZE, dir_fd=efd)
         try:
             st = os.stat("nar", dir_fd=efd, follow_symlinks=False)
         except FileNotFoundError:
@@ -229,7 +218,7 @@ def _publish(cache: Cache, qfd: int, info: NarInfo) -> str:
             raise CorruptError(f"its quarantined NAR is {st.st_size} bytes, FileSize says "
                                f"{info.file_size}")
         try:
-            ls = _read(efd, "ls", 64 << 20)
+            ls = read_small("ls", 64 << 20, dir_fd=efd)
         except FileNotFoundError:
             ls = None
         with cache.publish_lock(exclusive=False):

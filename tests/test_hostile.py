@@ -498,7 +498,7 @@ def test_verify_checks_the_mounts_tree_files(narfs: Narfs, tmp_path: Path) -> No
     tree = narfs.cache / ".narfs" / "trees" / f"{base(p)[:32]}.tree"
     assert tree.is_file()
     out = narfs("verify").stdout
-    assert out.startswith("healthy: 1 entries"), out
+    assert out.startswith("healthy: 1 entry,"), out
 
     data = bytearray(tree.read_bytes())
     n = 1101  # nodes: the root and its files
@@ -510,4 +510,4 @@ def test_verify_checks_the_mounts_tree_files(narfs: Narfs, tmp_path: Path) -> No
     assert any("tree file disagrees with its NAR" in ln
                for ln in res.stdout.splitlines() if ln.startswith(f"{tree}: ")), res.stdout
     assert f"repair: removed {tree}" in narfs("verify", "--repair").stdout
-    assert narfs("verify").stdout.startswith("healthy: 1 entries")
+    assert narfs("verify").stdout.startswith("healthy: 1 entry,")

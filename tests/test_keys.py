@@ -79,7 +79,7 @@ def test_init_after_a_lost_key_takes_the_next_serial_and_adopt_resigns(
     out = narfs("verify", "--adopt", f"{HOST}-narfs-1").stdout
     assert f"adopt: adopted {a}: signed by {HOST}-narfs-2" in out, out
     assert sig_names(narfs, a) == [f"{HOST}-narfs-1", f"{HOST}-narfs-2"]  # the old one stays
-    assert narfs("verify").stdout.startswith("healthy: 1 entries")
+    assert narfs("verify").stdout.startswith("healthy: 1 entry,")
     assert nix_verifies(narfs, [a])
 
 

@@ -223,7 +223,7 @@ def test_gc_retires_paths_from_every_live_mount(narfs: Narfs, nixstore: NixStore
             t = time.time() - (60 + i) * 86400  # oldest of all: gc takes it, and only it
             os.utime(narfs.cache / f"{name[:32]}.narinfo", (t, t))
             out = narfs("gc", "--older-than", "50d").stdout
-            assert f"retired {p} " in out and "retired 1 paths" in out, out
+            assert f"retired {p} " in out and "retired 1 path " in out, out
             for m in (a, b):
                 wait_for(lambda m=m, name=name: name not in os.listdir(m.path), 5,
                          f"{name} to leave {m.path}")
