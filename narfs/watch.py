@@ -80,6 +80,11 @@ class AlreadyRunning(NarfsError):
     """Another `narfs watch` holds the cache: two would race each other's unpins."""
 
 
+def already_running(cache: Cache) -> AlreadyRunning:
+    return AlreadyRunning(f"{cache.root}: refused: another narfs watch is already archiving "
+                          "into this cache; stop it first (systemctl stop narfs-watch)")
+
+
 # --- sd_notify ----------------------------------------------------------------------------------
 
 
@@ -304,9 +309,7 @@ class Service:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise AlreadyRunning(
-                    f"{self.cache.root}: another narfs watch is already archiving into this "
-                    "cache; stop it first (systemctl stop narfs-watch)") from None
+                raise already_running(self.cache) from None
             # The state file's own temporaries: only a watch writes them, and we hold its lock.
             state_dir = os.path.dirname(self.cache.state_path(STATE_FILE))
             for name in os.listdir(state_dir):
@@ -597,9 +600,7 @@ def refuse_second_watch(cache: Cache) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise AlreadyRunning(
-            f"{cache.root}: refused: another narfs watch is already archiving into this cache; "
-            "stop it first (systemctl stop narfs-watch)") from None
+        raise already_running(cache) from None
     finally:
         os.close(fd)
 
