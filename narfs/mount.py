@@ -240,12 +240,18 @@ async def _serve(cache: Cache, catalog: Catalog, settings: Settings, mountpoint:
     # service stopped while starting) must unmount, not kill the process and leave the
     # mount point dead ("Transport endpoint is not connected").
     with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGUSR1) as signals:
+        # libfuse waits for fusermount3 with waitpid(), which a signal interrupts (EINTR: the
+        # mount fails half made). This thread holds them back until the mount exists; they
+        # are then delivered to `signals`.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             pyfuse3.init(fs, mountpoint, fuse_options(cache.root, allow_other))
         except RuntimeError:
             raise NarfsError(f"{mountpoint}: mounting failed (is /dev/fuse available and "
                              "fusermount3 installed? allow_other needs user_allow_other in "
                              "/etc/fuse.conf for non-root users)") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         fs.live = True
         log.info("mounted %s on %s", cache.root, mountpoint)
         log.info("%s", describe_mode(fast, settings.fuse_mode))
