@@ -316,7 +316,14 @@ class Roots:
                 link.symlink_to(p)
 
     def pins(self) -> dict[str, str]:
-        return {p.name: os.readlink(p) for p in self.dir.iterdir()} if self.dir.is_dir() else {}
+        found: dict[str, str] = {}
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                try:
+                    found[p.name] = os.readlink(p)
+                except FileNotFoundError:  # unpinned between the listing and the read
+                    pass
+        return found
 
     def close(self) -> None:
         shutil.rmtree(self.top, ignore_errors=True)
