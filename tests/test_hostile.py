@@ -39,9 +39,10 @@ from mounting import Mount, mounted, wait_for
 
 from conftest import Narfs
 from hostile import CASES, COMPONENTS, GOOD_TREE, plant, write_case, write_entry
+from narfs import nixversions
 from narfs.narinfo import parse as parse_narinfo
 from narfs.signing import load_secret_key
-from nixtools import NixStore, run
+from nixtools import NixStore, nix_version, run
 
 SYMLINK_TARGET = Path("/tmp/owned")  # where symlink-then-dir would write through its link
 ACCEPTED = {"seek-table-lies"}  # restores may succeed: the NAR itself is intact (see above)
@@ -415,8 +416,11 @@ def test_deep_trees_mount_and_verify(narfs: Narfs, tmp_path: Path) -> None:
 
     key = load_secret_key(str(narfs.key))
     deep = {n: write_entry(narfs.cache, key, _deep(n), f"hostile-deep-{n}") for n in (300, 1000)}
-    out = narfs("verify").stdout
-    assert out.startswith("healthy: 2 entries"), out
+    out = narfs("verify").stdout.splitlines()
+    assert out[-1].startswith("healthy: 2 entries"), out
+    # Nix 2.34 could not restore these: verify says so, and still calls them healthy.
+    limited = nixversions.restore_depth_limit(nix_version()) is not None
+    assert len([line for line in out if line.startswith("warning:")]) == (2 if limited else 0)
     with mounted(narfs, tmp_path / "mnt") as m:
         for n, p in deep.items():
             leaf = Path(m.path, base(p), *["d"] * n)
