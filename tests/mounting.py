@@ -48,11 +48,17 @@ def unmount(mountpoint: Path) -> None:
     """fusermount3 -u; a lazy unmount as the last resort, so no test leaves a mount behind."""
     if not is_mounted(mountpoint):
         return
-    if subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode:
-        time.sleep(0.5)
-        if is_mounted(mountpoint) and subprocess.run(
-                ["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode:
+    # EBUSY while a request is still in flight (on a loaded machine, for seconds): try again
+    # for a while before the lazy unmount, which leaves the connection (and the process) up
+    # until every reference to the mount is gone.
+    deadline = time.monotonic() + 20
+    while subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode:
+        if not is_mounted(mountpoint):
+            return
+        if time.monotonic() > deadline:
             subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+            return
+        time.sleep(0.2)
 
 
 class Mount:
@@ -110,7 +116,7 @@ def mounted(narfs: Narfs, mountpoint: Path, *args: str, extra_env: dict | None =
     finally:
         unmount(mountpoint)
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
