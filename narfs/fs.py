@@ -69,7 +69,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from .cache import Cache
+from .cache import Cache, read_small
 from .catalog import Catalog, Entry
 from .errors import CorruptError, NarfsError
 from .progress import plural
@@ -84,6 +84,7 @@ from .tree import (
     INDEX_BITS,
     INDEX_MASK,
     LNK,
+    MAX_TREE_FILE,
     REG,
     ROOT_INODE,
     Slots,
@@ -376,15 +377,17 @@ class NarFS(pyfuse3.Operations):
         for name in names:
             slot = self.slots.name(name)
             inodes += [slot << INDEX_BITS | BYNAME_DIR, slot << INDEX_BITS | BYNAME_LINK]
-        # Blocking kernel calls: a worker thread, never the loop that answers requests.
-        await trio.to_thread.run_sync(_invalidate_inodes, inodes)
+        # Blocking kernel calls: a worker thread, never the loop that answers requests; and
+        # abandoned on cancel, since once the loop has stopped nothing may ever answer the
+        # requests the kernel waits for, and the unmount must not wait for the thread.
+        await trio.to_thread.run_sync(_invalidate_inodes, inodes, abandon_on_cancel=True)
 
     async def expire(self) -> None:
         """Drop the kernel's cached contents of the files read since the last call, so that
         their next read reaches narfs and is recorded as an access (see the module doc)."""
         inodes, self.read_inodes = list(self.read_inodes), set()
         if inodes and self.live:
-            await trio.to_thread.run_sync(_invalidate_inodes, inodes)
+            await trio.to_thread.run_sync(_invalidate_inodes, inodes, abandon_on_cancel=True)
 
     async def fill_tops(self) -> None:
         """Learn the top node of every path that lacks one, in the background, so the first
@@ -515,10 +518,14 @@ class NarFS(pyfuse3.Operations):
 
     @staticmethod
     def _read_tree(path: str, h: str, slot: int, entry: Entry) -> Tree | None:
+        # read_small: a symlink, FIFO or device put in a tree file's place is refused, never
+        # followed or waited on (a FIFO used to hang a worker thread, and so the unmount).
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_small(path, MAX_TREE_FILE)
         except FileNotFoundError:
+            return None
+        except (CorruptError, OSError) as e:
+            log.warning("%s: %s; building the tree again", path, e)
             return None
         try:
             return Tree.loads(h, slot, data, entry.nar_hash)
@@ -840,7 +847,8 @@ class NarFS(pyfuse3.Operations):
                 files.append((ino, data))
         listed[parent] = left
         if files and self.live:
-            self.prefetched += await trio.to_thread.run_sync(_store_files, files)
+            self.prefetched += await trio.to_thread.run_sync(_store_files, files,
+                                                             abandon_on_cancel=True)
             if len(self.read_inodes) < MAX_READ_INODES:  # `expire` drops them too
                 self.read_inodes.update(ino for ino, _ in files)
 

@@ -40,6 +40,7 @@ BYNAME_INODE = 2
 
 DIR, REG, EXE, LNK = 0, 1, 2, 3
 TREE_MAGIC = "narfs-tree-1 "
+MAX_TREE_FILE = 1 << 30  # the largest tree file read back (derived data: bounded like the rest)
 
 # nix-base32 digits → the digits int(x, 32) understands, preserving order.
 _TO_B32 = str.maketrans("0123456789abcdfghijklmnpqrsvwxyz", "0123456789abcdefghijklmnopqrstuv")

@@ -52,14 +52,13 @@ from .report import open_catalog
 from .restore import trusted_key
 from .signing import PublicKey, SecretKey, load_secret_key
 from .storepath import STORE_DIR, hash_part, is_hash
-from .tree import Tree
+from .tree import MAX_TREE_FILE, Tree
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 KNOWN_DIRS = {"nar", ".narfs", "log", "realisations", "debuginfo"}  # the last three: Nix's
 STATE_DIRS = {"trees", "hot", "quarantine"}  # in .narfs/; everything else there is a file
-MAX_TREE_FILE = 1 << 30
 RECENT = 3600  # with a writer active, unreferenced files younger than this may be in flight
 
 BROKEN = "broken"  # the entry cannot be restored as it is: taken out by --repair
