@@ -7,12 +7,15 @@ at teardown. Nothing else in /nix is touched.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
@@ -209,6 +212,30 @@ def on_a_terminal(narfs: Narfs, *args: str) -> str:
                           text=True, env=narfs.env, timeout=300)
     assert proc.returncode == 0, f"narfs {' '.join(args)} on a terminal:\n{proc.stdout}"
     return proc.stdout
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The error a failed narfs command printed: exactly one `narfs: error:` line."""
+    assert proc.returncode != 0, proc.stdout
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("narfs: error: ")
+    return proc.stderr
+
+
+@contextlib.contextmanager
+def nobody_narfs() -> Iterator[Narfs]:
+    """An initialised cache and config that the user `nobody` can read (pytest's tmp dirs are
+    root's alone), removed afterwards."""
+    shared = Path(tempfile.mkdtemp(prefix="narfs-nobody-", dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        n = Narfs(shared)
+        n.cache.mkdir()
+        n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
+        n.config.chmod(0o644)
+        yield n
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(shared)], check=False)
 
 
 def nix_copy_from(cache: Path, paths: list[str], public_key: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,14 +12,7 @@ import pytest
 
 from conftest import Narfs
 from narfs.storepath import GC_ROOTS_DIR
-from nixtools import NixStore, delete_paths, gc_roots, run
-
-
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode != 0, proc.stdout
-    assert len(proc.stderr.splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith("narfs: error: ")
-    return proc.stderr
+from nixtools import NixStore, delete_paths, gc_roots, nobody_narfs, one_line_error, run
 
 
 def test_archive_into_a_missing_or_empty_dir_makes_the_cache(narfs: Narfs,
@@ -151,13 +143,7 @@ def test_restore_as_a_user_who_cannot_write_the_store() -> None:
     (not a Nix permission error about a lock file)."""
     if os.path.exists("/nix/var/nix/daemon-socket/socket"):
         pytest.skip("a nix-daemon runs here: non-root users can restore through it")
-    shared = Path(tempfile.mkdtemp(prefix="narfs-nobody-", dir="/tmp"))
-    try:
-        shared.chmod(0o755)
-        n = Narfs(shared)
-        n.cache.mkdir()
-        n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
-        n.config.chmod(0o644)
+    with nobody_narfs() as n:
         env = {k: v for k, v in n.env.items() if k != "NIX_REMOTE"}
         proc = subprocess.run(
             ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
@@ -165,8 +151,6 @@ def test_restore_as_a_user_who_cannot_write_the_store() -> None:
             capture_output=True, text=True, env={**env, "HOME": "/"}, cwd="/", timeout=60)
         err = one_line_error(proc)
         assert "only root can" in err and "nix-daemon" in err and "--to" in err
-    finally:
-        subprocess.run(["rm", "-rf", str(shared)], check=False)
 
 
 def test_latest_is_the_newest_archived_then_the_later_write(narfs: Narfs, nixstore: NixStore,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,13 +14,7 @@ from mounting import is_mounted, unmount
 
 from conftest import Narfs
 from narfs.mounts import FUSE_DEVICE
-
-
-def _one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode != 0, proc.stdout
-    assert len(proc.stderr.splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith("narfs: error: ")
-    return proc.stderr
+from nixtools import nobody_narfs, one_line_error
 
 
 def test_configured_mountpoint_ro_and_nonempty(narfs: Narfs, tmp_path: Path) -> None:
@@ -30,14 +23,14 @@ def test_configured_mountpoint_ro_and_nonempty(narfs: Narfs, tmp_path: Path) -> 
     narfs.config.write_text(narfs.config.read_text() + f'mountpoint = "{mnt}"\n')
     (mnt / "left-over").write_text("a file the mount would hide\n")
     try:
-        err = _one_line_error(narfs("mount", "-o", "ro", check=False))
+        err = one_line_error(narfs("mount", "-o", "ro", check=False))
         assert str(mnt) in err and "not empty" in err and "-o nonempty" in err
         assert not is_mounted(mnt)
 
         narfs("mount", "-o", "ro,nonempty")  # no MOUNTPOINT: the config's
         assert is_mounted(mnt)
         assert os.listdir(mnt) == [".by-name"]  # the (empty) archive, over the hidden file
-        err = _one_line_error(narfs("mount", "-o", "nonempty", check=False))
+        err = one_line_error(narfs("mount", "-o", "nonempty", check=False))
         assert "already there" in err
         narfs("umount")  # no MOUNTPOINT: the config's
         assert not is_mounted(mnt)
@@ -45,7 +38,7 @@ def test_configured_mountpoint_ro_and_nonempty(narfs: Narfs, tmp_path: Path) -> 
     finally:
         unmount(mnt)
 
-    err = _one_line_error(narfs("mount", "-o", "rw", str(mnt), check=False))
+    err = one_line_error(narfs("mount", "-o", "rw", str(mnt), check=False))
     assert "unknown mount option 'rw'" in err
 
 
@@ -53,13 +46,8 @@ def test_user_without_fuse_gets_the_reason(tmp_path: Path) -> None:
     """/dev/fuse this user cannot open (here: a root-only file bound over it in a private
     mount namespace, as on hosts whose /dev/fuse is 0600): the error names the device and
     the fix, and points at no log."""
-    shared = Path(tempfile.mkdtemp(prefix="narfs-nobody-", dir="/tmp"))
-    try:
-        shared.chmod(0o755)
-        n = Narfs(shared)
-        n.cache.mkdir()
-        n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
-        n.config.chmod(0o644)
+    with nobody_narfs() as n:
+        shared = n.root
         mnt = shared / "mnt"
         mnt.mkdir()
         blocker = tmp_path / "no-fuse"
@@ -72,12 +60,10 @@ def test_user_without_fuse_gets_the_reason(tmp_path: Path) -> None:
              str(blocker), FUSE_DEVICE, sys.executable, "-m", "narfs.cli", "mount", str(mnt)],
             capture_output=True, text=True, env={**n.env, "HOME": "/"}, timeout=60,
             cwd="/")
-        err = _one_line_error(proc)
+        err = one_line_error(proc)
         assert f"{FUSE_DEVICE}: permission denied" in err and "run as root" in err
         assert "mount.log" not in err
         assert not is_mounted(mnt)
-    finally:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(shared)], check=False)
 
 
 def test_a_dead_mount_on_the_mount_point_is_named(narfs: Narfs, tmp_path: Path) -> None:
@@ -94,7 +80,7 @@ def test_a_dead_mount_on_the_mount_point_is_named(narfs: Narfs, tmp_path: Path) 
         assert is_mounted(mnt)
         proc.kill()
         proc.wait(10)
-        err = _one_line_error(narfs("mount", str(mnt), check=False))
+        err = one_line_error(narfs("mount", str(mnt), check=False))
         assert f"a dead mount is there (its process ended); `fusermount3 -u {mnt}` first" \
             in err, err
     finally:
