@@ -25,7 +25,7 @@ import os
 import signal
 import stat
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pyfuse3
 import trio
@@ -270,8 +270,10 @@ async def _run(fs: NarFS, reader: Reader, notifier: Notifier, signals: AsyncIter
             nursery.start_soon(_announce, mountpoint, notifier)
             nursery.start_soon(_signals, signals, fs, notifier)
             nursery.start_soon(_keep_in_step, fs, root)
-            nursery.start_soon(_flush_access, fs)
-            nursery.start_soon(_expire, fs, access_window)
+            nursery.start_soon(_every, FLUSH_ACCESS, fs.flush_access,
+                               "recording last access times")
+            nursery.start_soon(_every, access_window, fs.expire,
+                               "dropping the kernel's cached contents of read files")
     finally:
         with trio.CancelScope(shield=True):
             try:
@@ -326,22 +328,14 @@ async def _signals(signals: AsyncIterator[int], fs: NarFS, notifier: Notifier) -
         return
 
 
-async def _flush_access(fs: NarFS) -> None:
+async def _every(period: float, job: Callable[[], Awaitable[None]], what: str) -> None:
+    """`job` every `period` seconds until cancelled; a failure is logged, not fatal."""
     while True:
-        await trio.sleep(FLUSH_ACCESS)
+        await trio.sleep(period)
         try:
-            await fs.flush_access()
+            await job()
         except Exception:
-            log.exception("recording last access times failed")
-
-
-async def _expire(fs: NarFS, window: float) -> None:
-    while True:
-        await trio.sleep(window)
-        try:
-            await fs.expire()
-        except Exception:
-            log.exception("dropping the kernel's cached contents of read files failed")
+            log.exception("%s failed", what)
 
 
 async def _keep_in_step(fs: NarFS, root: str) -> None:
