@@ -49,6 +49,25 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def size_of(path: str) -> int:
+    """The bytes a file holds on disk by its length (not following a symlink); 0 when absent."""
+    try:
+        return os.lstat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def remove_file(path: str) -> int:
+    """Unlink `path` (never what a symlink there points at); the bytes it held, 0 when it was
+    already gone (another process removing it first is no error)."""
+    try:
+        size = os.lstat(path).st_size
+        os.unlink(path)
+    except FileNotFoundError:
+        return 0
+    return size
+
+
 # What opening a file the cache should hold as a regular file says when it is something else.
 _NOT_A_FILE = {errno.ELOOP: "a symlink", errno.ENXIO: "a socket or an absent device",
                errno.ENODEV: "a device", errno.EISDIR: "a directory"}

@@ -365,3 +365,42 @@ class Catalog:
     def last_access(self, entry: Entry) -> float:
         """The latest of archive time and recorded accesses."""
         return max(entry.archived, _time(self.access.get(entry.hash)))
+
+
+# --- how commands open it -------------------------------------------------------------------
+
+def open_catalog(cache: Cache, sync: bool = True) -> Catalog | None:
+    """The cache's catalog, in step with the directory unless `sync` is False (recording
+    accesses needs no scan); None when this user cannot write it (commands that only read then
+    fall back to the narinfos themselves)."""
+    state = os.path.join(cache.root, ".narfs")
+    if not os.access(state if os.path.isdir(state) else cache.root, os.W_OK):
+        return None
+    catalog = Catalog(cache)
+    if sync:
+        catalog.sync()
+    return catalog
+
+
+def scan_entries(cache: Cache) -> Iterator[Entry]:
+    """Entries read straight from the narinfos (no catalog): unreadable ones are logged."""
+    for h in cache.hashes():
+        try:
+            info = cache.read_narinfo(h)
+            st = os.stat(cache.narinfo_path(h))
+        except (CorruptError, OSError) as e:
+            log.warning("%s", e)
+            continue
+        yield Entry.of(info, st)
+
+
+def entries_with_access(cache: Cache) -> list[tuple[Entry, float]]:
+    """Every archived entry and its last access; archive times stand in for accesses when this
+    user cannot write the catalog."""
+    catalog = open_catalog(cache)
+    if catalog is None:
+        log.info("%s: catalog not writable by this user; reading narinfos (no access times)",
+                 cache.root)
+        return [(e, e.archived) for e in scan_entries(cache)]
+    with catalog:
+        return [(e, catalog.last_access(e)) for e in catalog.entries()]

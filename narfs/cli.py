@@ -24,6 +24,7 @@ from .archive import Archiver
 from .cache import Cache
 from .config import Settings
 from .errors import NarfsError
+from .progress import when
 from .storepath import user_store_path
 
 log = logging.getLogger("narfs")
@@ -38,9 +39,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "restore": ("narfs.restore", "main"),
     "gc": ("narfs.gc", "main"),
     "verify": ("narfs.verify", "main"),
-    "quarantine": ("narfs.quarantine", "main"),
-    "status": ("narfs.report", "status_main"),
-    "ls": ("narfs.report", "ls_main"),
+    "quarantine": ("narfs.cli", "cmd_quarantine"),
+    "status": ("narfs.status", "main"),
+    "ls": ("narfs.ls", "main"),
     "doctor": ("narfs.doctor", "main"),
 }
 
@@ -290,6 +291,27 @@ async def _archive(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
     return trio.run(_archive, args, settings)
+
+
+def cmd_quarantine(args: argparse.Namespace, settings: Settings) -> int:
+    from . import quarantine  # imported only when run, like every command's module
+    cache = Cache(settings.cache_dir)
+    cache.check()
+    if not args.restore:
+        entries = quarantine.held(cache)
+        for e in entries:
+            print(f"{e.store_path}: {e.why} (quarantined {when(e.since)})")
+        hint = (f"; `{quarantine.RESTORE_HINT}` or `narfs quarantine --restore PATH` puts them "
+                "back" if entries else "")
+        print(f"{len(entries)} entries in {cache.root}/.narfs/{quarantine.DIRNAME}{hint}")
+        return 0
+    with cache.writer():
+        chosen = quarantine.select(quarantine.held(cache), args.restore)
+        lines, left = quarantine.restore(cache, chosen)
+    for line in lines:
+        print(line)
+    print(f"{len(chosen) - left} restored, {left} still in the quarantine")
+    return 1 if left else 0
 
 
 def resolve(command: str) -> Callable[[argparse.Namespace, Settings], int]:

@@ -23,10 +23,10 @@ from .config import Settings, config_path, hook_path
 from .errors import NarfsError
 from .mounts import fuse_problem, narfs_mounts
 from .nixversions import NixVersion
-from .progress import human_size, plural
-from .report import ago, pid_is_watch, pins_waiting, watch_state
-from .restore import trusted_key
+from .progress import ago, human_size, plural
+from .signing import trusted_key
 from .storepath import GC_ROOTS_DIR
+from .watchstate import pid_is_watch, pins_waiting, watch_state
 
 OK, INFO, WARN, FAIL = "ok", "--", "WARN", "FAIL"
 Line = tuple[str, str, str]  # level, what was found, the fix ("" when none is needed)

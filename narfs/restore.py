@@ -35,16 +35,16 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import nar, nixversions, signing, store
+from . import nar, nixversions, store
 from .cache import TMP_PREFIX, Cache
+from .catalog import entries_with_access, open_catalog
 from .config import Settings
 from .errors import CorruptError, NarfsError
 from .mounts import mount_containing
 from .narinfo import NarInfo
 from .narstream import decompressed_chunks, parse_checked
-from .progress import Progress, human_size, plural
-from .report import entries_with_access, open_catalog, when
-from .signing import PublicKey
+from .progress import Progress, human_size, plural, when
+from .signing import PublicKey, trusted_key
 from .storepath import STORE_DIR, hash_part, is_base_name, is_hash, user_store_path
 
 log = logging.getLogger(__name__)
@@ -56,21 +56,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 BY_NAME = ".by-name"  # the mount's by-name view (fs.py)
 NIX_DB = "/nix/var/nix/db"
 DAEMON_SOCKET = "/nix/var/nix/daemon-socket/socket"
-
-
-# --- keys -----------------------------------------------------------------------------------
-
-def trusted_key(settings: Settings) -> PublicKey | None:
-    """The key restore and verify trust: `public_key`, else the secret key's public half."""
-    if settings.public_key:
-        return signing.parse_public_key(settings.public_key, "setting public_key")
-    if settings.secret_key_file:
-        try:
-            return signing.load_secret_key(settings.secret_key_file).public
-        except NarfsError as e:
-            raise NarfsError(f"{e} (or set public_key in the config: checking signatures "
-                             "needs only the public key)") from None
-    return None
 
 
 # --- targets --------------------------------------------------------------------------------

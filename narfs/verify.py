@@ -41,16 +41,14 @@ import zstandard
 
 from . import listing, nar, nix32, nixversions, quarantine, store, zstdseek
 from .cache import CACHE_INFO, TMP_PREFIX, Cache, cache_info_text, fsync_dir, kind_of
-from .catalog import Catalog, Entry
+from .catalog import Catalog, Entry, open_catalog
 from .config import Settings
 from .errors import CorruptError, NarfsError
-from .gc import referrers_first, retire
 from .narinfo import NarInfo
 from .narstream import NarStream, decompressed_chunks
 from .progress import Progress, human_size, plural
-from .report import open_catalog
-from .restore import trusted_key
-from .signing import PublicKey, SecretKey, load_secret_key
+from .retire import referrers_first, retire
+from .signing import PublicKey, SecretKey, load_secret_key, trusted_key
 from .storepath import STORE_DIR, hash_part, is_hash
 from .tree import MAX_TREE_FILE, Tree
 

@@ -56,10 +56,10 @@ from .errors import NarfsError
 from .notify import Notifier
 from .progress import human_size, plural
 from .storepath import GC_ROOTS_DIR, STORE_DIR, hash_part, store_path_of
+from .watchstate import STATE_FILE
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "watch.json"
 LOCK_FILE = "watch.lock"
 RETRY_FIRST = 5.0  # a failed path is retried after 5 s, 10 s, 20 s, ... up to RETRY_MAX
 RETRY_MAX = 600.0
