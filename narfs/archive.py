@@ -34,15 +34,15 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import listing, nix32, store
+from . import listing, nix32, nixquery
 from .cache import TMP_PREFIX, Cache, describe_os_error, fsync_dir
 from .config import Settings
 from .errors import NarfsError
 from .nar import NarSerialiser
 from .narinfo import NarInfo
+from .nixversions import PathInfo
 from .progress import Progress, human_size, plural
 from .signing import SecretKey, load_secret_key
-from .store import PathInfo
 from .storepath import hash_part, name_part
 from .zstdseek import SeekableWriter
 
@@ -165,7 +165,7 @@ class Archiver:
 
     async def archive(self, paths: list[str], progress: bool = True) -> Result:
         """Archive the closures of `paths` (valid store paths) and report what happened."""
-        return await self.archive_infos(await store.closure_infos(paths), progress)
+        return await self.archive_infos(await nixquery.closure_infos(paths), progress)
 
     async def archive_infos(self, infos: dict[str, PathInfo], progress: bool = True) -> Result:
         """Archive every path of `infos` (a closure) that the cache lacks."""

@@ -19,7 +19,7 @@ from typing import ClassVar, NoReturn
 
 import trio
 
-from . import __version__, config, signing, store
+from . import __version__, config, nixquery, signing
 from .archive import Archiver
 from .cache import Cache
 from .config import Settings
@@ -270,7 +270,7 @@ async def _archive(args: argparse.Namespace, settings: Settings) -> int:
     paths = list(dict.fromkeys(user_store_path(p) for p in args.paths))
     if sys.stderr.isatty():  # the progress bar says it; per-path lines are for logs
         logging.getLogger("narfs.archive").setLevel(logging.WARNING)
-    invalid = await store.invalid_paths(paths)
+    invalid = await nixquery.invalid_paths(paths)
     if invalid:
         raise NarfsError(f"{invalid[0]}: not a valid path in the Nix store; build or "
                          f"substitute it first ({len(invalid)} invalid in all)")
@@ -280,7 +280,7 @@ async def _archive(args: argparse.Namespace, settings: Settings) -> int:
         archiver = Archiver.from_settings(settings, executor)
         with archiver.cache.writer():
             if args.all:
-                result = await archiver.archive_infos(await store.all_infos())
+                result = await archiver.archive_infos(await nixquery.all_infos())
             else:
                 result = await archiver.archive(paths)
     print(result.summary())

@@ -21,7 +21,7 @@ from . import nixversions
 from .cache import Cache
 from .config import Settings, config_path, hook_path
 from .errors import NarfsError
-from .mounts import fuse_problem, narfs_mounts
+from .mounttable import fuse_problem, narfs_mounts
 from .nixversions import NixVersion
 from .progress import ago, human_size, plural
 from .signing import trusted_key

@@ -35,7 +35,7 @@ from .catalog import Catalog
 from .config import Settings
 from .errors import NarfsError
 from .fs import NarFS, fast_capable
-from .mounts import fuse_problem, narfs_mounts, remove_stale_states, state_name, state_text
+from .mounttable import fuse_problem, narfs_mounts, remove_stale_states, state_name, state_text
 from .notify import Notifier
 from .progress import plural
 from .reader import HotTier, Reader

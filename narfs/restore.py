@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import nar, nixversions, store
+from . import nar, nixquery, nixversions
 from .cache import TMP_PREFIX, Cache
 from .catalog import entries_with_access, open_catalog
 from .config import Settings
 from .errors import CorruptError, NarfsError
-from .mounts import mount_containing
+from .mounttable import mount_containing
 from .narinfo import NarInfo
 from .narstream import decompressed_chunks, parse_checked
 from .progress import Progress, human_size, plural, when
@@ -200,7 +200,7 @@ async def plan(cache: Cache, hashes: list[str]) -> Plan:
     names = [*infos, *absent]
     invalid: set[str] = set()
     for i in range(0, len(names), 5000):
-        invalid.update(await store.invalid_paths(names[i:i + 5000]))
+        invalid.update(await nixquery.invalid_paths(names[i:i + 5000]))
     for ref, referrer in absent.items():
         if ref in invalid:
             raise NarfsError(f"{ref}: referenced by {referrer} but neither in the cache nor in "
@@ -293,7 +293,7 @@ class Copier:
         return self.infos[path].nar_size + PATH_COST
 
     def command(self, batch: list[str]) -> list[str]:
-        cmd = [*store.NIX, "copy", "--from", f"file://{self.cache.root}", "--no-recursive",
+        cmd = [*nixquery.NIX, "copy", "--from", f"file://{self.cache.root}", "--no-recursive",
                "--log-format", "internal-json"]
         if self.key is None:
             cmd.append("--no-check-sigs")
@@ -363,7 +363,7 @@ class Copier:
                             self.ready.append(q)
                 launch()
         if self.errors:  # part of a failed batch may have gone in: ask the store
-            invalid = set(await store.invalid_paths(list(self.infos)))
+            invalid = set(await nixquery.invalid_paths(list(self.infos)))
             restored = len(self.infos) - len(invalid)
             raise NarfsError(f"{self.errors[0]} ({restored} of {plural(len(self.infos), 'path')} "
                              "restored before it: they are valid store paths)")
@@ -588,7 +588,7 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
               f"{plural(len(p.closure) - len(p.tops), 'path')} of its closure are already in "
               "the store")
     if args.add_root:
-        out = await store.run(["nix-store", "--add-root", os.path.abspath(args.add_root),
+        out = await nixquery.run(["nix-store", "--add-root", os.path.abspath(args.add_root),
                                "--realise", *p.tops])
         for root, top in zip(out.decode().split(), p.tops, strict=False):
             print(f"GC root {root} → {top}")
@@ -597,7 +597,7 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
     for t in targets:
         if t.out_link is not None:
             path = read_info(cache, t.hash).store_path
-            await store.run(["nix-store", "--add-root", t.out_link, "--realise", path])
+            await nixquery.run(["nix-store", "--add-root", t.out_link, "--realise", path])
             print(f"GC root {t.out_link} → {path}")
     catalog = open_catalog(cache, sync=False)
     if catalog is not None:

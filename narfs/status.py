@@ -13,7 +13,7 @@ import time
 from .cache import Cache
 from .catalog import entries_with_access
 from .config import Settings
-from .mounts import mode_of, narfs_mounts
+from .mounttable import mode_of, narfs_mounts
 from .progress import ago, human_size, plural, when
 from .watchstate import pid_is_watch, pins_waiting, watch_state
 

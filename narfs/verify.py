@@ -39,7 +39,7 @@ from typing import BinaryIO
 import trio
 import zstandard
 
-from . import listing, nar, nix32, nixversions, quarantine, store, zstdseek
+from . import listing, nar, nix32, nixquery, nixversions, quarantine, zstdseek
 from .cache import CACHE_INFO, TMP_PREFIX, Cache, cache_info_text, fsync_dir, kind_of
 from .catalog import Catalog, Entry, open_catalog
 from .config import Settings
@@ -506,7 +506,7 @@ async def repair(cache: Cache, catalog: Catalog, report: Report) -> tuple[list[s
         valid = set()
         names = [p for p in lost if p.startswith(STORE_DIR)]
         if names:
-            invalid = set(await store.invalid_paths(names))
+            invalid = set(await nixquery.invalid_paths(names))
             valid = {p for p in names if p not in invalid}
         for h, _ in doomed:
             path = path_of[h]

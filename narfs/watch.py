@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import trio
 from inotify_simple import INotify, flags
 
-from . import config, store
+from . import config, nixquery
 from .archive import Archiver
 from .cache import TMP_PREFIX, Cache, describe_os_error
 from .config import Settings
@@ -92,7 +92,7 @@ def already_running(cache: Cache) -> AlreadyRunning:
 
 
 @dataclass(frozen=True)
-class Entry:
+class RootsEntry:
     """One name in the roots dir, as found: a pin (`path` set) or bad input (`problem` set)."""
 
     name: str
@@ -102,7 +102,7 @@ class Entry:
     mtime: float = 0.0
 
 
-def classify(roots: str, name: str) -> Entry | None:
+def classify(roots: str, name: str) -> RootsEntry | None:
     """What `roots/name` is now; None when it is gone. Blocking: lstat and readlink."""
     full = os.path.join(roots, name)
     try:
@@ -111,22 +111,22 @@ def classify(roots: str, name: str) -> Entry | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        return Entry(name, problem=f"cannot read it ({e.strerror}); left alone")
+        return RootsEntry(name, problem=f"cannot read it ({e.strerror}); left alone")
     if target is None:
         kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
                 "a regular file" if stat.S_ISREG(st.st_mode) else "not a file or link")
-        return Entry(name, ident=(st.st_ino, ""), mtime=st.st_mtime, problem=(
+        return RootsEntry(name, ident=(st.st_ino, ""), mtime=st.st_mtime, problem=(
             f"not a symlink ({kind}); narfs pins are symlinks into {STORE_DIR}; left alone, "
             "remove it by hand"))
     path = store_path_of(target, roots)
     if path is None:
-        return Entry(name, ident=(st.st_ino, target), mtime=st.st_mtime, problem=(
+        return RootsEntry(name, ident=(st.st_ino, target), mtime=st.st_mtime, problem=(
             f"points to {target}, which is not a path in {STORE_DIR}; left alone, remove "
             "it by hand"))
-    return Entry(name, path=path, ident=(st.st_ino, target), mtime=st.st_mtime)
+    return RootsEntry(name, path=path, ident=(st.st_ino, target), mtime=st.st_mtime)
 
 
-def classify_all(roots: str, names: Iterable[str]) -> list[tuple[str, Entry | None]]:
+def classify_all(roots: str, names: Iterable[str]) -> list[tuple[str, RootsEntry | None]]:
     return [(name, classify(roots, name)) for name in names]
 
 
@@ -223,7 +223,7 @@ class Service:
         self.archiver: Archiver | None = None
         self.cache_ready = trio.Event()
         self.parallel = trio.CapacityLimiter(max(1, settings.parallel_paths))
-        self.pins: dict[str, Entry] = {}  # name → a valid pin not yet removed
+        self.pins: dict[str, RootsEntry] = {}  # name → a valid pin not yet removed
         self.jobs: dict[str, Job] = {}  # store path → the job archiving it
         self.writing: dict[str, trio.Event] = {}  # store path → set when its writer is done
         self.reported: dict[str, tuple[int, str]] = {}  # bad entry name → ident reported
@@ -352,7 +352,7 @@ class Service:
             self._update(name, entry)
         self.changed()
 
-    def _update(self, name: str, entry: Entry | None) -> None:
+    def _update(self, name: str, entry: RootsEntry | None) -> None:
         old = self.pins.get(name)
         if old is not None and (entry is None or entry.path != old.path):
             del self.pins[name]
@@ -429,9 +429,9 @@ class Service:
         `path`. Raises NarfsError (or OSError) when any path of the closure is not archived."""
         # Validity is asked only when path-info fails: one Nix call (~13 ms) per pin, not two.
         try:
-            infos = await store.closure_infos([path])
+            infos = await nixquery.closure_infos([path])
         except NarfsError:
-            if await store.invalid_paths([path]):
+            if await nixquery.invalid_paths([path]):
                 return False
             raise
         if path not in infos:

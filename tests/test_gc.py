@@ -243,7 +243,7 @@ def test_gc_racing_an_archive_never_leaves_a_broken_closure(narfs: Narfs,
 
     import trio
 
-    from narfs import store
+    from narfs import nixquery
     from narfs.archive import Archiver, Result
     from narfs.config import load
     from narfs.gc import retire
@@ -254,7 +254,7 @@ def test_gc_racing_an_archive_never_leaves_a_broken_closure(narfs: Narfs,
     narfs("archive", dep)
     cache = Cache(str(narfs.cache))
     settings = load({"cache_dir": str(narfs.cache), "secret_key_file": str(narfs.key)})
-    infos = trio.run(store.closure_infos, [top])
+    infos = trio.run(nixquery.closure_infos, [top])
     with ThreadPoolExecutor(2) as ex:
         archiver = Archiver(cache, settings, load_secret_key(str(narfs.key)), ex)
         result = Result()

@@ -14,7 +14,7 @@ import pytest
 
 from narfs.cache import Cache
 from narfs.catalog import Catalog
-from narfs.mounts import narfs_mounts
+from narfs.mounttable import narfs_mounts
 from narfs.narinfo import parse as parse_narinfo
 from narfs.progress import human_size
 from narfs.storepath import hash_part
