@@ -1,8 +1,13 @@
 """The cache directory: a plain Nix binary cache, its layout, and the locks writers share.
 
 Layout (what Nix reads):  nix-cache-info, <hash>.narinfo, <hash>.ls, nar/<filehash>.nar.<ext>
-narfs's own derived data: .narfs/ (catalog, hot tier); temporaries: .narfs-tmp-* in the directory
-of the file they become.
+narfs's own derived data: .narfs/ (catalog, tree files, hot tier).
+
+Temporaries: every file narfs writes and then renames into place is made by `new_temporary` (or
+`temporary`/`write_atomic` on top of it), as `.narfs-tmp-<final name>-<random>` in the directory
+of the file it becomes: one naming scheme, so `Cache.remove_temporaries` finds whatever a crash
+left, wherever narfs writes (the cache, nar/, .narfs/, .narfs/trees/; the hot tier clears its
+own, see reader.py).
 
 Commit order (DESIGN contract 3) is kept by archive.py, per batch: temporaries, syncfs, NARs and
 `.ls` renamed and their directories fsynced, narinfos last, then an fsync of the directory. A
@@ -66,6 +71,45 @@ def remove_file(path: str) -> int:
     except FileNotFoundError:
         return 0
     return size
+
+
+def new_temporary(directory: str, name: str) -> tuple[int, str]:
+    """A new empty temporary in `directory` that is to become `name` there: a descriptor open
+    for reading and writing (O_EXCL, never through a symlink) and its path. Mode 0644, like
+    every file of a binary cache."""
+    fd, path = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}-", dir=directory)
+    try:
+        os.fchmod(fd, 0o644)
+    except BaseException:
+        os.close(fd)
+        remove_file(path)
+        raise
+    return fd, path
+
+
+@contextmanager
+def temporary(final: str, sync: bool = True) -> Iterator[BinaryIO]:
+    """A temporary file beside `final`; on a clean exit it is fsynced (unless `sync` is False:
+    derived data a crash may lose) and renamed over `final`; on an error it is removed."""
+    fd, tmp = new_temporary(*os.path.split(final))
+    f = os.fdopen(fd, "wb")
+    try:
+        yield f
+        f.flush()
+        if sync:
+            os.fsync(f.fileno())
+        f.close()
+        os.rename(tmp, final)
+    except BaseException:
+        f.close()
+        remove_file(tmp)
+        raise
+
+
+def write_atomic(final: str, data: bytes, sync: bool = True) -> None:
+    """`final` holds `data` or what it held before, never a part (a temporary, then rename)."""
+    with temporary(final, sync) as f:
+        f.write(data)
 
 
 # What opening a file the cache should hold as a regular file says when it is something else.
@@ -302,7 +346,7 @@ class Cache:
             raise NarfsError(f"{self.root}: exists and is not a directory; choose another --cache")
         try:
             os.makedirs(self.nar_dir, mode=0o755, exist_ok=True)
-            self.write_atomic(info, cache_info_text(priority).encode())
+            write_atomic(info, cache_info_text(priority).encode())
         except OSError as e:
             raise NarfsError(describe_os_error(e, self.root)) from None
         return True
@@ -318,30 +362,9 @@ class Cache:
             return False  # not a directory, unreadable: check() says which
         return self.init() if new else False
 
-    @contextmanager
-    def temporary(self, final: str) -> Iterator[BinaryIO]:
-        """A temporary file beside `final`; on a clean exit it is fsynced and renamed over it."""
-        d, base = os.path.split(final)
-        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{base}-", dir=d)
-        f = os.fdopen(fd, "wb")
-        try:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, final)
-        except BaseException:
-            f.close()
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-
-    def write_atomic(self, final: str, data: bytes) -> None:
-        with self.temporary(final) as f:
-            f.write(data)
+    # mount.py (owned by another change this session) still calls cache.write_atomic; the
+    # merge turns that call into write_atomic() and removes this alias.
+    write_atomic = staticmethod(write_atomic)
 
     def sync_nar_dir(self) -> None:
         fsync_dir(self.nar_dir)
@@ -442,9 +465,11 @@ class Cache:
     def remove_temporaries(self) -> list[str]:
         """Delete what an interrupted writer left behind; callers hold the exclusive lock."""
         removed = []
-        # .narfs/ too (watch.json is written through a temporary); never through a symlink.
+        # .narfs/ too (watch.json is written through a temporary) and the mount's tree files;
+        # never through a symlink. A mount holds no writer lock: one writing a tree file now
+        # loses that file (best effort, built again), never anything it serves.
         state = os.path.join(self.root, ".narfs")
-        for d in (self.root, self.nar_dir, state):
+        for d in (self.root, self.nar_dir, state, os.path.join(state, "trees")):
             try:
                 if not stat.S_ISDIR(os.lstat(d).st_mode):
                     continue
@@ -454,11 +479,8 @@ class Cache:
             for name in names:
                 if name.startswith(TMP_PREFIX):
                     path = os.path.join(d, name)
-                    try:
-                        os.unlink(path)
-                        removed.append(path)
-                    except FileNotFoundError:
-                        pass
+                    remove_file(path)  # nobody else removes them: we hold the lock
+                    removed.append(path)
         for path in removed:
             log.info("removed leftover temporary %s", path)
         return removed

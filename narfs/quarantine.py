@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 from . import narinfo
-from .cache import Cache, fsync_dir, read_small
+from .cache import Cache, fsync_dir, read_small, write_atomic
 from .errors import CorruptError, NarfsError
 from .narinfo import NarInfo
 from .retire import referrers_first
@@ -153,7 +153,7 @@ def select(entries: list[Held], targets: list[str]) -> list[Held]:
     for t in targets:
         t = t.rstrip("/")
         found = [e for e in entries
-                 if t in (e.hash, e.store_path, e.store_path[len(STORE_DIR) + 1:])
+                 if t in (e.hash, e.store_path, os.path.basename(e.store_path))
                  or (t.startswith(f"{STORE_DIR}/") and hash_part(t) == e.hash)]
         if not found:
             raise NarfsError(f"{t}: not in the quarantine; `narfs quarantine` lists what is")
@@ -231,8 +231,8 @@ def _publish(cache: Cache, qfd: int, info: NarInfo) -> str:
                         follow_symlinks=False)
                 cache.sync_nar_dir()
             if ls is not None:
-                cache.write_atomic(cache.listing_path(h), ls)
-            cache.write_atomic(cache.narinfo_path(h), data)
+                write_atomic(cache.listing_path(h), ls)
+            write_atomic(cache.narinfo_path(h), data)
             fsync_dir(cache.root)
     finally:
         os.close(efd)

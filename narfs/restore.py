@@ -45,11 +45,10 @@ from .narinfo import NarInfo
 from .narstream import decompressed_chunks, parse_checked
 from .progress import Progress, human_size, plural, when
 from .signing import PublicKey, trusted_key
-from .storepath import STORE_DIR, hash_part, is_base_name, is_hash, user_store_path
+from .storepath import STORE_DIR, hash_part, is_base_name, is_hash, name_part, user_store_path
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 PATH_COST = 256 << 10  # what one path costs Nix beyond its bytes (registration, locks), in bytes
 MAX_BATCH = 2000  # paths per `nix copy` command line
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -79,9 +78,9 @@ def close_names(name: str, names: set[str]) -> list[str]:
 
 def _by_name(name: str, cache: Cache) -> str:
     entries = [e for e, _ in entries_with_access(cache)]
-    rows = [(e.archived, e.name, e.hash) for e in entries if e.name[33:] == name]
+    rows = [(e.archived, e.name, e.hash) for e in entries if name_part(e.name) == name]
     if not rows:
-        maybe = close_names(name, {e.name[33:] for e in entries})
+        maybe = close_names(name, {name_part(e.name) for e in entries})
         if maybe:
             raise NarfsError(f"{name}: no archived path has this name in {cache.root}; did you "
                              f"mean {' or '.join(maybe)}?")
@@ -389,7 +388,7 @@ class Copier:
             elif action == "stop" and doc.get("id") in started:
                 path = started.pop(doc["id"])
                 if path in self.infos:
-                    self.bar.advance(self.infos[path].nar_size, path[44:])
+                    self.bar.advance(self.infos[path].nar_size, name_part(path))
             elif action == "msg" and doc.get("level", 9) <= 0:
                 messages.append(_ANSI.sub("", str(doc.get("msg", ""))))
 
@@ -564,7 +563,7 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
     if not args.dry_run:
         await check_nars(cache, p.fetch, settings.threads, nar_bytes)
     if args.dry_run:
-        for path in sorted(p.fetch, key=lambda s: s[44:]):
+        for path in sorted(p.fetch, key=name_part):
             print(f"would restore {path} ({human_size(p.fetch[path].nar_size)})")
         print(f"would restore {plural(len(p.fetch), 'path')}: {human_size(nar_bytes)} unpacked, "
               f"{human_size(file_bytes)} read from {cache.root}; {p.present} of the closure "

@@ -40,7 +40,15 @@ import trio
 import zstandard
 
 from . import listing, nar, nix32, nixquery, nixversions, quarantine, zstdseek
-from .cache import CACHE_INFO, TMP_PREFIX, Cache, cache_info_text, fsync_dir, kind_of
+from .cache import (
+    CACHE_INFO,
+    TMP_PREFIX,
+    Cache,
+    cache_info_text,
+    fsync_dir,
+    kind_of,
+    write_atomic,
+)
 from .catalog import Catalog, Entry, open_catalog
 from .config import Settings
 from .errors import CorruptError, NarfsError
@@ -54,7 +62,6 @@ from .tree import MAX_TREE_FILE, Tree
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 KNOWN_DIRS = {"nar", ".narfs", "log", "realisations", "debuginfo"}  # the last three: Nix's
 STATE_DIRS = {"trees", "hot", "quarantine"}  # in .narfs/; everything else there is a file
 RECENT = 3600  # with a writer active, unreferenced files younger than this may be in flight
@@ -107,7 +114,7 @@ def _frames(f: BinaryIO, table: zstdseek.SeekTable) -> Iterator[bytes]:
 
 def _file_hash(f: BinaryIO) -> str:
     sha = hashlib.sha256()
-    buf = bytearray(CHUNK)
+    buf = bytearray(nar.CHUNK)
     view = memoryview(buf)
     f.seek(0)
     while n := f.readinto(buf):  # type: ignore[attr-defined]
@@ -551,10 +558,10 @@ async def repair(cache: Cache, catalog: Catalog, report: Report) -> tuple[list[s
                 lines.append(f"removed {cache.listing_path(c.hash)}: its tree is too deep "
                              "for a listing")
                 continue
-            cache.write_atomic(cache.listing_path(c.hash), ls)
+            write_atomic(cache.listing_path(c.hash), ls)
             lines.append(f"rewrote {cache.listing_path(c.hash)} from its NAR")
     if any(p.kind == CACHEINFO for p in report.problems):
-        cache.write_atomic(os.path.join(cache.root, CACHE_INFO), cache_info_text().encode())
+        write_atomic(os.path.join(cache.root, CACHE_INFO), cache_info_text().encode())
         lines.append(f"rewrote {os.path.join(cache.root, CACHE_INFO)}")
     rebuild_catalog(catalog)
     lines.append(f"rebuilt the catalog ({len(catalog.paths)} entries, access times kept)")
@@ -594,7 +601,7 @@ def adopt(cache: Cache, secret: SecretKey, report: Report, names: list[str]) -> 
         with cache.publish_lock(exclusive=False):
             if not cache.has(c.hash):  # retired meanwhile
                 continue
-            cache.write_atomic(cache.narinfo_path(c.hash), info.render().encode())
+            write_atomic(cache.narinfo_path(c.hash), info.render().encode())
         adopted.add(c.hash)
         lines.append(f"adopted {info.store_path}: signed by {secret.name}")
     if adopted:

@@ -50,12 +50,12 @@ from inotify_simple import INotify, flags
 
 from . import config, nixquery
 from .archive import Archiver
-from .cache import TMP_PREFIX, Cache, describe_os_error
+from .cache import TMP_PREFIX, Cache, describe_os_error, remove_file, write_atomic
 from .config import Settings
 from .errors import NarfsError
 from .notify import Notifier
 from .progress import human_size, plural
-from .storepath import GC_ROOTS_DIR, STORE_DIR, hash_part, store_path_of
+from .storepath import GC_ROOTS_DIR, STORE_DIR, base_name, hash_part, store_path_of
 from .watchstate import STATE_FILE
 
 log = logging.getLogger(__name__)
@@ -314,8 +314,7 @@ class Service:
             state_dir = os.path.dirname(self.cache.state_path(STATE_FILE))
             for name in os.listdir(state_dir):
                 if name.startswith(f"{TMP_PREFIX}{STATE_FILE}-"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(state_dir, name))
+                    remove_file(os.path.join(state_dir, name))
             archiver = Archiver.from_settings(self.settings, self.executor)
             self._held = stack.pop_all()
         return archiver
@@ -490,7 +489,7 @@ class Service:
         job.pins.clear()
         self.unpinned += removed
         if removed:
-            log.info("unpinned %s", job.path[len(STORE_DIR) + 1:])
+            log.info("unpinned %s", base_name(job.path))
 
     # --- state file and STATUS= -----------------------------------------------------------
 
@@ -534,7 +533,7 @@ class Service:
             return ""
         path, (done, total) = now[0]
         more = f" and {plural(len(now) - 1, 'more path')}" if len(now) > 1 else ""
-        return (f"archiving {path[len(STORE_DIR) + 1:]} ({100 * done // max(total, 1)}% of "
+        return (f"archiving {base_name(path)} ({100 * done // max(total, 1)}% of "
                 f"{human_size(total)}){more}; ")
 
     async def write_state(self) -> None:
@@ -544,7 +543,7 @@ class Service:
         data = (json.dumps(self.snapshot(), indent=1) + "\n").encode()
         try:
             await trio.to_thread.run_sync(
-                self.cache.write_atomic, self.cache.state_path(STATE_FILE), data)
+                write_atomic, self.cache.state_path(STATE_FILE), data)
         except OSError as e:  # a full or read-only cache: archiving reports that already
             log.debug("cannot write %s: %s", STATE_FILE, e)
 

@@ -28,6 +28,7 @@ import trio
 from inotify_simple import INotify, flags
 
 from conftest import Narfs, nix_copy_from
+from narfs.cache import TMP_PREFIX
 from narfs.notify import Notifier
 from narfs.storepath import store_path_of
 from narfs.watch import RootsDir, backoff, classify
@@ -35,7 +36,6 @@ from nixtools import NIX, NixStore, delete_paths, gc_roots, nix_string, run
 
 HOOK = Path(__file__).resolve().parent.parent / "systemd" / "narfs-hook"
 GCROOTS = Path("/nix/var/nix/gcroots")
-TMP_PREFIX = ".narfs-tmp-"
 BIG = 200_000_000  # the "large path" of the kill tests
 
 pytestmark = pytest.mark.skipif(shutil.which("nix-build") is None, reason="needs Nix")
