@@ -296,8 +296,8 @@ class Archiver:
         if self.stop.is_set():
             raise NarfsError("interrupted: narfs is stopping")
         # Named once written (its name is its compressed bytes' hash): a temporary of nar/.
-        fd, tmp = new_temporary(cache.nar_dir, "nar")
-        written = _Written(info, tmp)
+        fd, nar_tmp = new_temporary(cache.nar_dir, "nar")
+        listing_tmp = narinfo_tmp = ""
         try:
             with os.fdopen(fd, "wb") as f:
                 parallel = info.nar_size > s.frame_size and s.threads > 1
@@ -334,8 +334,8 @@ class Archiver:
             file_hash = nix32.encode(writer.sha256.digest())
             assert ser.listing is not None
             ls = listing.render(ser.listing)  # None: too deep for a `.ls` (read from the NAR)
-            written.listing_tmp = (self._temporary(cache.listing_path(hash_part(info.path)), ls)
-                                   if ls is not None else "")
+            listing_tmp = (self._temporary(cache.listing_path(hash_part(info.path)), ls)
+                           if ls is not None else "")
             entry = NarInfo(
                 store_path=info.path,
                 url=f"nar/{file_hash}.nar.zst",
@@ -351,13 +351,11 @@ class Archiver:
             )
             if self.key is not None:
                 entry.sign(self.key)
-            written.narinfo_tmp = self._temporary(cache.narinfo_path(entry.hash),
-                                                 entry.render().encode())
-            written.entry = entry
+            narinfo_tmp = self._temporary(cache.narinfo_path(entry.hash), entry.render().encode())
         except BaseException:
-            written.discard()
+            _remove_temporaries(nar_tmp, listing_tmp, narinfo_tmp)
             raise
-        return written
+        return _Written(info, entry, nar_tmp, listing_tmp, narinfo_tmp)
 
 
 @dataclass
@@ -365,15 +363,19 @@ class _Written:
     """One path after step 1: its temporaries and the narinfo they will be published as."""
 
     info: PathInfo
+    entry: NarInfo
     nar_tmp: str
-    listing_tmp: str = ""
-    narinfo_tmp: str = ""
-    entry: NarInfo = None  # type: ignore[assignment]
+    listing_tmp: str  # "" when the path has no `.ls`
+    narinfo_tmp: str
 
     def discard(self) -> None:
-        for tmp in (self.nar_tmp, self.listing_tmp, self.narinfo_tmp):
-            if tmp:
-                remove_file(tmp)
+        _remove_temporaries(self.nar_tmp, self.listing_tmp, self.narinfo_tmp)
+
+
+def _remove_temporaries(*paths: str) -> None:
+    for tmp in paths:
+        if tmp:
+            remove_file(tmp)
 
 
 def _batches(infos: list[PathInfo]) -> Iterator[list[PathInfo]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import logging
 import os
 import re
@@ -305,7 +306,7 @@ class Cache:
         finally:
             os.close(fd)
 
-    def open_nar(self, info: NarInfo) -> BinaryIO:
+    def open_nar(self, info: NarInfo) -> io.BufferedReader:
         """The NAR file a narinfo names, opened through `nar/` without following a symlink in
         either place (a symlinked `nar/` would lead reads outside the cache), and without
         blocking on a FIFO."""

@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TypeGuard
 
 from sqlitedict import SqliteDict
 
@@ -102,7 +103,7 @@ def _time(value: object) -> float:
         else 0.0
 
 
-def _top_ok(top: object) -> bool:
+def _top_ok(top: object) -> TypeGuard[list]:
     """The mount's short form of a path's top node: [kind, size, nlink] or [LNK, 0, target]."""
     return (isinstance(top, list) and len(top) == 3 and top[0] in (0, 1, 2, 3)
             and type(top[0]) is int and type(top[1]) is int and top[1] >= 0

@@ -8,6 +8,7 @@ import shutil
 import sysconfig
 import tomllib
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from .errors import NarfsError
 
@@ -83,17 +84,19 @@ def load(overrides: dict[str, object] | None = None, must_exist: bool = True) ->
     except PermissionError:
         raise NarfsError(f"{path}: config file not readable; run as root or fix its "
                          "permissions") from None
-    settings = Settings()
+    # Any: each value is checked against its field's type just below, at run time.
+    checked: dict[str, Any] = {}
     for key, value in values.items():
         if key not in _TYPES:
             raise NarfsError(f"{path}: unknown setting {key!r}; known: {', '.join(_TYPES)}")
         want = {"str": str, "int": int, "bool": bool}[str(_TYPES[key])]
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise NarfsError(f"{path}: setting {key} must be a {want.__name__}")
-        settings = replace(settings, **{key: value})
+        checked[key] = value
+    settings = replace(Settings(), **checked)
     if "roots_dir" in values or _ROOTS_LINE.search(text):
         _check_roots_line(path, text, values.get("roots_dir"))
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    given: dict[str, Any] = {k: v for k, v in (overrides or {}).items() if v is not None}
     settings = replace(settings, **given)
     if settings.fuse_mode not in ("auto", "fast", "stock"):
         raise NarfsError(f"{path}: fuse_mode must be auto, fast or stock")

@@ -36,8 +36,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     rows.sort(key=lambda r: (name_part(r[0].name), r[0].archived, r[0].name))
     print(f"{'NAR':>10} {'COMPRESSED':>10}  {'ARCHIVED':16}  {'LAST ACCESS':16}  STORE PATH")
     for e, access in rows:
-        comp = human_size(e.file_size) if e.file_size is not None else "?"
-        print(f"{human_size(e.nar_size):>10} {comp:>10}  {when(e.archived):16}  "
+        shown = human_size(e.file_size) if e.file_size is not None else "?"
+        print(f"{human_size(e.nar_size):>10} {shown:>10}  {when(e.archived):16}  "
               f"{when(access):16}  {STORE_DIR}/{e.name}")
     nar = sum(e.nar_size for e, _ in rows)
     comp = sum(e.file_size or 0 for e, _ in rows)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import logging
 import os
 import stat
@@ -112,12 +113,12 @@ def _frames(f: BinaryIO, table: zstdseek.SeekTable) -> Iterator[bytes]:
         yield zstdseek.read_frame(f, frame, dctx)
 
 
-def _file_hash(f: BinaryIO) -> str:
+def _file_hash(f: io.BufferedReader) -> str:
     sha = hashlib.sha256()
     buf = bytearray(nar.CHUNK)
     view = memoryview(buf)
     f.seek(0)
-    while n := f.readinto(buf):  # type: ignore[attr-defined]
+    while n := f.readinto(buf):
         sha.update(view[:n])
     return nix32.format_sha256(sha.digest())
 
@@ -189,7 +190,7 @@ def check_entry(cache: Cache, key: PublicKey | None, h: str,
                 chunks = decompressed_chunks(f, info.compression)
             stream = NarStream(chunks, info.nar_size)
             builder = nar.ListingBuilder()
-            nar.parse(stream, builder, info.nar_size)  # type: ignore[arg-type]
+            nar.parse(stream, builder, info.nar_size)
             stream.drain()
         except CorruptError as e:
             c.add(BROKEN, f"data damaged: NAR {info.url} is damaged: {e}")
@@ -646,13 +647,13 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"repair: {line}")
             return 1 if left else 0
     active = cache.writer_active()
-    catalog = open_catalog(cache)
+    shared = open_catalog(cache)  # None: not writable by this user
     try:
-        report = trio.run(verify, cache, key, settings.threads, active, catalog)
+        report = trio.run(verify, cache, key, settings.threads, active, shared)
     finally:
-        if catalog is not None:
-            catalog.close()
-    if catalog is None:
+        if shared is not None:
+            shared.close()
+    if shared is None:
         print("narfs verify: the catalog is not writable by this user: not checked")
     _print(report, cache)
     return 1 if [p for p in report.problems if p.kind not in SAID] else 0

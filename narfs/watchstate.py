@@ -76,9 +76,10 @@ def watch_state(cache: Cache) -> dict:
         return {}
     if not isinstance(doc, dict):
         return {}
-    types = {"pid": int, "started": (int, float), "stopped": (int, float), "queue": int,
-             "archiving": int, "retrying": int, "ignored": int, "archived": int,
-             "last_error": str, "last_error_time": (int, float), "oldest_pin_time": (int, float),
-             "roots_dir": str}
+    when = (int, float)
+    types: dict[str, type | tuple[type, ...]] = {
+        "pid": int, "started": when, "stopped": when, "queue": int, "archiving": int,
+        "retrying": int, "ignored": int, "archived": int, "last_error": str,
+        "last_error_time": when, "oldest_pin_time": when, "roots_dir": str}
     return {k: doc[k] for k, t in types.items()
             if isinstance(doc.get(k), t) and not isinstance(doc.get(k), bool)}
