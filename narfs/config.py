@@ -10,6 +10,7 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from . import signing
 from .errors import NarfsError
 
 DEFAULT_CONFIG = "/etc/narfs/narfs.toml"
@@ -133,3 +134,17 @@ def hook_path() -> str:
     """The narfs-hook installed beside this narfs (its venv's bin), else the one on PATH."""
     beside = os.path.join(sysconfig.get_path("scripts"), "narfs-hook")
     return beside if os.path.exists(beside) else shutil.which("narfs-hook") or beside
+
+
+def trusted_key(settings: Settings) -> signing.PublicKey | None:
+    """The key restore, verify and doctor trust: `public_key`, else the secret key's public
+    half; None when the settings name neither."""
+    if settings.public_key:
+        return signing.parse_public_key(settings.public_key, "setting public_key")
+    if settings.secret_key_file:
+        try:
+            return signing.load_secret_key(settings.secret_key_file).public
+        except NarfsError as e:
+            raise NarfsError(f"{e} (or set public_key in the config: checking signatures "
+                             "needs only the public key)") from None
+    return None

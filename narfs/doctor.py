@@ -19,12 +19,11 @@ from collections.abc import Callable, Iterator
 
 from . import nixversions
 from .cache import Cache
-from .config import Settings, config_path, hook_path
+from .config import Settings, config_path, hook_path, trusted_key
 from .errors import NarfsError
 from .mounttable import fuse_problem, narfs_mounts
 from .nixversions import NixVersion
 from .progress import ago, human_size, plural
-from .signing import trusted_key
 from .storepath import GC_ROOTS_DIR
 from .watchstate import pid_is_watch, pins_waiting, watch_state
 

@@ -38,13 +38,13 @@ import trio
 from . import nar, nixquery, nixversions
 from .cache import TMP_PREFIX, Cache
 from .catalog import entries_with_access, open_catalog
-from .config import Settings
+from .config import Settings, trusted_key
 from .errors import CorruptError, NarfsError
 from .mounttable import mount_containing
 from .narinfo import NarInfo
 from .narstream import decompressed_chunks, parse_checked
 from .progress import Progress, human_size, plural, when
-from .signing import PublicKey, trusted_key
+from .signing import PublicKey
 from .storepath import STORE_DIR, hash_part, is_base_name, is_hash, name_part, user_store_path
 
 log = logging.getLogger(__name__)

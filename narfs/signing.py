@@ -7,15 +7,11 @@ import binascii
 import os
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import nacl.exceptions
 import nacl.signing
 
 from .errors import NarfsError
-
-if TYPE_CHECKING:
-    from .config import Settings
 
 
 def fingerprint(store_path: str, nar_hash: str, nar_size: int, references: list[str]) -> bytes:
@@ -109,20 +105,6 @@ def load_secret_key(path: str) -> SecretKey:
     finally:
         os.close(fd)
     return parse_secret_key(text, path)
-
-
-def trusted_key(settings: Settings) -> PublicKey | None:
-    """The key restore, verify and doctor trust: `public_key`, else the secret key's public
-    half; None when the settings name neither."""
-    if settings.public_key:
-        return parse_public_key(settings.public_key, "setting public_key")
-    if settings.secret_key_file:
-        try:
-            return load_secret_key(settings.secret_key_file).public
-        except NarfsError as e:
-            raise NarfsError(f"{e} (or set public_key in the config: checking signatures "
-                             "needs only the public key)") from None
-    return None
 
 
 def generate_secret_key(name: str) -> str:

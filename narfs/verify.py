@@ -51,13 +51,13 @@ from .cache import (
     write_atomic,
 )
 from .catalog import Catalog, Entry, open_catalog
-from .config import Settings
+from .config import Settings, trusted_key
 from .errors import CorruptError, NarfsError
 from .narinfo import NarInfo
 from .narstream import NarStream, decompressed_chunks
 from .progress import Progress, human_size, plural
 from .retire import referrers_first, retire
-from .signing import PublicKey, SecretKey, load_secret_key, trusted_key
+from .signing import PublicKey, SecretKey, load_secret_key
 from .storepath import STORE_DIR, hash_part, is_hash
 from .tree import MAX_TREE_FILE, Tree
 

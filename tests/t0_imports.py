@@ -6,6 +6,7 @@ change to one command cannot break another through a helper it happened to defin
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import narfs
@@ -54,6 +55,34 @@ def test_no_command_imports_another() -> None:
 
 def test_the_scan_sees_imports() -> None:
     """The scan finds each import form narfs uses (so an empty result above means something)."""
-    assert {"cache", "signing", "watchstate"} <= narfs_imports("doctor")  # from .x import y
+    assert {"cache", "config", "watchstate"} <= narfs_imports("doctor")  # from .x import y
     assert "quarantine" in narfs_imports("cli")  # from . import x, inside cmd_quarantine
     assert {"catalog", "retire"} <= narfs_imports("gc")
+
+
+def test_the_code_map_names_every_module() -> None:
+    """narfs/__init__.py's code map is where a newcomer starts: a new module goes in it."""
+    words = set(narfs.__doc__.replace(",", " ").split())
+    missing = sorted(p.stem for p in PACKAGE.glob("*.py")
+                     if p.stem != "__init__" and p.stem not in words)
+    assert missing == []
+
+
+def code_map() -> list[list[str]]:
+    """The module names of each group of narfs/__init__.py's code map, lowest group first."""
+    groups: list[list[str]] = []
+    for line in (narfs.__doc__ or "").split("\n")[4:]:
+        if line and not line.startswith(" "):
+            groups.append([])
+        elif line.startswith("    ") and not line.startswith("     "):
+            names = re.split(r"\s{2,}", line.strip())[0]
+            groups[-1] += [n for n in re.split(r"[ ,]+", names) if (PACKAGE / f"{n}.py").exists()]
+    return groups
+
+
+def test_no_module_imports_from_a_later_group_of_the_code_map() -> None:
+    rank = {m: i for i, group in enumerate(code_map()) for m in group}
+    assert len(rank) >= 30
+    upward = sorted((m, other) for m in rank for other in narfs_imports(m)
+                    if rank.get(other, len(rank)) > rank[m])
+    assert upward == []
