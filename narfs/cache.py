@@ -237,13 +237,10 @@ class Cache:
 
     # --- reading (untrusted) --------------------------------------------------------------
 
-    def read_small(self, path: str, limit: int) -> bytes:
-        return read_small(path, limit)
-
     def read_narinfo(self, h: str) -> NarInfo:
         path = self.narinfo_path(h)
         try:
-            return narinfo.parse(self.read_small(path, narinfo.MAX_SIZE), expect_hash=h)
+            return narinfo.parse(read_small(path, narinfo.MAX_SIZE), expect_hash=h)
         except CorruptError as e:
             raise CorruptError(f"{path}: {e}") from None
 
@@ -251,7 +248,7 @@ class Cache:
         """The `.ls` root node, or None when the cache has no listing for this path."""
         path = self.listing_path(h)
         try:
-            data = self.read_small(path, listing.MAX_SIZE)
+            data = read_small(path, listing.MAX_SIZE)
         except FileNotFoundError:
             return None
         try:
@@ -265,7 +262,7 @@ class Cache:
         names: dict[str, int] = {}
         for h in self.hashes():
             try:
-                data = self.read_small(self.narinfo_path(h), narinfo.MAX_SIZE)
+                data = read_small(self.narinfo_path(h), narinfo.MAX_SIZE)
             except (CorruptError, OSError):
                 continue
             for name in {m.decode(errors="replace") for m in _SIG_NAME.findall(data)}:
@@ -277,7 +274,7 @@ class Cache:
         the rest: used only to tell "signed by a key you don't hold" from "does not verify",
         never to trust a signature."""
         try:
-            data = self.read_small(os.path.join(self.root, ".narfs", KEYS_FILE), 1 << 20)
+            data = read_small(os.path.join(self.root, ".narfs", KEYS_FILE), 1 << 20)
         except (CorruptError, OSError):
             return []
         keys = []

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from . import narinfo
-from .cache import Cache, remove_file, size_of
+from .cache import Cache, read_small, remove_file, size_of
 from .catalog import Catalog
 from .errors import CorruptError
 
@@ -63,7 +63,7 @@ def urls_in_use(cache: Cache, catalog: Catalog) -> set[str]:
     urls: set[str] = set()
     for h in cache.hashes():
         try:
-            data = cache.read_small(cache.narinfo_path(h), narinfo.MAX_SIZE)
+            data = read_small(cache.narinfo_path(h), narinfo.MAX_SIZE)
         except (CorruptError, OSError):
             continue
         urls.update(m.decode() for m in _URL_LINE.findall(data))

@@ -48,6 +48,7 @@ from .cache import (
     cache_info_text,
     fsync_dir,
     kind_of,
+    read_small,
     write_atomic,
 )
 from .catalog import Catalog, Entry, open_catalog
@@ -253,7 +254,7 @@ def scan(cache: Cache, writer_active: bool, now: float) -> Scan:
         path = os.path.join(cache.root, name)
         if name == CACHE_INFO:
             try:
-                text = cache.read_small(path, 4096).decode(errors="replace")
+                text = read_small(path, 4096).decode(errors="replace")
             except (OSError, CorruptError) as e:
                 text = ""
                 log.debug("%s: %s", path, e)
@@ -323,7 +324,7 @@ def check_trees(cache: Cache, s: Scan, checked: list[Checked]) -> None:
         if c.listing is None:
             continue  # the entry itself is named
         try:
-            data = cache.read_small(path, MAX_TREE_FILE)
+            data = read_small(path, MAX_TREE_FILE)
             want = Tree.build(c.hash, 0, c.listing, c.info.nar_size).dumps(c.info.nar_hash)
         except (OSError, NarfsError) as e:
             s.stray(path, f"tree file unreadable: {e}")
