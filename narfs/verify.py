@@ -317,6 +317,9 @@ def check_trees(cache: Cache, s: Scan, checked: list[Checked]) -> None:
     by_hash = {c.hash: c for c in checked}
     for name in sorted(os.listdir(trees)):
         path = os.path.join(trees, name)
+        if name.startswith(TMP_PREFIX):  # the mount writes tree files through temporaries
+            s.stray(path, "temporary file left by an interrupted writer")
+            continue
         c = by_hash.get(name[:-5]) if name.endswith(".tree") else None
         if c is None or c.info is None:
             s.stray(path, "tree file of no archived path")
