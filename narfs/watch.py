@@ -3,7 +3,8 @@
 The layers, each testable without the ones above it:
 - `Notifier` (notify.py): sd_notify(3) datagrams (READY, STATUS, STOPPING) to $NOTIFY_SOCKET.
 - `RootsDir`: the roots dir, kept existing, and an inotify watch saying which names to look at.
-- `classify`: what one entry of the roots dir is: a pin holding a store path, or bad input.
+- `classify` (watchstate.py): what one entry of the roots dir is: a pin holding a store
+  path, or bad input.
 - `Service`: the jobs that archive each pinned path's closure with retry, the cache it writes
   into, and the state file `narfs status` reads.
 
@@ -39,7 +40,6 @@ import logging
 import math
 import os
 import signal
-import stat
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,8 +55,8 @@ from .config import Settings
 from .errors import NarfsError
 from .notify import Notifier
 from .progress import human_size, plural
-from .storepath import GC_ROOTS_DIR, STORE_DIR, base_name, hash_part, store_path_of
-from .watchstate import STATE_FILE
+from .storepath import GC_ROOTS_DIR, base_name, hash_part, store_path_of
+from .watchstate import STATE_FILE, RootsEntry, classify_all
 
 log = logging.getLogger(__name__)
 
@@ -85,49 +85,7 @@ def already_running(cache: Cache) -> AlreadyRunning:
                           "into this cache; stop it first (systemctl stop narfs-watch)")
 
 
-# --- sd_notify ----------------------------------------------------------------------------------
-
-
 # --- the roots dir ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RootsEntry:
-    """One name in the roots dir, as found: a pin (`path` set) or bad input (`problem` set)."""
-
-    name: str
-    path: str | None = None
-    problem: str | None = None
-    ident: tuple[int, str] = (0, "")  # inode and target: bad input is reported once per ident
-    mtime: float = 0.0
-
-
-def classify(roots: str, name: str) -> RootsEntry | None:
-    """What `roots/name` is now; None when it is gone. Blocking: lstat and readlink."""
-    full = os.path.join(roots, name)
-    try:
-        st = os.lstat(full)
-        target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else None
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        return RootsEntry(name, problem=f"cannot read it ({e.strerror}); left alone")
-    if target is None:
-        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
-                "a regular file" if stat.S_ISREG(st.st_mode) else "not a file or link")
-        return RootsEntry(name, ident=(st.st_ino, ""), mtime=st.st_mtime, problem=(
-            f"not a symlink ({kind}); narfs pins are symlinks into {STORE_DIR}; left alone, "
-            "remove it by hand"))
-    path = store_path_of(target, roots)
-    if path is None:
-        return RootsEntry(name, ident=(st.st_ino, target), mtime=st.st_mtime, problem=(
-            f"points to {target}, which is not a path in {STORE_DIR}; left alone, remove "
-            "it by hand"))
-    return RootsEntry(name, path=path, ident=(st.st_ino, target), mtime=st.st_mtime)
-
-
-def classify_all(roots: str, names: Iterable[str]) -> list[tuple[str, RootsEntry | None]]:
-    return [(name, classify(roots, name)) for name in names]
 
 
 class RootsDir:

@@ -31,7 +31,8 @@ from conftest import Narfs, nix_copy_from
 from narfs.cache import TMP_PREFIX
 from narfs.notify import Notifier
 from narfs.storepath import store_path_of
-from narfs.watch import RootsDir, backoff, classify
+from narfs.watch import RootsDir, backoff
+from narfs.watchstate import classify
 from nixtools import NIX, NixStore, delete_paths, gc_roots, nix_string, run
 
 HOOK = Path(__file__).resolve().parent.parent / "systemd" / "narfs-hook"
