@@ -13,7 +13,8 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .cache import Cache
+from .cache import Cache, read_small
+from .errors import CorruptError
 from .storepath import STORE_DIR, store_path_of
 
 STATE_FILE = "watch.json"
@@ -94,13 +95,8 @@ def watch_state(cache: Cache) -> dict:
     """`narfs watch`'s state file, validated field by field; {} when absent or unreadable."""
     path = os.path.join(cache.root, ".narfs", STATE_FILE)
     try:
-        # Not through a symlink, not blocking on a FIFO: the state file is untrusted too.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return {}
-            doc = json.loads(f.read(MAX_STATE))
-    except (OSError, ValueError):
+        doc = json.loads(read_small(path, MAX_STATE))  # the state file is untrusted too
+    except (OSError, CorruptError, ValueError):
         return {}
     if not isinstance(doc, dict):
         return {}
