@@ -33,6 +33,9 @@ commands (cli.COMMANDS runs each; none imports another)
     cli           parsing, logging, one-line errors; init, archive and quarantine themselves
     watch, mount, restore, gc, verify, status, ls, doctor
                   `narfs <command>` each
+
+What the mount's and the watch service's threads may touch, and where they rely on trio's
+cooperative scheduling: docs/concurrency.md.
 """
 
 __version__ = "0.1.0"
