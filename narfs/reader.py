@@ -49,7 +49,7 @@ from .backend import Backend, LocalFile, NarFile
 from .catalog import Entry
 from .errors import CorruptError
 from .narstream import decompressed_chunks, parse_checked
-from .zstdseek import SeekTable
+from .zstdseek import TABLE_BYTES_PER_FRAME, SeekTable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,6 +67,8 @@ class Stats:
     frame_bytes_read: int = 0  # compressed bytes read to decompress frames
     frame_hits: int = 0
     nar_parses: int = 0
+    bytes_decompressed: int = 0  # by frames and hot-tier fills (listings' parses not counted)
+    table_bytes: int = 0  # not a counter: what the seek tables of open NARs hold now
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()  # worker threads count too
@@ -257,21 +259,25 @@ class Source:
     in the hot tier. `users` counts reads in flight, so eviction from the open-source LRU
     closes the file only once no worker thread can still be reading it."""
 
-    def __init__(self, key: tuple, file: NarFile, nar_size: int,
-                 table: SeekTable | None) -> None:
+    def __init__(self, key: tuple, file: NarFile, nar_size: int, table: SeekTable | None,
+                 stats: Stats) -> None:
         self.key = key
         self.file = file
         self.closed = False
+        self.stats = stats
+        if table is not None:
+            stats.add(table_bytes=table.nbytes)
         self.nar_size = nar_size
         self.table = table
         self.users = 0
         self.retired = False
 
-    def frame_sync(self, index: int, stats: Stats) -> bytes:
+    def frame_sync(self, index: int) -> bytes:
         assert self.table is not None
         frame = self.table.frames[index]
         data = zstdseek.read_frame(_At(self.file), frame, _dctx())
-        stats.add(frames_decompressed=1, frame_bytes_read=frame.comp_size)
+        self.stats.add(frames_decompressed=1, frame_bytes_read=frame.comp_size,
+                  bytes_decompressed=frame.size)
         return data
 
     def pread_sync(self, offset: int, size: int) -> bytes:
@@ -286,6 +292,8 @@ class Source:
         if self.users == 0 and not self.closed:
             self.file.close()
             self.closed = True
+            if self.table is not None:
+                self.stats.add(table_bytes=-self.table.nbytes)
 
 
 class _Flight:
@@ -317,6 +325,9 @@ class Reader:
         self.frames = FrameCache(frame_cache_bytes)
         self.limiter = limiter
         self.max_open = max_open
+        # Each open NAR's seek table holds at most an equal share of the frame cache's bound,
+        # so the tables of all open NARs together hold at most as much again as the frames.
+        self.max_table_frames = frame_cache_bytes // max_open // TABLE_BYTES_PER_FRAME - 1
         self.stats = Stats()
         self._sources: OrderedDict[tuple, Source] = OrderedDict()
         self._inflight: dict[tuple, _Flight] = {}
@@ -328,35 +339,59 @@ class Reader:
     # --- opening ------------------------------------------------------------------------
 
     def _open_sync(self, entry: Entry) -> Source:
+        """The NAR opened for reads at any offset. Seekable when the memory bounds can hold
+        it: a seek table within this NAR's share of them and frames no larger than the frame
+        cache (a larger frame would be decompressed whole again for every small read, as it
+        cannot stay). Anything else is decompressed once, as a stream, into the hot tier:
+        bounded on disk, cut off past NarSize, checked against NarHash, then read by pread."""
         key = self.key(entry)
         f = self.backend.open_nar(entry)
         try:
             if entry.compression == "zstd":
-                # narfs's seekable NARs carry a seek table; Nix 2.35's independent frames can
-                # be indexed from their headers (nixversions); single-frame NARs cannot.
-                table = (zstdseek.read_table(_At(f), f.size)
-                         or zstdseek.index_frames(_At(f), f.size))
+                table = self._table_sync(f, entry)
+                if table is not None and table.max_frame <= self.frames.limit:
+                    return Source(key, f, entry.nar_size, table, self.stats)
                 if table is not None:
-                    if table.size != entry.nar_size:
-                        raise CorruptError(f"seek table covers {table.size} bytes, NarSize "
-                                           f"says {entry.nar_size}")
-                    return Source(key, f, entry.nar_size, table)
+                    log.info("%s: frames of up to %d bytes, more than the frame cache holds; "
+                             "reading it through the hot tier", entry.url, table.max_frame)
             if entry.compression == "none":
                 if f.size != entry.nar_size:
                     raise CorruptError(f"uncompressed NAR is {f.size} bytes, NarSize says "
                                        f"{entry.nar_size}")
-                return Source(key, f, entry.nar_size, None)
+                return Source(key, f, entry.nar_size, None, self.stats)
 
             def produce(write: Callable[[bytes], None]) -> None:
                 for chunk in decompressed_chunks(_At(f), entry.compression):
+                    self.stats.add(bytes_decompressed=len(chunk))
                     write(chunk)
 
             hot = LocalFile(self.hot.open_sync(entry.nar_hash, entry.nar_size, produce))
             f.close()
-            return Source(key, hot, entry.nar_size, None)
+            return Source(key, hot, entry.nar_size, None, self.stats)
         except BaseException:
             f.close()
             raise
+
+    def _table_sync(self, f: NarFile, entry: Entry) -> SeekTable | None:
+        """The NAR's frames: narfs's seekable NARs carry a seek table; Nix 2.35's independent
+        frames can be indexed from their headers (nixversions); single-frame NARs cannot.
+        None too when the table has more frames than this NAR's share of memory holds."""
+        try:
+            table = (zstdseek.read_table(_At(f), f.size, self.max_table_frames)
+                     or zstdseek.index_frames(_At(f), f.size, self.max_table_frames))
+        except zstdseek.TooManyFrames as e:
+            size = e.size  # checked whole all the same: a lying table is still corrupt
+            log.info("%s: seek table of %d frames, more than a NAR's share of memory; "
+                     "reading it through the hot tier", entry.url, e.frames)
+            table = None
+        else:
+            if table is None:
+                return None
+            size = table.size
+        if size != entry.nar_size:
+            raise CorruptError(f"seek table covers {size} bytes, NarSize says "
+                               f"{entry.nar_size}")
+        return table
 
     async def _once(self, key: tuple, get: Callable[[], T | None], make: Callable[[], T]) -> T:
         """The value `get()` finds, else `make()`'s (run in a thread), never two makes of the
@@ -449,7 +484,7 @@ class Reader:
             return data
 
         def make() -> bytes:
-            return src.frame_sync(index, self.stats)
+            return src.frame_sync(index)
 
         data = await self._once(key, lambda: self.frames.get(key), make)
         self.frames.put(key, data)

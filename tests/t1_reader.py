@@ -17,6 +17,8 @@ import random
 import struct
 import threading
 import time
+import tracemalloc
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 
@@ -628,3 +630,131 @@ def test_an_idle_evicted_source_is_closed_at_once_and_close_closes_all(tmp_path:
     r.close()
     assert not r._sources and all(s.closed for s in opened)
     assert not any(map(fd_open, fds))
+
+
+# --- Reader: reads cost what they ask for (issue 11) --------------------------------------------
+
+
+def one_byte_frames(data: bytes) -> bytes:
+    """Seekable zstd of `data` (bytes a and b only) with a frame per byte: a seek table of
+    len(data) frames, made without compressing each one."""
+    frames = {c: zstandard.ZstdCompressor().compress(bytes([c])) for c in b"ab"}
+    assert len(frames[ord("a")]) == len(frames[ord("b")])
+    entries = array("I", [len(frames[ord("a")]), 1]) * len(data)
+    body = entries.tobytes() + zstdseek.FOOTER.pack(len(data), 0, zstdseek.SEEKABLE_MAGIC)
+    return (b"".join(frames[c] for c in data)
+            + struct.pack("<II", zstdseek.SKIPPABLE_MAGIC, len(body)) + body)
+
+
+def a_and_b(n: int) -> bytes:
+    return os.urandom(n).translate(bytes(b"ab"[i & 1] for i in range(256)))
+
+
+def small_reads(r: Reader, entry: Entry, data: bytes, count: int, size: int) -> None:
+    rng = random.Random(count)
+
+    async def main() -> None:
+        for _ in range(count):
+            offset = rng.randrange(len(data))
+            assert await r.read(entry, offset, size) == data[offset:offset + size]
+
+    trio.run(main)
+
+
+def test_a_frame_larger_than_the_frame_cache_is_decompressed_once(tmp_path: Path) -> None:
+    data = os.urandom(64 << 10)
+    entry = put(tmp_path, data, blob=seekable(data, frame=len(data)))  # one 64 KiB frame
+    r = make_reader(tmp_path, frame_cache=16 << 10)
+    small_reads(r, entry, data, 1000, 512)
+    assert r.stats.bytes_decompressed == len(data), \
+        "the frame cannot stay in the frame cache: it is decompressed once, into the hot tier"
+    assert r.stats.frames_decompressed == 0 and r.hot.fills == 1 and r.frames.size == 0
+    r.close()
+
+
+def test_frames_the_frame_cache_holds_are_read_one_at_a_time(tmp_path: Path) -> None:
+    data = os.urandom(64 << 10)
+    entry = put(tmp_path, data, blob=seekable(data, frame=16 << 10))
+    r = make_reader(tmp_path, frame_cache=16 << 10)
+    small_reads(r, entry, data, 200, 512)
+    assert r.hot.fills == 0 and r.stats.frames_decompressed >= 4
+    assert r.frames.size <= 16 << 10
+    r.close()
+
+
+@pytest.mark.parametrize("frames, seekable_", [(3000, True), (4000, False)])
+def test_a_seek_table_is_held_compactly_within_its_share_of_memory(
+        tmp_path: Path, frames: int, seekable_: bool) -> None:
+    data = a_and_b(frames)
+    entry = put(tmp_path, data, blob=one_byte_frames(data))
+    # 4 MiB of frame cache, 64 open NARs: 64 KiB of table each, 3276 frames.
+    r = make_reader(tmp_path, frame_cache=4 << 20)
+    small_reads(r, entry, data, 50, 7)
+    if seekable_:
+        assert r.stats.table_bytes == zstdseek.TABLE_BYTES_PER_FRAME * frames + 8
+        assert r.hot.fills == 0
+    else:
+        assert r.stats.table_bytes == 0 and r.hot.fills == 1
+    assert r.stats.table_bytes <= (4 << 20) // r.max_open
+    r.close()
+    assert r.stats.table_bytes == 0, "a closed NAR's table is let go"
+
+
+MILLION = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def million(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
+    data = a_and_b(MILLION)
+    return data, one_byte_frames(data)
+
+
+def test_a_seek_table_of_a_million_frames_is_checked_but_never_held(
+        tmp_path: Path, million: tuple[bytes, bytes]) -> None:
+    data, blob = million
+    entry = put(tmp_path, data, blob=blob)
+    r = make_reader(tmp_path, frame_cache=1 << 20)
+    tracemalloc.start()
+    try:
+        small_reads(r, entry, data, 100, 64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The bound: the table's share of the frame cache (here 16 KiB, 819 frames: not enough, so
+    # the NAR is read once into the hot tier) plus one chunk of table entries being checked.
+    # A list of Frame objects took ~200 MiB here; compact arrays without a bound 20 MiB.
+    assert peak < 8 << 20, peak
+    assert r.stats.table_bytes == 0 and r.hot.fills == 1
+    assert r.stats.bytes_decompressed == len(data)
+    r.close()
+
+
+def table_entry(blob: bytes, i: int, c: int | None = None, d: int | None = None) -> bytes:
+    n = struct.unpack_from("<I", blob, len(blob) - 9)[0]
+    at = len(blob) - 9 - (n - i) * 8
+    old_c, old_d = struct.unpack_from("<II", blob, at)
+    return blob[:at] + struct.pack("<II", old_c if c is None else c,
+                                   old_d if d is None else d) + blob[at + 8:]
+
+
+@pytest.mark.parametrize("lie", ["size", "compressed-size", "impossible", "claims-more"])
+def test_a_lying_table_of_a_million_frames_is_corrupt(
+        tmp_path: Path, million: tuple[bytes, bytes], lie: str) -> None:
+    data, blob = million
+    blob = {
+        "size": lambda: table_entry(blob, 700_000, d=2),  # sums to NarSize + 1
+        "compressed-size": lambda: table_entry(blob, 300_000, c=11),  # past the data
+        "impossible": lambda: table_entry(blob, 900_000, c=0),
+        "claims-more": lambda: blob[:-9] + zstdseek.FOOTER.pack(
+            MILLION * 4, 0, zstdseek.SEEKABLE_MAGIC),
+    }[lie]()
+    entry = put(tmp_path, data, blob=blob)
+    for frame_cache in (1 << 20, 64 << 20):  # not held, and held
+        r = make_reader(tmp_path, frame_cache=frame_cache)
+
+        async def main(r: Reader) -> None:
+            with pytest.raises(CorruptError):
+                await r.read(entry, 0, 4)
+
+        trio.run(main, r)
+        assert r.stats.table_bytes == 0 and r.hot.fills == 0 and not os.listdir(r.hot.dir)
