@@ -1,5 +1,6 @@
 """The mount's read path: bytes at an offset of a NAR, as cheaply as its format allows.
 
+NARs come from a Backend (backend.py) as NarFiles, read only through their pread.
 - Seekable zstd (what narfs writes): only the frames covering the bytes are decompressed; the
   decompressed frames live in a FrameCache bounded in bytes (settings.frame_cache_mb).
 - Uncompressed NARs are read in place.
@@ -7,6 +8,12 @@
   random access: the HotTier holds such a NAR decompressed once under `<cache>/.narfs/hot/`,
   checked against its NarHash, bounded in bytes (settings.hot_tier_mb) and evicted
   least-recently-used; reads are then plain preads at narOffset.
+
+Reads cost what they ask for, within bounds named by the configuration: a zstd NAR is read frame
+by frame only when its frames fit in the frame cache (else every small read would decompress a
+whole frame again) and its seek table fits in its share of memory, frame_cache_mb / max_open
+(zstdseek.TABLE_BYTES_PER_FRAME a frame: at most frame_cache_mb for the tables of all open
+NARs, plus those kept open by a read in flight). Any other zstd NAR goes through the hot tier.
 
 Every NAR is untrusted: a damaged frame, a seek table that lies, a NAR shorter or longer than its
 narinfo says, raise CorruptError, which the filesystem turns into EIO for that read only.
@@ -17,7 +24,9 @@ closed only after its last read, bounded caches):
 - Only the trio thread touches Reader._sources, Reader._inflight, the FrameCache and
   Source.users/retired; they have no lock.
 - Worker threads run the `*_sync` methods (preads only: no shared file position), which use
-  the Cache, HotTier (its own lock) and Stats.add (its own lock), and nothing else of the Reader.
+  the Backend and its NarFiles (thread-safe by the protocol), HotTier (its own lock) and
+  Stats.add (its own lock), and of the Reader only its fixed bounds (frames.limit,
+  max_table_frames).
 - Stretches without a checkpoint are relied on: in read() and listing(), from `source()`
   returning to `src.users += 1` (else the source could be evicted and closed in between); in
   source() and _frame(), from `_once` returning to storing its value (waiters wake then, and
@@ -327,7 +336,8 @@ class Reader:
         self.max_open = max_open
         # Each open NAR's seek table holds at most an equal share of the frame cache's bound,
         # so the tables of all open NARs together hold at most as much again as the frames.
-        self.max_table_frames = frame_cache_bytes // max_open // TABLE_BYTES_PER_FRAME - 1
+        self.max_table_frames = max(frame_cache_bytes // max_open // TABLE_BYTES_PER_FRAME - 1,
+                                    0)
         self.stats = Stats()
         self._sources: OrderedDict[tuple, Source] = OrderedDict()
         self._inflight: dict[tuple, _Flight] = {}

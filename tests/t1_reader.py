@@ -18,7 +18,6 @@ import struct
 import threading
 import time
 import tracemalloc
-from array import array
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pytest
 import trio
 import zstandard
 
-from hostile import GOOD_TREE
+from hostile import GOOD_TREE, one_frame_per_byte
 from narfs import nix32, reader, zstdseek
 from narfs.backend import LocalBackend
 from narfs.cache import Cache
@@ -635,21 +634,6 @@ def test_an_idle_evicted_source_is_closed_at_once_and_close_closes_all(tmp_path:
 # --- Reader: reads cost what they ask for (issue 11) --------------------------------------------
 
 
-def one_byte_frames(data: bytes) -> bytes:
-    """Seekable zstd of `data` (bytes a and b only) with a frame per byte: a seek table of
-    len(data) frames, made without compressing each one."""
-    frames = {c: zstandard.ZstdCompressor().compress(bytes([c])) for c in b"ab"}
-    assert len(frames[ord("a")]) == len(frames[ord("b")])
-    entries = array("I", [len(frames[ord("a")]), 1]) * len(data)
-    body = entries.tobytes() + zstdseek.FOOTER.pack(len(data), 0, zstdseek.SEEKABLE_MAGIC)
-    return (b"".join(frames[c] for c in data)
-            + struct.pack("<II", zstdseek.SKIPPABLE_MAGIC, len(body)) + body)
-
-
-def a_and_b(n: int) -> bytes:
-    return os.urandom(n).translate(bytes(b"ab"[i & 1] for i in range(256)))
-
-
 def small_reads(r: Reader, entry: Entry, data: bytes, count: int, size: int) -> None:
     rng = random.Random(count)
 
@@ -685,8 +669,8 @@ def test_frames_the_frame_cache_holds_are_read_one_at_a_time(tmp_path: Path) -> 
 @pytest.mark.parametrize("frames, seekable_", [(3000, True), (4000, False)])
 def test_a_seek_table_is_held_compactly_within_its_share_of_memory(
         tmp_path: Path, frames: int, seekable_: bool) -> None:
-    data = a_and_b(frames)
-    entry = put(tmp_path, data, blob=one_byte_frames(data))
+    data = os.urandom(frames)
+    entry = put(tmp_path, data, blob=one_frame_per_byte(data))
     # 4 MiB of frame cache, 64 open NARs: 64 KiB of table each, 3276 frames.
     r = make_reader(tmp_path, frame_cache=4 << 20)
     small_reads(r, entry, data, 50, 7)
@@ -705,8 +689,8 @@ MILLION = 1 << 20
 
 @pytest.fixture(scope="module")
 def million(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
-    data = a_and_b(MILLION)
-    return data, one_byte_frames(data)
+    data = os.urandom(MILLION)
+    return data, one_frame_per_byte(data)
 
 
 def test_a_seek_table_of_a_million_frames_is_checked_but_never_held(
