@@ -115,7 +115,13 @@ class _At:
 
 
 class FrameCache:
-    """Decompressed frames, least-recently-used first out, at most `limit` bytes in all."""
+    """Decompressed frames, least-recently-used first out, at most `limit` bytes in all.
+
+    Each frame is charged its bytes plus ENTRY_OVERHEAD, what holding it costs besides (the
+    bytes object, its key, the dict's entry): a seek table of one-byte frames must not hold
+    two hundred times the bound in bookkeeping."""
+
+    ENTRY_OVERHEAD = 256
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -128,14 +134,18 @@ class FrameCache:
             self._frames.move_to_end(key)
         return data
 
+    def fits(self, size: int) -> bool:
+        """Whether a frame of `size` bytes can be kept at all."""
+        return size + self.ENTRY_OVERHEAD <= self.limit
+
     def put(self, key: tuple, data: bytes) -> None:
-        if len(data) > self.limit or key in self._frames:
+        if not self.fits(len(data)) or key in self._frames:
             return
         self._frames[key] = data
-        self.size += len(data)
+        self.size += len(data) + self.ENTRY_OVERHEAD
         while self.size > self.limit:
             _, old = self._frames.popitem(last=False)
-            self.size -= len(old)
+            self.size -= len(old) + self.ENTRY_OVERHEAD
 
 
 class HotTier:
@@ -359,7 +369,7 @@ class Reader:
         try:
             if entry.compression == "zstd":
                 table = self._table_sync(f, entry)
-                if table is not None and table.max_frame <= self.frames.limit:
+                if table is not None and self.frames.fits(table.max_frame):
                     return Source(key, f, entry.nar_size, table, self.stats)
                 if table is not None:
                     log.info("%s: frames of up to %d bytes, more than the frame cache holds; "

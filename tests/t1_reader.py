@@ -99,18 +99,21 @@ def fd_open(fd: int) -> bool:
 # --- FrameCache ------------------------------------------------------------------------------
 
 
+COST = 30 + FrameCache.ENTRY_OVERHEAD  # what a 30-byte frame is charged
+
+
 def test_frame_cache_stays_within_its_bound_and_drops_the_oldest_first() -> None:
-    fc = FrameCache(100)
+    fc = FrameCache(3 * COST + 10)
     for i in range(10):
         fc.put(("n", i), bytes([i]) * 30)
-        assert fc.size <= 100
-        assert fc.size == sum(len(v) for v in fc._frames.values())
+        assert fc.size <= fc.limit
+        assert fc.size == sum(len(v) + fc.ENTRY_OVERHEAD for v in fc._frames.values())
     assert list(fc._frames) == [("n", 7), ("n", 8), ("n", 9)]
     assert fc.get(("n", 6)) is None and fc.get(("n", 9)) == b"\x09" * 30
 
 
 def test_frame_cache_keeps_what_was_used_last() -> None:
-    fc = FrameCache(90)
+    fc = FrameCache(3 * COST)
     for k in "abc":
         fc.put((k,), k.encode() * 30)
     assert fc.get(("a",)) == b"a" * 30  # a is now the newest
@@ -120,13 +123,27 @@ def test_frame_cache_keeps_what_was_used_last() -> None:
 
 
 def test_frame_cache_refuses_a_frame_larger_than_itself_and_counts_a_key_once() -> None:
-    fc = FrameCache(100)
+    fc = FrameCache(2 * COST)
     fc.put(("small",), b"s" * 60)
-    fc.put(("huge",), b"h" * 101)
+    fc.put(("huge",), b"h" * (2 * COST - fc.ENTRY_OVERHEAD + 1))
     assert fc.get(("huge",)) is None and fc.get(("small",)) == b"s" * 60, \
         "a frame that cannot fit must not flush the cache"
     fc.put(("small",), b"s" * 60)
-    assert fc.size == 60
+    assert fc.size == 60 + fc.ENTRY_OVERHEAD
+
+
+def test_tiny_frames_are_charged_what_holding_them_costs() -> None:
+    fc = FrameCache(1 << 20)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(100_000):
+            fc.put(("some-nar", "nar/x.nar.zst", "sha256:x", i), bytes([i & 0xFF]))
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert fc.size <= fc.limit
+    assert held <= fc.limit, f"{held} bytes held for a bound of {fc.limit}"
 
 
 # --- HotTier ---------------------------------------------------------------------------------
@@ -457,7 +474,7 @@ def test_a_failed_load_is_shared_by_its_waiters_and_retried_later(
     trio.run(main)
     assert len(errors) == 5, "every reader of the damaged frame gets the error"
     assert attempts == [0, FRAME * 2, 0], "concurrent readers share one attempt"
-    assert not r._inflight and r.frames.size == FRAME
+    assert not r._inflight and r.frames.size == FRAME + r.frames.ENTRY_OVERHEAD
 
 
 # --- Reader: lying inputs ----------------------------------------------------------------------
@@ -658,10 +675,10 @@ def test_a_frame_larger_than_the_frame_cache_is_decompressed_once(tmp_path: Path
 
 def test_frames_the_frame_cache_holds_are_read_one_at_a_time(tmp_path: Path) -> None:
     data = os.urandom(64 << 10)
-    entry = put(tmp_path, data, blob=seekable(data, frame=16 << 10))
+    entry = put(tmp_path, data, blob=seekable(data, frame=8 << 10))
     r = make_reader(tmp_path, frame_cache=16 << 10)
     small_reads(r, entry, data, 200, 512)
-    assert r.hot.fills == 0 and r.stats.frames_decompressed >= 4
+    assert r.hot.fills == 0 and r.stats.frames_decompressed >= 8
     assert r.frames.size <= 16 << 10
     r.close()
 
