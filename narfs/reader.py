@@ -29,8 +29,8 @@ closed only after its last read, bounded caches):
   max_table_frames).
 - Stretches without a checkpoint are relied on: in read() and listing(), from `source()`
   returning to `src.users += 1` (else the source could be evicted and closed in between); in
-  source() and _frame(), from `_once` returning to storing its value (waiters wake then, and
-  must find it).
+  source() and _frame(), from `_once` returning to storing its value, and in _frames(), from
+  setting its flights done to putting their frames (waiters wake then, and must find them).
 Checklist for a change here: no `await` inside those stretches; a new blocking call goes to a
 worker thread; a new shared structure is either trio-thread only or locked; a new cache has a
 bound and a test of it in tests/t1_reader.py.
@@ -66,6 +66,10 @@ T = TypeVar("T")
 HOT_SUFFIX = ".nar"
 HOT_TMP = ".tmp-"
 STALE_TMP = 3600  # a hot-tier temporary older than this belongs to no live fill
+# Frames smaller than this (but the last) make a NAR go through the hot tier: a read of 128 KiB
+# then spans at most ~2000 frames, where a table of empty or one-byte frames made it 100,000s
+# (seconds of the trio thread). narfs writes 4 KiB frames at least, Nix 2.35 16 MiB ones.
+MIN_FRAME = 64
 
 
 @dataclass
@@ -291,13 +295,25 @@ class Source:
         self.users = 0
         self.retired = False
 
-    def frame_sync(self, index: int) -> bytes:
+    def frames_sync(self, indices: list[int]) -> tuple[list[bytes], CorruptError | None]:
+        """Frames `indices` decompressed in turn, up to the first damaged one (with its error):
+        one worker-thread call for all the frames a read misses."""
         assert self.table is not None
-        frame = self.table.frames[index]
-        data = zstdseek.read_frame(_At(self.file), frame, _dctx())
-        self.stats.add(frames_decompressed=1, frame_bytes_read=frame.comp_size,
-                  bytes_decompressed=frame.size)
-        return data
+        f, dctx = _At(self.file), _dctx()
+        out: list[bytes] = []
+        comp = dec = 0
+        try:
+            for i in indices:
+                frame = self.table.frames[i]
+                out.append(zstdseek.read_frame(f, frame, dctx))
+                comp += frame.comp_size
+                dec += frame.size
+        except CorruptError as e:
+            return out, e
+        finally:
+            self.stats.add(frames_decompressed=len(out), frame_bytes_read=comp,
+                           bytes_decompressed=dec)
+        return out, None
 
     def pread_sync(self, offset: int, size: int) -> bytes:
         data = self.file.pread(offset, size)
@@ -316,11 +332,13 @@ class Source:
 
 
 class _Flight:
-    """One make in progress: waiters wait for `done`, then find the value or share `error`."""
+    """One make in progress (of one key, or a batch of frames): waiters wait for `done`, then
+    find the value or share `error`, if it is their `key`'s (None: any key's)."""
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.error: str | None = None
+        self.key: tuple | None = None
 
 
 _local = threading.local()
@@ -369,11 +387,14 @@ class Reader:
         try:
             if entry.compression == "zstd":
                 table = self._table_sync(f, entry)
-                if table is not None and self.frames.fits(table.max_frame):
-                    return Source(key, f, entry.nar_size, table, self.stats)
-                if table is not None:
+                if table is not None and not self.frames.fits(table.max_frame):
                     log.info("%s: frames of up to %d bytes, more than the frame cache holds; "
                              "reading it through the hot tier", entry.url, table.max_frame)
+                elif table is not None and table.min_frame < MIN_FRAME:
+                    log.info("%s: frames of %d bytes, too small to read one by one; reading "
+                             "it through the hot tier", entry.url, table.min_frame)
+                elif table is not None:
+                    return Source(key, f, entry.nar_size, table, self.stats)
             if entry.compression == "none":
                 if f.size != entry.nar_size:
                     raise CorruptError(f"uncompressed NAR is {f.size} bytes, NarSize says "
@@ -425,7 +446,7 @@ class Reader:
             if flight is None:
                 break
             await flight.done.wait()
-            if flight.error is not None:
+            if flight.error is not None and flight.key in (None, key):
                 raise CorruptError(flight.error)
         flight = self._inflight[key] = _Flight()
         try:
@@ -468,9 +489,9 @@ class Reader:
                 return await trio.to_thread.run_sync(src.pread_sync, offset, size,
                                                      limiter=self.limiter)
             parts = []
-            for i in src.table.covering(offset, size):
+            indices = src.table.covering(offset, size)
+            for i, data in zip(indices, await self._frames(src, indices), strict=True):
                 frame = src.table.frames[i]
-                data = await self._frame(src, i)
                 lo = max(offset - frame.offset, 0)
                 hi = min(offset + size - frame.offset, frame.size)
                 parts.append(data[lo:hi] if (lo, hi) != (0, frame.size) else data)
@@ -496,15 +517,57 @@ class Reader:
             parts.append(data[lo:min(offset + size - frame.offset, frame.size)])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    async def _frames(self, src: Source, indices: range) -> list[bytes]:
+        """Frames `indices` of `src`: from the frame cache, else decompressed, all those
+        missing in one worker-thread call (a read over thousands of tiny frames pays one thread
+        hop, not one per frame), and none by two reads at once: a frame another read is
+        decompressing is waited for, and shares its CorruptError."""
+        found: dict[int, bytes] = {}
+        mine: list[int] = []
+        theirs: list[int] = []
+        for i in indices:
+            data = self.frames.get((*src.key, i))
+            if data is not None:
+                found[i] = data
+            elif (*src.key, i) in self._inflight:
+                theirs.append(i)
+            else:
+                mine.append(i)
+        self.stats.add(frame_hits=len(found))
+        if mine:
+            flight = _Flight()  # one for the batch: only the damaged frame's waiters fail
+            for i in mine:
+                self._inflight[(*src.key, i)] = flight
+            error = None
+            try:
+                out, error = await trio.to_thread.run_sync(src.frames_sync, mine,
+                                                           limiter=self.limiter)
+                if error is not None:
+                    flight.error, flight.key = str(error), (*src.key, mine[len(out)])
+            finally:
+                for i in mine:
+                    del self._inflight[(*src.key, i)]
+                flight.done.set()
+            # No checkpoint from here to the puts: woken waiters find their frames cached
+            # (unless this read alone outgrows the cache; then they decompress them again).
+            for i, data in zip(mine, out, strict=False):
+                self.frames.put((*src.key, i), data)
+                found[i] = data
+            if error is not None:
+                raise error
+        for i in theirs:
+            found[i] = await self._frame(src, i)
+        return [found[i] for i in indices]
+
     async def _frame(self, src: Source, index: int) -> bytes:
+        """One frame another read was decompressing (see _frames)."""
         key = (*src.key, index)
-        data = self.frames.get(key)
-        if data is not None:
-            self.stats.frame_hits += 1
-            return data
 
         def make() -> bytes:
-            return src.frame_sync(index)
+            out, error = src.frames_sync([index])
+            if error is not None:
+                raise error
+            return out[0]
 
         data = await self._once(key, lambda: self.frames.get(key), make)
         self.frames.put(key, data)

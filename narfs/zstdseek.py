@@ -95,25 +95,27 @@ class SeekTable:
 
     def __init__(self, frames: Iterable[Frame] = ()) -> None:
         comp_offsets, comp_sizes, starts = array("Q"), array("I"), array("Q")
-        end = max_frame = 0
+        end = 0
+        sizes = []
         for f in frames:
             comp_offsets.append(f.comp_offset)
             comp_sizes.append(f.comp_size)
             starts.append(f.offset)
             end = f.offset + f.size
-            max_frame = max(max_frame, f.size)
+            sizes.append(f.size)
         starts.append(end)
-        self._set(comp_offsets, comp_sizes, starts, max_frame)
+        self._set(comp_offsets, comp_sizes, starts, max(sizes, default=0),
+                  min(sizes[:-1], default=MAX_FRAME))
 
     @classmethod
     def _of(cls, comp_offsets: array, comp_sizes: array, starts: array,
-            max_frame: int) -> SeekTable:
+            max_frame: int, min_frame: int) -> SeekTable:
         table = cls.__new__(cls)
-        table._set(comp_offsets, comp_sizes, starts, max_frame)
+        table._set(comp_offsets, comp_sizes, starts, max_frame, min_frame)
         return table
 
     def _set(self, comp_offsets: array, comp_sizes: array, starts: array,
-             max_frame: int) -> None:
+             max_frame: int, min_frame: int) -> None:
         self._comp_offsets = comp_offsets
         self._comp_sizes = comp_sizes
         self._starts = starts  # one more than the frames: the last is the stream's size
@@ -121,6 +123,9 @@ class SeekTable:
         self.size: int = starts[-1]
         self.comp_size: int = comp_offsets[-1] + comp_sizes[-1] if comp_sizes else 0
         self.max_frame = max_frame  # the largest frame's decompressed size
+        # The smallest but the last's (MAX_FRAME when there is no other): how many frames one
+        # read may have to decompress.
+        self.min_frame = min_frame
         self.nbytes = sum(a.itemsize * len(a) for a in (comp_offsets, comp_sizes, starts))
 
     def covering(self, offset: int, length: int) -> range:
@@ -170,6 +175,7 @@ def read_table(f: SeekableReadable, file_size: int,
     comp_offsets, comp_sizes = array("Q", bytes(8 * held)), array("I", bytes(4 * held))
     starts = array("Q", bytes(8 * held + 8))
     comp = dec = max_frame = 0
+    min_frame = MAX_FRAME
     step = entry // 4
     for first in range(0, nframes, _TABLE_CHUNK):
         n = min(_TABLE_CHUNK, nframes - first)
@@ -191,12 +197,14 @@ def read_table(f: SeekableReadable, file_size: int,
         comp += sum(cs)
         dec += sum(ds)
         max_frame = max(max_frame, max(ds))
+        but_last = ds if first + n < nframes else ds[:-1]
+        min_frame = min(min_frame, min(but_last, default=MAX_FRAME))
     if comp != start:
         raise CorruptError(f"seek table frames cover {comp} bytes, the data is {start}")
     if not hold:
         raise TooManyFrames(nframes, dec)
     starts[nframes] = dec
-    return SeekTable._of(comp_offsets, comp_sizes, starts, max_frame)
+    return SeekTable._of(comp_offsets, comp_sizes, starts, max_frame, min_frame)
 
 
 ZSTD_MAGIC = 0xFD2FB528
@@ -219,6 +227,7 @@ def index_frames(f: SeekableReadable, file_size: int,
     """
     comp_offsets, comp_sizes, starts = array("Q"), array("I"), array("Q")
     pos = dec = max_frame = 0
+    min_frame = last = MAX_FRAME
     while pos < file_size:
         f.seek(pos)
         head = f.read(18)  # the largest frame header
@@ -259,6 +268,7 @@ def index_frames(f: SeekableReadable, file_size: int,
                                f"of {size} bytes compresses to")
         max_frame = max(max_frame, size)
         if size:
+            min_frame, last = min(min_frame, last), size
             comp_offsets.append(pos)
             comp_sizes.append(end - pos)
             starts.append(dec)
@@ -267,7 +277,7 @@ def index_frames(f: SeekableReadable, file_size: int,
     if pos != file_size:
         raise CorruptError("zstd stream runs past the end of the file")
     starts.append(dec)
-    return SeekTable._of(comp_offsets, comp_sizes, starts, max_frame)
+    return SeekTable._of(comp_offsets, comp_sizes, starts, max_frame, min_frame)
 
 
 def read_frame(f: SeekableReadable, frame: Frame,

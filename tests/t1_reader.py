@@ -507,22 +507,24 @@ def grow(rows: list[list[int]]) -> None:
 @pytest.mark.parametrize("lie", [swap_sizes, shift_comp])
 def test_a_lying_seek_table_costs_the_frames_it_lies_about(tmp_path: Path,
                                                           lie: Callable) -> None:
-    data = os.urandom(FRAME * 4)
-    entry = put(tmp_path, data, blob=table_lie(seekable(data), lie))
+    f = 2 * FRAME  # the lie moves 7 bytes: every frame but the last stays over MIN_FRAME
+    data = os.urandom(f * 3)
+    entry = put(tmp_path, data, blob=table_lie(seekable(data, f), lie))
     r = make_reader(tmp_path)
 
     async def main() -> None:
         # Frame 0 itself is intact when only its compressed length lies (zstd stops at the
         # frame's end): its bytes may be served, but never wrong ones.
-        for offset in (0, FRAME + 1):
+        for offset in (0, f + 1):
             try:
                 assert await r.read(entry, offset, 4) == data[offset:offset + 4]
             except CorruptError:
                 continue
             assert lie is shift_comp and offset == 0
         with pytest.raises(CorruptError):
-            await r.read(entry, FRAME + 1, 4)
-        assert await r.read(entry, FRAME * 3, FRAME) == data[FRAME * 3:]
+            await r.read(entry, f + 1, 4)
+        assert await r.read(entry, f * 2, f) == data[f * 2:]
+        assert r.hot.fills == 0, "read frame by frame"
 
     trio.run(main)
 
@@ -686,8 +688,8 @@ def test_frames_the_frame_cache_holds_are_read_one_at_a_time(tmp_path: Path) -> 
 @pytest.mark.parametrize("frames, seekable_", [(3000, True), (4000, False)])
 def test_a_seek_table_is_held_compactly_within_its_share_of_memory(
         tmp_path: Path, frames: int, seekable_: bool) -> None:
-    data = os.urandom(frames)
-    entry = put(tmp_path, data, blob=one_frame_per_byte(data))
+    data = os.urandom(frames * FRAME)
+    entry = put(tmp_path, data)
     # 4 MiB of frame cache, 64 open NARs: 64 KiB of table each, 3276 frames.
     r = make_reader(tmp_path, frame_cache=4 << 20)
     small_reads(r, entry, data, 50, 7)
@@ -699,6 +701,30 @@ def test_a_seek_table_is_held_compactly_within_its_share_of_memory(
     assert r.stats.table_bytes <= (4 << 20) // r.max_open
     r.close()
     assert r.stats.table_bytes == 0, "a closed NAR's table is let go"
+
+
+@pytest.mark.parametrize("tiny", ["one-byte", "empty"])
+def test_a_table_of_tiny_frames_goes_through_the_hot_tier(tmp_path: Path, tiny: str) -> None:
+    n = 20_000  # a table well within its share of the frame cache
+    if tiny == "one-byte":
+        data = os.urandom(n)
+        blob = one_frame_per_byte(data)
+    else:  # empty frames between two real ones: a read across them covers them all
+        data = os.urandom(2 * FRAME)
+        halves = [zstandard.ZstdCompressor().compress(data[i:i + FRAME]) for i in (0, FRAME)]
+        empty = zstandard.ZstdCompressor().compress(b"")
+        blob = halves[0] + empty * n + halves[1] + zstdseek.encode_table(
+            [(len(halves[0]), FRAME), *[(len(empty), 0)] * n, (len(halves[1]), FRAME)])
+    entry = put(tmp_path, data, blob=blob)
+    r = make_reader(tmp_path, frame_cache=64 << 20)
+
+    async def main() -> None:
+        assert await r.read(entry, 0, len(data)) == data
+
+    trio.run(main)
+    assert r.stats.frames_decompressed == 0 and r.hot.fills == 1, \
+        "a read must not decompress thousands of frames for a few bytes each"
+    r.close()
 
 
 MILLION = 1 << 20
