@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 import zstandard
 
 from hostile import GOOD_TREE, one_frame_per_byte
@@ -475,6 +476,83 @@ def test_a_failed_load_is_shared_by_its_waiters_and_retried_later(
     assert len(errors) == 5, "every reader of the damaged frame gets the error"
     assert attempts == [0, FRAME * 2, 0], "concurrent readers share one attempt"
     assert not r._inflight and r.frames.size == FRAME + r.frames.ENTRY_OVERHEAD
+
+
+def test_a_read_over_many_frames_decompresses_them_in_one_worker_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(FRAME * 20)
+    entry = put(tmp_path, data)
+    r = make_reader(tmp_path, tokens=8)
+    calls: list[list[int]] = []
+    real = reader.Source.frames_sync
+
+    def counted(self: reader.Source, indices: list[int]) -> tuple:
+        calls.append(list(indices))
+        return real(self, indices)
+
+    monkeypatch.setattr(reader.Source, "frames_sync", counted)
+
+    async def main() -> None:
+        assert await r.read(entry, 10, FRAME * 5) == data[10:10 + FRAME * 5]
+        async with trio.open_nursery() as n:  # overlapping reads share frames 5 and 6
+            n.start_soon(r.read, entry, FRAME * 5, FRAME * 4)
+            n.start_soon(r.read, entry, FRAME * 5, FRAME * 2)
+
+    trio.run(main)
+    assert calls[0] == list(range(6)), "one thread hop for the read's six frames"
+    assert sorted(i for c in calls for i in c) == list(range(9)), "each frame decompressed once"
+    assert r.stats.frames_decompressed == 9
+
+
+def test_only_the_damaged_frame_of_a_batch_fails_its_waiters(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(FRAME * 3)
+    blob = bytearray(seekable(data))
+    table = zstdseek.read_table(io.BytesIO(bytes(blob)), len(blob))
+    assert table is not None
+    blob[table.frames[1].comp_offset + 6] ^= 0xFF  # frame 1's compressed bytes
+    entry = put(tmp_path, data, blob=bytes(blob))
+    r = make_reader(tmp_path, tokens=8)
+    entered, release = threading.Event(), threading.Event()
+    real = zstdseek.read_frame
+
+    def gated(f, frame, dctx=None):  # the batch's first frame waits until the test says so
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(10), "the test never released the batch"
+        return real(f, frame, dctx)
+
+    monkeypatch.setattr(reader.zstdseek, "read_frame", gated)
+
+    async def main() -> None:
+        got: dict[str, object] = {}
+
+        async def batch() -> None:
+            try:
+                await r.read(entry, 0, FRAME * 3)
+            except CorruptError as e:
+                got["batch"] = e
+
+        async def waiter(name: str, offset: int) -> None:
+            try:
+                got[name] = await r.read(entry, offset, 4)
+            except CorruptError as e:
+                got[name] = e
+
+        async with trio.open_nursery() as n:
+            n.start_soon(batch)
+            assert await trio.to_thread.run_sync(entered.wait, 10)
+            n.start_soon(waiter, "frame 1", FRAME + 1)
+            n.start_soon(waiter, "frame 2", FRAME * 2 + 1)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+        assert isinstance(got["batch"], CorruptError)
+        assert isinstance(got["frame 1"], CorruptError), "the damaged frame's waiter shares it"
+        assert got["frame 2"] == data[FRAME * 2 + 1:FRAME * 2 + 5], \
+            "a frame the batch never reached is decompressed by its own reader"
+
+    trio.run(main)
+    assert not r._inflight
 
 
 # --- Reader: lying inputs ----------------------------------------------------------------------
