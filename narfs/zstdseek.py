@@ -119,7 +119,6 @@ class SeekTable:
         self._comp_offsets = comp_offsets
         self._comp_sizes = comp_sizes
         self._starts = starts  # one more than the frames: the last is the stream's size
-        self.frames = FrameList(self)
         self.size: int = starts[-1]
         self.comp_size: int = comp_offsets[-1] + comp_sizes[-1] if comp_sizes else 0
         self.max_frame = max_frame  # the largest frame's decompressed size
@@ -127,6 +126,12 @@ class SeekTable:
         # read may have to decompress.
         self.min_frame = min_frame
         self.nbytes = sum(a.itemsize * len(a) for a in (comp_offsets, comp_sizes, starts))
+
+    @property
+    def frames(self) -> FrameList:
+        # Made on each use: a FrameList kept here would be a cycle, and a dropped table of
+        # megabytes would wait for the cyclic garbage collector.
+        return FrameList(self)
 
     def covering(self, offset: int, length: int) -> range:
         """Indices of the frames holding bytes [offset, offset+length)."""
