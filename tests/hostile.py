@@ -100,16 +100,21 @@ def _compress(data: bytes, frame: int = 64) -> bytes:
     return out.getvalue()
 
 
-def one_frame_per_byte(data: bytes) -> bytes:
-    """Seekable zstd of `data` with a frame per byte: a seek table of len(data) frames (a
-    million in a second), made without compressing each byte again."""
-    frames = {c: zstandard.ZstdCompressor().compress(bytes([c])) for c in set(data)}
-    size = len(frames[data[0]]) if data else 0
-    assert all(len(f) == size for f in frames.values())  # one table entry fits all
-    body = (array("I", [size, 1]) * len(data)).tobytes() + FOOTER.pack(len(data), 0,
-                                                                        SEEKABLE_MAGIC)
-    return b"".join(map(frames.__getitem__, data)) + struct.pack("<II", SKIPPABLE_MAGIC,
-                                                                   len(body)) + body
+def seekable_by_hand(data: bytes, frame: int) -> bytes:
+    """Seekable zstd of `data` in `frame`-byte frames, each distinct frame compressed once: a
+    table of a million frames of repetitive data in a second or two."""
+    cctx = zstandard.ZstdCompressor()
+    memo: dict[bytes, bytes] = {}
+    parts, sizes = [], array("I")
+    for i in range(0, len(data), frame):
+        chunk = data[i:i + frame]
+        comp = memo.get(chunk)
+        if comp is None:
+            comp = memo[chunk] = cctx.compress(chunk)
+        parts.append(comp)
+        sizes.extend((len(comp), len(chunk)))
+    body = sizes.tobytes() + FOOTER.pack(len(parts), 0, SEEKABLE_MAGIC)
+    return b"".join(parts) + struct.pack("<II", SKIPPABLE_MAGIC, len(body)) + body
 
 
 def _listing_for(data: bytes) -> bytes | None:

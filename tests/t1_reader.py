@@ -26,7 +26,7 @@ import trio
 import trio.testing
 import zstandard
 
-from hostile import GOOD_TREE, one_frame_per_byte
+from hostile import GOOD_TREE, seekable_by_hand
 from narfs import nix32, reader, zstdseek
 from narfs.backend import LocalBackend
 from narfs.cache import Cache
@@ -786,7 +786,7 @@ def test_a_table_of_tiny_frames_goes_through_the_hot_tier(tmp_path: Path, tiny: 
     n = 20_000  # a table well within its share of the frame cache
     if tiny == "one-byte":
         data = os.urandom(n)
-        blob = one_frame_per_byte(data)
+        blob = seekable_by_hand(data, 1)
     else:  # empty frames between two real ones: a read across them covers them all
         data = os.urandom(2 * FRAME)
         halves = [zstandard.ZstdCompressor().compress(data[i:i + FRAME]) for i in (0, FRAME)]
@@ -811,7 +811,7 @@ MILLION = 1 << 20
 @pytest.fixture(scope="module")
 def million(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
     data = os.urandom(MILLION)
-    return data, one_frame_per_byte(data)
+    return data, seekable_by_hand(data, 1)
 
 
 def test_a_seek_table_of_a_million_frames_is_checked_but_never_held(

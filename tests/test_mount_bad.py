@@ -19,7 +19,7 @@ import pytest
 from mounting import Mount, mounted
 
 from conftest import Narfs
-from hostile import one_frame_per_byte
+from hostile import seekable_by_hand
 from narfs import listing, nar, nix32
 from narfs.nar import encode_str
 from narfs.narinfo import NarInfo
@@ -231,8 +231,10 @@ def test_unsafe_names_leave_the_path_out(hostile: tuple[Mount, dict[str, str]],
 FRAME_CACHE_MB = 1  # the configuration's smallest: a NAR's share of it for its seek table 16 KiB
 BIG = os.urandom(4 << 20)
 BIG_NAR = make_nar(directory([(b"big", regular(BIG))]))
-MANY = os.urandom(1 << 20)
-MANY_NAR = make_nar(directory([(b"many", regular(MANY))]))  # a frame per byte: 1M frames
+# A million 64-byte frames (MIN_FRAME: small, not too small), of 256 kinds to compress fast.
+_POOL = [os.urandom(64) for _ in range(256)]
+MANY = b"".join(map(_POOL.__getitem__, os.urandom(1 << 20)))
+MANY_NAR = make_nar(directory([(b"many", regular(MANY))]))
 
 
 def lie_at_the_end(blob: bytes) -> bytes:
@@ -251,7 +253,7 @@ def costly(tmp_path_factory: pytest.TempPathFactory, fuse_mode: str
     n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
     n.config.write_text(n.config.read_text() + f"frame_cache_mb = {FRAME_CACHE_MB}\n")
     w = Writer(n.cache)
-    many = one_frame_per_byte(MANY_NAR)
+    many = seekable_by_hand(MANY_NAR, 64)
     names = {
         # One 4 MiB frame: four times the frame cache.
         "huge-frame": w.publish("huge-frame", BIG_NAR, "zstd", nar.listing_of(io.BytesIO(BIG_NAR)),
