@@ -827,7 +827,7 @@ def test_a_seek_table_of_a_million_frames_is_checked_but_never_held(
         tracemalloc.stop()
     # The bound: the table's share of the frame cache (here 16 KiB, 819 frames: not enough, so
     # the NAR is read once into the hot tier) plus one chunk of table entries being checked.
-    # A list of Frame objects took ~200 MiB here; compact arrays without a bound 20 MiB.
+    # A list of Frame objects took ~180 MiB here; compact arrays without a bound 20 MiB.
     assert peak < 8 << 20, peak
     assert r.stats.table_bytes == 0 and r.hot.fills == 1
     assert r.stats.bytes_decompressed == len(data)

@@ -301,7 +301,7 @@ def test_a_million_frame_seek_table_stays_within_the_memory_bound(
     small_reads(m / names["million-frames"] / "many", MANY, 100)
     after = m.stats()
     grown = proc.memory_info().rss - rss
-    # A list of a million Frame objects was ~200 MiB; the bound is the NAR's share of the frame
+    # A list of a million Frame objects was ~180 MiB; the bound is the NAR's share of the frame
     # cache for its table, and the table is checked a chunk (~1 MiB) at a time.
     assert after["table_bytes"] <= (FRAME_CACHE_MB << 20) // 64, after
     assert grown < 64 << 20, grown
