@@ -25,6 +25,7 @@ Nix and the host
                   settings (and the key they trust), sd_notify, progress bars and how counts,
                   sizes and times print
 the mount (a FUSE filesystem over the cache)
+    backend       where a mount's bytes come from (LocalBackend: the cache directory)
     reader        the read path: bytes at an offset of a NAR (frame cache, hot tier)
     fs            the filesystem: lookup, readdir, read through pyfuse3
 the archiver

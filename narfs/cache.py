@@ -27,7 +27,7 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from . import listing, narinfo, signing
 from .errors import CorruptError, NarfsError
@@ -167,6 +167,13 @@ def read_small(path: str, limit: int, dir_fd: int | None = None) -> bytes:
     return data
 
 
+class NarRef(Protocol):
+    """What opening a NAR needs of a narinfo or a catalog entry: the URL naming its file."""
+
+    @property
+    def url(self) -> str: ...
+
+
 class Cache:
     """One cache directory. Reads treat its contents as untrusted (contract 5)."""
 
@@ -303,7 +310,7 @@ class Cache:
         finally:
             os.close(fd)
 
-    def open_nar(self, info: NarInfo) -> io.BufferedReader:
+    def open_nar(self, info: NarRef) -> io.BufferedReader:
         """The NAR file a narinfo names, opened through `nar/` without following a symlink in
         either place (a symlinked `nar/` would lead reads outside the cache), and without
         blocking on a FIFO."""
