@@ -367,10 +367,6 @@ class Cache:
             return False  # not a directory, unreadable: check() says which
         return self.init() if new else False
 
-    # mount.py (owned by another change this session) still calls cache.write_atomic; the
-    # merge turns that call into write_atomic() and removes this alias.
-    write_atomic = staticmethod(write_atomic)
-
     def sync_nar_dir(self) -> None:
         fsync_dir(self.nar_dir)
 

@@ -12,7 +12,7 @@
   every POLL seconds when inotify is unavailable).
 - Mode (fs.py): fast when pyfuse3 carries narfs's patch (or `fuse_mode = "fast"` demands it),
   stock otherwise or when `fuse_mode = "stock"`. The log says which, and so does `narfs status`
-  through `<cache>/.narfs/mount-<pid>.json` (mounts.py), removed at unmount.
+  through `<cache>/.narfs/mount-<pid>.json` (mounttable.py), removed at unmount.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import pyfuse3
 import trio
 
 from .backend import LocalBackend
-from .cache import Cache
+from .cache import Cache, write_atomic
 from .catalog import Catalog
 from .config import Settings
 from .errors import NarfsError
@@ -296,7 +296,7 @@ def _write_state(cache: Cache, path: str, mountpoint: str, mode: str) -> None:
     """For `narfs status`; best effort: a mount serves the same without it."""
     remove_stale_states(os.path.dirname(path))
     try:
-        cache.write_atomic(path, state_text(mountpoint, mode))
+        write_atomic(path, state_text(mountpoint, mode))
     except OSError as e:
         log.warning("%s: not written (%s); narfs status will not show the mode", path, e)
 

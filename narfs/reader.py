@@ -55,6 +55,7 @@ import zstandard
 
 from . import nar, nix32, zstdseek
 from .backend import Backend, LocalFile, NarFile
+from .cache import TMP_PREFIX, new_temporary, remove_file
 from .catalog import Entry
 from .errors import CorruptError
 from .narstream import decompressed_chunks, parse_checked
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HOT_SUFFIX = ".nar"
-HOT_TMP = ".tmp-"
 STALE_TMP = 3600  # a hot-tier temporary older than this belongs to no live fill
 # Frames smaller than this (but the last) make a NAR go through the hot tier: a read of 128 KiB
 # then spans at most ~2000 frames, where a table of empty or one-byte frames made it 100,000s
@@ -176,9 +176,9 @@ class HotTier:
                     st = e.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                if e.name.startswith(HOT_TMP):
+                if e.name.startswith(TMP_PREFIX):
                     if now - st.st_mtime > STALE_TMP:
-                        _unlink(e.path)
+                        remove_file(e.path)
                 elif e.name.endswith(HOT_SUFFIX) and e.is_file(follow_symlinks=False):
                     found.append((st.st_mtime, e.name, st.st_size))
         for _, name, size in sorted(found):
@@ -227,9 +227,7 @@ class HotTier:
 
     def _fill(self, path: str, nar_hash: str, nar_size: int,
               produce: Callable[[Callable[[bytes], None]], None]) -> int:
-        tmp = os.path.join(self.dir, f"{HOT_TMP}{os.getpid()}-{threading.get_ident()}-"
-                                     f"{os.path.basename(path)}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd, tmp = new_temporary(self.dir, os.path.basename(path))
         try:
             sha = hashlib.sha256()
             written = 0
@@ -255,7 +253,7 @@ class HotTier:
             os.rename(tmp, path)
         except BaseException:
             os.close(fd)
-            _unlink(tmp)
+            remove_file(tmp)
             raise
         return fd
 
@@ -266,15 +264,8 @@ class HotTier:
         while len(self._files) > keep and self.size + needed > self.limit:
             name, size = self._files.popitem(last=False)
             self.size -= size
-            _unlink(os.path.join(self.dir, name))
+            remove_file(os.path.join(self.dir, name))
             log.debug("hot tier: evicted %s (%d bytes)", name, size)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class Source:

@@ -29,11 +29,11 @@ import zstandard
 from hostile import GOOD_TREE, seekable_by_hand
 from narfs import nix32, reader, zstdseek
 from narfs.backend import LocalBackend
-from narfs.cache import Cache
+from narfs.cache import TMP_PREFIX, Cache
 from narfs.catalog import Entry
 from narfs.errors import CorruptError
 from narfs.nar import listing_of
-from narfs.reader import HOT_TMP, STALE_TMP, FrameCache, HotTier, Reader
+from narfs.reader import STALE_TMP, FrameCache, HotTier, Reader
 from narfs.zstdseek import SeekableWriter
 
 FRAME = 64  # small frames: a few hundred bytes span several
@@ -216,8 +216,8 @@ def test_hot_tier_restart_scan(tmp_path: Path) -> None:
     now = time.time()
     for age, name in zip((10, 30, 20), names, strict=True):  # LRU order: 1, 2, 0
         os.utime(tmp_path / name, (now - age, now - age))
-    stale = tmp_path / f"{HOT_TMP}1-2-stale.nar"
-    live = tmp_path / f"{HOT_TMP}3-4-live.nar"
+    stale = tmp_path / f"{TMP_PREFIX}1-2-stale.nar"
+    live = tmp_path / f"{TMP_PREFIX}3-4-live.nar"
     for t in (stale, live):
         t.write_bytes(b"partial")
     os.utime(stale, (now - STALE_TMP - 60, now - STALE_TMP - 60))
