@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from . import pathindex
 from .cache import Cache
 from .catalog import Catalog, Entry
 from .config import Settings
@@ -195,6 +196,7 @@ def retire(cache: Cache, catalog: Catalog, doomed: Iterable[tuple[str, str | Non
     freed = Freed()
     with cache.publish_lock(exclusive=True):
         _retire(cache, catalog, doomed, freed)
+    pathindex.publish(cache)
     return freed
 
 

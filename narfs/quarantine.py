@@ -25,7 +25,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from . import narinfo
+from . import narinfo, pathindex
 from .cache import Cache, fsync_dir, read_small
 from .config import Settings
 from .errors import CorruptError, NarfsError
@@ -200,6 +200,7 @@ def restore(cache: Cache, entries: list[Held]) -> tuple[list[str], int]:
         os.fsync(qfd)
     finally:
         os.close(qfd)
+        pathindex.publish(cache)
     return lines, left
 
 

@@ -39,7 +39,7 @@ from typing import BinaryIO
 import trio
 import zstandard
 
-from . import listing, nar, nix32, nixversions, quarantine, store, zstdseek
+from . import listing, nar, nix32, nixversions, pathindex, quarantine, store, zstdseek
 from .cache import CACHE_INFO, TMP_PREFIX, Cache, cache_info_text, fsync_dir, kind_of
 from .catalog import Catalog, Entry
 from .config import Settings
@@ -262,6 +262,8 @@ def scan(cache: Cache, writer_active: bool, now: float) -> Scan:
             s.listings.add(name[:-3])
         elif name in KNOWN_DIRS and os.path.isdir(path) and not os.path.islink(path):
             pass
+        elif name == pathindex.FILENAME and stat.S_ISREG(os.lstat(path).st_mode):
+            pass  # the path index remote mounts read (rewritten by the next change)
         elif name in ("nar", ".narfs"):
             mode = os.lstat(path).st_mode
             s.problems.append(Problem(path, f"{kind_of(mode)}, not a directory: narfs reads and "

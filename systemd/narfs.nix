@@ -448,6 +448,11 @@ in
               types { }
               default_type text/x-nix-narinfo;
             '';
+            "= /narfs-index.zst".extraConfig = ''
+              types { }
+              default_type application/zstd;
+              add_header Cache-Control "no-cache";
+            '';
             "~ \"^/[0-9a-df-np-sv-z]{32}\\.ls$\"".extraConfig = ''
               types { }
               default_type application/json;
