@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast: zero-message opens and cached directories (needs pyfuse3 with "
                    "narfs's patch); stock: what stock pyfuse3 allows; auto (default): fast "
                    "when available")
+    p.add_argument("source", nargs="?", metavar="URL",
+                   help="a remote cache, http(s)://host/path (default: cache_dir, or --cache)")
     p.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
                    help="where to mount (default: mountpoint from the config file)")
 

@@ -1,0 +1,424 @@
+"""A remote cache (`narfs mount http(s)://host/path MOUNTPOINT`): the second Backend.
+
+The client keeps a partial mirror of the server's cache in its own directory (`client_dir`:
+/var/cache/narfs/remote/<host>/ for root, else $XDG_CACHE_HOME or ~/.cache/narfs/remote/<host>/),
+so the catalog, the filesystem and the reader work on it exactly as on a local cache:
+
+  nix-cache-info     written here, so the directory is a cache
+  <hash>.narinfo     fetched for each path the server's index (pathindex.py) lists, kept only
+                     when a trusted key signed it, its mtime set to the index's archive time
+  <hash>.ls          fetched the first time a path is looked into (MirrorCache.read_listing)
+  .narfs/            catalog, trees, hot tier, and ranges/: the NAR bytes fetched, bounded
+
+NARs are never copied whole: RemoteNar.pread fetches the byte ranges the reader asks for (the
+seek table at the end, then the frames covering a read) with HTTP Range requests, keeping them
+in ranges/ so a second look costs no request. The mirror follows the server by polling its
+index with conditional requests every `remote_poll` seconds; a narinfo written or removed here
+reaches the mount through the same inotify watch as a local cache's.
+
+Trust: the server is untrusted. A path is shown only once its narinfo verifies against a
+trusted key (narfs's own: public_key or the secret key's half, and nix.conf's
+trusted-public-keys). The index is a hint (which narinfos to fetch, archive times, top
+nodes). Listings and NAR bytes are checked for shape and size as a local cache's are;
+authenticating them against the signed narinfo without reading whole NARs is described in
+docs/SECURITY.md ("Remote mounts").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import trio
+import zstandard
+
+from . import listing, narinfo, pathindex
+from .cache import Cache, cache_info_text
+from .catalog import Catalog, Entry
+from .config import Settings
+from .errors import CorruptError, NarfsError
+from .http import Http, RemoteError, is_url
+from .narinfo import NarInfo
+from .signing import PublicKey, parse_public_key
+
+log = logging.getLogger(__name__)
+
+TAIL = 4096  # the first read at a NAR's end fetches this much: footer and seek table at once
+# (8 or 12 bytes a frame: one request for NARs of up to ~2 GB in 4 MiB frames)
+FETCHERS = 8  # narinfos fetched at once when the index lists new paths
+RANGES_DIR = "ranges"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+__all__ = ["MirrorCache", "RemoteBackend", "client_dir", "is_url", "trusted_keys"]
+
+
+def client_dir(url: str) -> str:
+    """Where a remote cache's mirror lives on this machine: one directory per URL."""
+    parts = urllib.parse.urlsplit(url)
+    name = urllib.parse.quote(f"{parts.netloc}{parts.path.rstrip('/')}", safe="")
+    if parts.scheme == "https":
+        name = "https-" + name
+    base = os.environ.get("XDG_CACHE_HOME")
+    if base:
+        base = os.path.join(base, "narfs")
+    elif os.geteuid() == 0:
+        base = "/var/cache/narfs"
+    else:
+        base = os.path.join(os.path.expanduser("~"), ".cache", "narfs")
+    return os.path.join(base, "remote", name)
+
+
+def trusted_keys(settings: Settings) -> list[PublicKey]:
+    """narfs's own key (public_key, else the secret key's public half) and nix.conf's
+    trusted-public-keys: the keys a remote path's narinfo must be signed by to be shown."""
+    from .doctor import nix_settings, nix_version  # Nix's effective settings, as doctor reads them
+    from .restore import trusted_key
+
+    keys = []
+    own = trusted_key(settings)
+    if own is not None:
+        keys.append(own)
+    v = nix_version()  # no Nix on this machine: narfs's own key alone
+    conf = None if isinstance(v, str) else nix_settings(v)
+    for field in ("trusted-public-keys", "extra-trusted-public-keys"):
+        value = (conf or {}).get(field)
+        for word in value if isinstance(value, list) else str(value or "").split():
+            try:
+                keys.append(parse_public_key(str(word), f"nix.conf {field}"))
+            except NarfsError:
+                continue
+    return keys
+
+
+class RangeCache:
+    """Fetched NAR byte ranges on disk, least recently used out first, at most `limit` bytes.
+    Files are named by a hash of (URL, offset, size): nothing from the server names a file."""
+
+    def __init__(self, directory: str, limit: int) -> None:
+        self.dir = directory
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._files: OrderedDict[str, int] = OrderedDict()
+        self.size = 0
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        found = []
+        with os.scandir(directory) as it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if e.is_file(follow_symlinks=False) and not e.name.startswith("."):
+                    found.append((st.st_mtime, e.name, st.st_size))
+                elif e.name.startswith(".tmp-") and time.time() - st.st_mtime > 3600:
+                    _unlink(e.path)
+        for _, name, size in sorted(found):
+            self._files[name] = size
+            self.size += size
+        with self._lock:
+            self._make_room(0)
+
+    @staticmethod
+    def name(url: str, offset: int, size: int) -> str:
+        return hashlib.sha256(f"{url}\0{offset}\0{size}".encode()).hexdigest()
+
+    def get(self, name: str, size: int) -> bytes | None:
+        with self._lock:
+            if name not in self._files:
+                return None
+            self._files.move_to_end(name)
+        path = os.path.join(self.dir, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            with self._lock:
+                self.size -= self._files.pop(name, 0)
+            return None
+        try:
+            data = os.pread(fd, size + 1, 0)
+            os.utime(fd)  # the LRU order survives a remount through mtimes
+        finally:
+            os.close(fd)
+        return data if len(data) == size else None
+
+    def put(self, name: str, data: bytes) -> None:
+        if len(data) > self.limit:
+            return
+        tmp = os.path.join(self.dir, f".tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.rename(tmp, os.path.join(self.dir, name))
+        except OSError as e:  # a full disk costs the next look a request, nothing more
+            log.debug("%s: not kept (%s)", name, e)
+            _unlink(tmp)
+            return
+        with self._lock:
+            self.size += len(data) - self._files.pop(name, 0)
+            self._files[name] = len(data)
+            self._make_room(0, keep=1)
+
+    def _make_room(self, needed: int, keep: int = 0) -> None:
+        while len(self._files) > keep and self.size + needed > self.limit:
+            name, size = self._files.popitem(last=False)
+            self.size -= size
+            _unlink(os.path.join(self.dir, name))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class RemoteNar:
+    """A NarFile over HTTP: each pread is a Range request (or the ranges cache, or the tail
+    fetched with the first read at the end). Thread-safe: it holds no position."""
+
+    def __init__(self, backend: RemoteBackend, entry: Entry, size: int) -> None:
+        self.backend = backend
+        self.url = entry.url
+        self.size = size
+        self._tail: tuple[int, bytes] | None = None
+        self._lock = threading.Lock()
+
+    def pread(self, offset: int, size: int) -> bytes:
+        size = max(0, min(size, self.size - offset))
+        if size == 0:
+            return b""
+        if offset + size == self.size or offset >= self.size - TAIL:
+            start, tail = self._get_tail()
+            if offset >= start:
+                return tail[offset - start:offset - start + size]
+        return self.backend.fetch_range(self.url, offset, size, self.size)
+
+    def _get_tail(self) -> tuple[int, bytes]:
+        with self._lock:
+            if self._tail is None:
+                start = max(0, self.size - TAIL)
+                self._tail = (start, self.backend.fetch_range(self.url, start, self.size - start,
+                                                              self.size))
+            return self._tail
+
+    def close(self) -> None:
+        self._tail = None
+
+
+class MirrorCache(Cache):
+    """The mirror directory as a Cache whose missing `.ls` files are fetched from the server
+    (and kept); everything else reads the mirror as the local cache it is."""
+
+    def __init__(self, root: str, backend: RemoteBackend) -> None:
+        super().__init__(root)
+        self.backend = backend
+        self._absent: set[str] = set()  # listings the server does not have (this mount)
+
+    def read_listing(self, h: str, nar_size: int | None = None) -> dict | None:
+        if os.path.lexists(self.listing_path(h)):
+            try:
+                root = super().read_listing(h, nar_size)
+                if root is not None:
+                    return root
+            except CorruptError as e:
+                log.warning("%s; fetching it again", e)
+        return self.backend.fetch_listing(h, nar_size)
+
+
+class RemoteBackend:
+    """The Backend of a remote mount (backend.py's protocol), and the mirror it keeps."""
+
+    def __init__(self, url: str, settings: Settings, keys: list[PublicKey],
+                 directory: str | None = None) -> None:
+        self.where = url.rstrip("/")
+        self.http = Http(self.where, timeout=settings.remote_timeout)
+        self.keys = keys
+        self.mirror = MirrorCache(directory or client_dir(url), self)
+        os.makedirs(self.mirror.nar_dir, mode=0o755, exist_ok=True)
+        info = os.path.join(self.mirror.root, "nix-cache-info")
+        if not os.path.isfile(info):
+            self.mirror.write_atomic(info, cache_info_text().encode())
+        self.state_dir = self.mirror.state_dir()
+        self.ranges = RangeCache(self.mirror.state_path(RANGES_DIR),
+                                 settings.remote_cache_mb << 20)
+        self.poll = settings.remote_poll
+        self.etag: str | None = None
+        self.rejected: dict[str, float] = {}  # hash → archive time whose narinfo was refused
+        self.tops: dict[str, list] = {}  # from the last index read: for a new catalog
+
+    # --- Backend ----------------------------------------------------------------------------
+
+    def open_nar(self, entry: Entry) -> RemoteNar:
+        size = entry.file_size
+        if size is None:  # FileSize is optional in narinfos: ask the server for one byte
+            size = self._total(entry.url)
+        return RemoteNar(self, entry, size)
+
+    def read_listing(self, h: str, nar_size: int | None = None) -> dict | None:
+        return self.mirror.read_listing(h, nar_size)
+
+    def newest(self, versions: list[tuple[float, str]]) -> tuple[float, str]:
+        return self.mirror.newest(versions)
+
+    def state_path(self, name: str) -> str:
+        return self.mirror.state_path(name)
+
+    # --- fetching ---------------------------------------------------------------------------
+
+    def fetch_range(self, url: str, offset: int, size: int, total: int) -> bytes:
+        name = RangeCache.name(url, offset, size)
+        data = self.ranges.get(name, size)
+        if data is not None:
+            return data
+        data = self.http.get_range(url, offset, size, total)
+        self.ranges.put(name, data)
+        return data
+
+    def _total(self, url: str) -> int:
+        """The size of a NAR whose narinfo has no FileSize: what the server says it is."""
+        return self.http.size(url)
+
+    def fetch_listing(self, h: str, nar_size: int | None) -> dict | None:
+        if h in self.mirror._absent:
+            return None
+        got = self.http.get(f"{h}.ls", listing.MAX_SIZE)
+        if got is None:
+            self.mirror._absent.add(h)
+            return None
+        data = got.data
+        if data.startswith(ZSTD_MAGIC):  # cache.nixos.org: compressed, without saying so
+            try:
+                data = zstandard.ZstdDecompressor().decompress(
+                    data, max_output_size=listing.MAX_SIZE)
+            except zstandard.ZstdError as e:
+                raise CorruptError(f"{self.http.url(f'{h}.ls')}: damaged ({e})") from None
+        try:
+            root = listing.parse(data, nar_size)
+        except CorruptError as e:
+            raise CorruptError(f"{self.http.url(f'{h}.ls')}: {e}") from None
+        if self.mirror.has(h):  # kept while the path is; dropped with its narinfo
+            self.mirror.write_atomic(self.mirror.listing_path(h), data)
+        return root
+
+    def _narinfo(self, h: str, name: str) -> NarInfo | str:
+        """The server's narinfo of `h`, or why it is not shown."""
+        url = self.http.url(f"{h}.narinfo")
+        try:
+            got = self.http.get(f"{h}.narinfo", narinfo.MAX_SIZE)
+        except (RemoteError, CorruptError) as e:
+            return str(e)
+        if got is None:
+            return f"{url}: listed in the index, but not on the server"
+        try:
+            info = narinfo.parse(got.data, expect_hash=h)
+        except CorruptError as e:
+            return f"{url}: {e}"
+        if info.name != f"{h}-{name}":
+            return f"{url}: names {info.store_path}, the index {h}-{name}"
+        if not any(info.signed_by(k) for k in self.keys):
+            trusted = ", ".join(k.name for k in self.keys)
+            return (f"{url}: not signed by a trusted key ({trusted}); not shown. Trust the "
+                    "server's key with public_key in narfs.toml or nix.conf's "
+                    "trusted-public-keys")
+        return info
+
+    # --- following the server ---------------------------------------------------------------
+
+    def update(self) -> tuple[list[str], list[str]] | None:
+        """Poll the server's index; bring the mirror's narinfos in step with it. Returns the
+        hashes added and removed, or None when the index has not changed since the last poll.
+        Raises RemoteError when the server cannot be asked, CorruptError for a bad index."""
+        got = self.http.get(pathindex.FILENAME, pathindex.MAX_COMPRESSED, etag=self.etag)
+        if got is None:
+            if self.etag is None:
+                raise NarfsError(f"{self.http.url(pathindex.FILENAME)}: not found; the server "
+                                 "is not a narfs cache, or its narfs predates the path index "
+                                 "(run `narfs archive` or `narfs gc` there once to write it)")
+            return None
+        try:
+            rows = pathindex.decode(got.data)
+        except CorruptError as e:
+            raise CorruptError(f"{self.http.url(pathindex.FILENAME)}: {e}") from None
+        self.tops = {h: top for h, _, _, top in rows if top is not None}
+        listed = {h: (name, archived) for h, name, archived, _ in rows}
+        here = {}
+        for h in self.mirror.hashes():
+            try:
+                here[h] = os.stat(self.mirror.narinfo_path(h)).st_mtime
+            except FileNotFoundError:
+                continue
+        removed = [h for h in here if h not in listed]
+        for h in removed:
+            self.mirror.unpublish(h)
+            _unlink(self.mirror.listing_path(h))
+        wanted = [h for h, (_, archived) in listed.items()
+                  if here.get(h) != archived and self.rejected.get(h) != archived]
+        added = []
+        with ThreadPoolExecutor(FETCHERS) as pool:
+            for h, result in zip(wanted, pool.map(
+                    lambda h: self._narinfo(h, listed[h][0]), wanted), strict=True):
+                archived = listed[h][1]
+                if isinstance(result, str):
+                    log.error("%s", result)
+                    self.rejected[h] = archived
+                    if h in here:  # the server replaced a good narinfo with a bad one
+                        self.mirror.unpublish(h)
+                        removed.append(h)
+                    continue
+                path = self.mirror.narinfo_path(h)
+                self.mirror.write_atomic(path, result.render().encode())
+                os.utime(path, (archived, archived))
+                self.rejected.pop(h, None)
+                added.append(h)
+        self.etag = got.etag
+        if added or removed:
+            log.info("%s: %d paths added, %d retired", self.where, len(added), len(removed))
+        return added, removed
+
+    def start(self, catalog: Catalog) -> None:
+        """The first update, before the mount shows anything: the catalog is brought in step
+        and given the index's top nodes, so the root listing needs no `.ls` per path. A server
+        that cannot be reached leaves the mirror as the last mount left it (one warning);
+        with nothing mirrored yet, the mount fails with the reason."""
+        try:
+            self.update()
+        except (NarfsError, OSError) as e:
+            if not any(True for _ in self.mirror.hashes()):
+                raise NarfsError(f"{self.where}: cannot mount: {e}") from None
+            log.warning("%s; showing the paths mirrored at the last mount (%s) until the "
+                        "server answers", e, self.mirror.root)
+        catalog.sync()
+        catalog.put_listings((h, None, top) for h, top in self.tops.items())
+
+    async def follow(self) -> None:
+        """Poll the server's index every `poll` seconds, for the mount's lifetime. A failed
+        poll is logged and retried at the next one; the request is abandoned on unmount."""
+        while True:
+            await trio.sleep(self.poll)
+            try:
+                await trio.to_thread.run_sync(self.update, abandon_on_cancel=True)
+            except (NarfsError, OSError) as e:
+                log.warning("%s: polling the path index failed: %s", self.where, e)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def open_remote(url: str, settings: Settings) -> RemoteBackend:
+    """The backend of `narfs mount URL`, or a one-line error naming the fix."""
+    keys = trusted_keys(settings)
+    if not keys:
+        raise NarfsError(f"{url}: no trusted key to check the server's narinfos with; set "
+                         "public_key in narfs.toml to the server's key (what its narfs init "
+                         "printed), or add it to nix.conf's trusted-public-keys")
+    try:
+        return RemoteBackend(url, settings, keys)
+    except OSError as e:
+        raise NarfsError(f"{client_dir(url)}: cannot create the remote mount's state "
+                         f"directory ({e.strerror})") from None

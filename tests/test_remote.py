@@ -1,0 +1,238 @@
+"""Issue 15: `narfs mount http://host/cache` shows the archive another machine serves.
+
+Real nginx (tests/nginxserver.py, the repository's server block), real FUSE, real Nix: paths are
+archived by narfs into a cache that nginx serves, then mounted from its URL and compared with
+the store and with a local mount of the same cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mounting import mounted, wait_for
+from test_mount import find_view, grep_view
+
+from conftest import Narfs
+from narfs import pathindex
+from narfs.cache import Cache
+from narfs.zstdseek import read_table
+from nginxserver import Nginx, serving, world_readable
+from nixtools import NixStore, rich_tree
+
+FRAME = 4 << 20
+BIG = 100 << 20
+DEEP = "a/b/c/d/e/f/g/h/fifty.bin"
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A rich tree, a lone file, and a 100 MB path with a 50 KB file deep inside, in the
+    middle of its NAR (half incompressible bytes before and after it)."""
+    tmp = tmp_path_factory.mktemp("src")
+    store = NixStore(tmp / "nix")
+    try:
+        rich_tree(tmp / "tree", 3 << 20)
+        (tmp / "single").write_text("a store path that is one file\n")
+        big = tmp / "big"
+        (big / "a").mkdir(parents=True)
+        (big / "a" / "0-before.bin").write_bytes(os.urandom(BIG // 4) + b"x" * (BIG // 4))
+        (big / DEEP).parent.mkdir(parents=True)
+        (big / DEEP).write_bytes(os.urandom(50_000))
+        (big / "z-after.bin").write_bytes(os.urandom(BIG // 4) + b"y" * (BIG // 4))
+        yield {"rich": store.tree(tmp / "tree", "narfs-rich"),
+               "file": store.tree(tmp / "single", "narfs-file"),
+               "big": store.tree(big, "narfs-big")}
+    finally:
+        store.cleanup()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, paths: dict[str, str]) -> Narfs:
+    """The serving machine's narfs: its cache holds the paths (and their index)."""
+    root = Path(tmp_path_factory.mktemp("server"))
+    n = Narfs(root / "narfs")
+    n.root.mkdir()
+    n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
+    n("archive", *paths.values())
+    for d in (root, *root.parents):  # nginx's workers must reach the cache
+        if d == Path("/"):
+            break
+        d.chmod(d.stat().st_mode | 0o005)
+    world_readable(n.cache)
+    return n
+
+
+@pytest.fixture(scope="module")
+def nginx(server: Narfs) -> Iterator[Nginx]:
+    with serving(server.cache) as s:
+        yield s
+
+
+def client(tmp_path: Path, server: Narfs, url: str, extra: str = "") -> Narfs:
+    """Another machine's narfs: no cache of its own, the server's public key trusted."""
+    c = Narfs(tmp_path / "client")
+    c.root.mkdir(exist_ok=True)
+    c.config.write_text(f'cache_dir = "{url}"\npublic_key = "{server.public_key}"\n'
+                        f"remote_poll = 1\nremote_timeout = 3\n{extra}")
+    c.env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    return c
+
+
+def base(path: str) -> str:
+    return os.path.basename(path)
+
+
+def test_remote_mount_is_the_store(tmp_path: Path, server: Narfs, nginx: Nginx,
+                                   paths: dict[str, str]) -> None:
+    c = client(tmp_path, server, nginx.url)
+    with mounted(c, tmp_path / "mnt") as m:
+        assert sorted(os.listdir(m.path)) == sorted([".by-name", *map(base, paths.values())])
+        for path in paths.values():
+            diff = subprocess.run(["diff", "-r", "--no-dereference", path, str(m / base(path))],
+                                  capture_output=True, text=True)
+            assert diff.returncode == 0, diff.stdout + diff.stderr
+            assert find_view(m / base(path)) == find_view(Path(path))
+        rich = paths["rich"]
+        assert grep_view(m / base(rich)) == grep_view(Path(rich))
+        assert os.readlink(m / ".by-name" / "narfs-big" / "latest") == f"../../{base(paths['big'])}"
+        assert "mounted http://127.0.0.1" in m.log()
+    # the same tree as a local mount of the server's cache, inode numbers included
+    with mounted(server, tmp_path / "local") as local, mounted(c, tmp_path / "mnt") as m:
+        for path in paths.values():
+            for sub in ("", "bin/tool"):
+                if not (Path(path) / sub).exists():
+                    continue
+                a, b = os.lstat(local / base(path) / sub), os.lstat(m / base(path) / sub)
+                assert (a.st_ino, a.st_mode, a.st_size) == (b.st_ino, b.st_mode, b.st_size)
+
+
+def test_cold_read_of_a_small_file_deep_in_a_big_path(tmp_path: Path, server: Narfs,
+                                                      nginx: Nginx, paths: dict[str, str],
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """At most 3 requests (listing, seek table, frame) and 2 frames of payload, counted in
+    nginx's access log, for the first read of a 50 KB file in the middle of a 100 MB path."""
+    big = paths["big"]
+    c = client(tmp_path, server, nginx.url)
+    with mounted(c, tmp_path / "mnt") as m:
+        nginx.clear_log()
+        data = (m / base(big) / DEEP).read_bytes()
+        assert data == (Path(big) / DEEP).read_bytes()
+        requests = nginx.requests()
+        cache = Cache(str(server.cache))
+        info = cache.read_narinfo(base(big)[:32])
+        with open(cache.nar_path(info.url), "rb") as f:
+            table = read_table(f, os.fstat(f.fileno()).st_size)
+        assert table is not None and len(table.frames) > 20
+        largest = max(fr.comp_size for fr in table.frames)
+        payload = sum(r.body_bytes for r in requests if r.uri.startswith("/nar/"))
+        ls = os.path.getsize(cache.listing_path(info.hash))
+        with capsys.disabled():
+            print(f"\ncold read of 50 KB in a {info.nar_size >> 20} MiB path: "
+                  f"{len(requests)} requests, {sum(r.bytes_sent for r in requests)} bytes sent "
+                  f"(NAR payload {payload}, listing {ls}, largest frame {largest}): "
+                  + ", ".join(f"{r.uri[:24]} {r.status} {r.body_bytes}" for r in requests))
+        assert len(requests) <= 3, requests
+        assert payload <= 2 * largest, requests
+        # a second look costs no request: the kernel, the frame cache and ranges/ hold it
+        nginx.clear_log()
+        assert (m / base(big) / DEEP).read_bytes() == data
+        assert nginx.requests() == []
+    with mounted(c, tmp_path / "mnt") as m:  # a new mount: from the client's disk cache
+        nginx.clear_log()
+        assert (m / base(big) / DEEP).read_bytes() == data
+        assert [r for r in nginx.requests() if r.uri.startswith("/nar/")] == []
+
+
+def test_paths_archived_and_retired_on_the_server_follow(tmp_path: Path, server: Narfs,
+                                                         nginx: Nginx, nixstore: NixStore
+                                                         ) -> None:
+    c = client(tmp_path, server, nginx.url)
+    with mounted(c, tmp_path / "mnt") as m:
+        new = nixstore.text("archived while a remote mount is up", "narfs-late")
+        server("archive", new)
+        world_readable(server.cache)
+        wait_for(lambda: (m / base(new) / "content").exists(), 30, "the new path")
+        assert (m / base(new) / "content").read_text() == "archived while a remote mount is up"
+        old = time.time() - 3 * 86400
+        os.utime(Cache(str(server.cache)).narinfo_path(base(new)[:32]), (old, old))
+        server("gc", "--older-than", "2d")
+        wait_for(lambda: not (m / base(new)).exists(), 30, "the retired path to go")
+        assert not (m / ".by-name" / "narfs-late").exists()
+
+
+def test_narinfo_signed_by_an_untrusted_key_is_not_shown(tmp_path: Path, server: Narfs,
+                                                         nginx: Nginx,
+                                                         paths: dict[str, str]) -> None:
+    other = Narfs(tmp_path / "other")
+    other.root.mkdir()
+    other("init", "--cache", str(other.cache), "--secret-key", str(other.key))
+    c = client(tmp_path, other, nginx.url)  # trusts another key than the server's
+    with mounted(c, tmp_path / "mnt") as m:
+        assert os.listdir(m.path) == [".by-name"]
+        assert not (m / base(paths["file"])).exists()
+        assert "not signed by a trusted key" in m.log()
+
+
+def test_a_server_ignoring_range_gives_eio(tmp_path: Path, server: Narfs,
+                                           paths: dict[str, str]) -> None:
+    """nginx with `max_ranges 0` answers every Range request with the whole file (200)."""
+    with serving(server.cache, "max_ranges 0;") as lying:
+        c = client(tmp_path, server, lying.url)
+        with mounted(c, tmp_path / "mnt") as m:
+            with pytest.raises(OSError) as e:
+                (m / base(paths["big"]) / DEEP).read_bytes()
+            assert e.value.errno == errno.EIO
+            wait_for(lambda: "ignores Range" in m.log(), 10, "the log line")
+            whole = [r for r in lying.requests() if r.uri.startswith("/nar/")]
+            # the whole file was never read: the connection is closed on the 200
+            assert all(r.body_bytes < BIG // 2 for r in whole), whole
+
+
+def test_server_stopped_mid_read(tmp_path: Path, server: Narfs, paths: dict[str, str]) -> None:
+    """A read that needs the server once it is gone (stopped, then hanging) fails with EIO in
+    bounded time; the mount stays up, and unmounts."""
+    with serving(server.cache) as s:
+        c = client(tmp_path, server, s.url)
+        with mounted(c, tmp_path / "mnt") as m:
+            big = m / base(paths["big"])
+            deep = (big / DEEP).read_bytes()
+            s.pause()  # hangs: the socket accepts, nothing answers
+            start = time.monotonic()
+            with pytest.raises(OSError) as e:
+                (big / "a" / "0-before.bin").read_bytes()
+            assert e.value.errno == errno.EIO
+            assert time.monotonic() - start < 60
+            s.resume()
+            s.stop()  # gone: connections refused
+            with pytest.raises(OSError) as e:
+                (big / "z-after.bin").read_bytes()
+            assert e.value.errno == errno.EIO
+            assert (big / DEEP).read_bytes() == deep  # what it has, it serves
+            assert m.alive()
+            wait_for(lambda: "did not answer in time" in m.log() and "refused" in m.log(), 10,
+                     "log lines naming each failure")
+
+
+def test_tampered_index_is_refused(tmp_path: Path, server: Narfs, paths: dict[str, str]) -> None:
+    cache = tmp_path / "copy"
+    shutil.copytree(server.cache, cache, symlinks=True)
+    (cache / pathindex.FILENAME).write_bytes(b"not an index")
+    world_readable(cache)
+    for d in (tmp_path, *tmp_path.parents):
+        if d == Path("/"):
+            break
+        d.chmod(d.stat().st_mode | 0o005)
+    with serving(cache) as s:
+        c = client(tmp_path, server, s.url)
+        (tmp_path / "mnt").mkdir()
+        proc = c("mount", str(tmp_path / "mnt"), check=False, timeout=60)
+        assert proc.returncode != 0
+        assert "not a narfs path index" in proc.stderr
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
