@@ -48,7 +48,7 @@ class RemoteError(OSError):
 class Fetched:
     data: bytes
     etag: str | None
-    last_modified: str | None
+    unchanged: bool = False  # 304: the file is still the one `etag` names (data is empty)
 
 
 def is_url(text: str) -> bool:
@@ -129,14 +129,16 @@ class Http:
 
     def get(self, path: str, limit: int, etag: str | None = None) -> Fetched | None:
         """A whole file of at most `limit` bytes; None when the server has no such file (404,
-        403, 410), or when `etag` is given and the file has not changed (304)."""
+        410). With `etag`, a file that has not changed comes back `unchanged` (304)."""
         headers = {"If-None-Match": etag} if etag else {}
         status, h, data = self._retrying(path, headers, limit)
-        if status in (304, 403, 404, 410):
+        if status in (404, 410):
             return None
+        if status == 304 and etag:
+            return Fetched(b"", etag, unchanged=True)
         if status != 200:
             raise RemoteError(f"{self.url(path)}: HTTP {status}")
-        return Fetched(data, h.get("ETag"), h.get("Last-Modified"))
+        return Fetched(data, h.get("ETag"))
 
     def get_range(self, path: str, offset: int, size: int, total: int) -> bytes:
         """Exactly bytes [offset, offset+size) of a file of `total` bytes."""

@@ -336,10 +336,10 @@ class RemoteBackend:
         Raises RemoteError when the server cannot be asked, CorruptError for a bad index."""
         got = self.http.get(pathindex.FILENAME, pathindex.MAX_COMPRESSED, etag=self.etag)
         if got is None:
-            if self.etag is None:
-                raise NarfsError(f"{self.http.url(pathindex.FILENAME)}: not found; the server "
-                                 "is not a narfs cache, or its narfs predates the path index "
-                                 "(run `narfs archive` or `narfs gc` there once to write it)")
+            raise NarfsError(f"{self.http.url(pathindex.FILENAME)}: not found; the server is "
+                             "not a narfs cache, or its narfs predates the path index (run "
+                             "`narfs archive` or `narfs gc` there once to write it)")
+        if got.unchanged:
             return None
         try:
             rows = pathindex.decode(got.data)

@@ -11,8 +11,10 @@ import errno
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from mounting import mounted, wait_for
 from test_mount import find_view, grep_view
 
 from conftest import Narfs
+from lyingserver import MODES, lying
 from narfs import pathindex
 from narfs.cache import Cache
 from narfs.zstdseek import read_table
@@ -53,20 +56,28 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         store.cleanup()
 
 
+@contextmanager
+def reachable_dir() -> Iterator[Path]:
+    """A directory nginx's workers can reach: not under pytest's tmp dirs, which every pytest
+    run (other sessions' too) resets to mode 0700."""
+    d = Path(tempfile.mkdtemp(prefix="narfs-remote-"))
+    try:
+        d.chmod(0o755)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, paths: dict[str, str]) -> Narfs:
+def server(paths: dict[str, str]) -> Iterator[Narfs]:
     """The serving machine's narfs: its cache holds the paths (and their index)."""
-    root = Path(tmp_path_factory.mktemp("server"))
-    n = Narfs(root / "narfs")
-    n.root.mkdir()
-    n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
-    n("archive", *paths.values())
-    for d in (root, *root.parents):  # nginx's workers must reach the cache
-        if d == Path("/"):
-            break
-        d.chmod(d.stat().st_mode | 0o005)
-    world_readable(n.cache)
-    return n
+    with reachable_dir() as root:
+        n = Narfs(root / "narfs")
+        n.root.mkdir()
+        n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
+        n("archive", *paths.values())
+        world_readable(n.cache)
+        yield n
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +166,12 @@ def test_paths_archived_and_retired_on_the_server_follow(tmp_path: Path, server:
                                                          ) -> None:
     c = client(tmp_path, server, nginx.url)
     with mounted(c, tmp_path / "mnt") as m:
+        # polls are conditional: an unchanged index costs a 304 and no body
+        nginx.clear_log()
+        wait_for(lambda: [r for r in nginx.requests() if r.uri == f"/{pathindex.FILENAME}"],
+                 10, "a poll")
+        polls = [r for r in nginx.requests() if r.uri == f"/{pathindex.FILENAME}"]
+        assert [(r.status, r.body_bytes) for r in polls][:1] == [(304, 0)], polls
         new = nixstore.text("archived while a remote mount is up", "narfs-late")
         server("archive", new)
         world_readable(server.cache)
@@ -162,7 +179,8 @@ def test_paths_archived_and_retired_on_the_server_follow(tmp_path: Path, server:
         assert (m / base(new) / "content").read_text() == "archived while a remote mount is up"
         old = time.time() - 3 * 86400
         os.utime(Cache(str(server.cache)).narinfo_path(base(new)[:32]), (old, old))
-        server("gc", "--older-than", "2d")
+        gc = server("gc", "--older-than", "2d")
+        assert f"retired {new}" in gc.stdout, gc.stdout
         wait_for(lambda: not (m / base(new)).exists(), 30, "the retired path to go")
         assert not (m / ".by-name" / "narfs-late").exists()
 
@@ -195,6 +213,23 @@ def test_a_server_ignoring_range_gives_eio(tmp_path: Path, server: Narfs,
             assert all(r.body_bytes < BIG // 2 for r in whole), whole
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_lying_server_gives_eio_never_other_bytes(tmp_path: Path, server: Narfs, nginx: Nginx,
+                                                    paths: dict[str, str], mode: str) -> None:
+    """Range answers cut short, with a Content-Length longer or shorter than the body, or for
+    another range than the one asked: the read fails (EIO, one log line), bytes are never
+    handed on."""
+    with lying(nginx.port, mode) as url:
+        c = client(tmp_path, server, url)
+        with mounted(c, tmp_path / "mnt") as m:
+            with pytest.raises(OSError) as e:
+                (m / base(paths["big"]) / DEEP).read_bytes()
+            assert e.value.errno == errno.EIO
+            assert m.alive()
+            wait_for(lambda: "read: " in m.log() or "listing unusable" in m.log(), 10,
+                     "the log line")
+
+
 def test_server_stopped_mid_read(tmp_path: Path, server: Narfs, paths: dict[str, str]) -> None:
     """A read that needs the server once it is gone (stopped, then hanging) fails with EIO in
     bounded time; the mount stays up, and unmounts."""
@@ -221,15 +256,10 @@ def test_server_stopped_mid_read(tmp_path: Path, server: Narfs, paths: dict[str,
 
 
 def test_tampered_index_is_refused(tmp_path: Path, server: Narfs, paths: dict[str, str]) -> None:
-    cache = tmp_path / "copy"
-    shutil.copytree(server.cache, cache, symlinks=True)
-    (cache / pathindex.FILENAME).write_bytes(b"not an index")
-    world_readable(cache)
-    for d in (tmp_path, *tmp_path.parents):
-        if d == Path("/"):
-            break
-        d.chmod(d.stat().st_mode | 0o005)
-    with serving(cache) as s:
+    with reachable_dir() as d, serving(d / "copy") as s:
+        shutil.copytree(server.cache, d / "copy", symlinks=True)
+        (d / "copy" / pathindex.FILENAME).write_bytes(b"not an index")
+        world_readable(d / "copy")
         c = client(tmp_path, server, s.url)
         (tmp_path / "mnt").mkdir()
         proc = c("mount", str(tmp_path / "mnt"), check=False, timeout=60)
