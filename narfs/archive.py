@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import listing, nix32, pathindex, store
+from . import frameauth, listing, nix32, pathindex, store
 from .cache import TMP_PREFIX, Cache, describe_os_error, fsync_dir
 from .config import Settings
 from .errors import NarfsError
@@ -257,6 +257,8 @@ class Archiver:
                              human_size(w.info.nar_size),
                              (w.entry.file_size or 0) / max(w.info.nar_size, 1))
             fsync_dir(cache.root)
+            frameauth.publish(cache, self.key, [w.entry for w in ready
+                                                if w.entry in result.archived])
             pathindex.publish(cache)
         except OSError as e:
             for w in ready:

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 
 import zstandard
 
+from . import frameauth
 from .cache import Cache
 from .errors import CorruptError, NarfsError
 from .storepath import is_base_name, is_hash, name_part
@@ -151,9 +152,12 @@ def scan(cache: Cache, previous: list[Row]) -> list[Row]:
     """The rows for the narinfos in the directory now, reusing `previous` where it matches."""
     old = {r[0]: r for r in previous}
     rows = []
+    auth = []
     with os.scandir(cache.root) as it:
         for e in it:
             name = e.name
+            if name.endswith(frameauth.SUFFIX):
+                auth.append(name)
             if not (name.endswith(".narinfo") and is_hash(name[:-8])):
                 continue
             try:
@@ -169,6 +173,7 @@ def scan(cache: Cache, previous: list[Row]) -> list[Row]:
             elif (row := _row(cache, h, st.st_mtime)) is not None:
                 rows.append(row)
     rows.sort()
+    frameauth.drop_orphans(cache, auth)  # what remote mounts read goes with the narinfo
     return rows
 
 

@@ -26,6 +26,7 @@ docs/SECURITY.md ("Remote mounts").
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import os
@@ -38,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import trio
 import zstandard
 
-from . import listing, narinfo, pathindex
+from . import frameauth, listing, narinfo, pathindex
 from .cache import Cache, cache_info_text
 from .catalog import Catalog, Entry
 from .config import Settings
@@ -164,6 +165,11 @@ class RangeCache:
             self._files[name] = len(data)
             self._make_room(0, keep=1)
 
+    def drop(self, name: str) -> None:
+        with self._lock:
+            self.size -= self._files.pop(name, 0)
+        _unlink(os.path.join(self.dir, name))
+
     def _make_room(self, needed: int, keep: int = 0) -> None:
         while len(self._files) > keep and self.size + needed > self.limit:
             name, size = self._files.popitem(last=False)
@@ -211,6 +217,52 @@ class RemoteNar:
         self._tail = None
 
 
+class SignedNar:
+    """A NarFile whose every byte is checked against the path's signed frame hashes
+    (frameauth.py): frames are fetched whole and compared with their sha256; the seek table at
+    the end comes from the signed document, without a request."""
+
+    def __init__(self, backend: RemoteBackend, entry: Entry, auth: frameauth.Auth) -> None:
+        self.backend = backend
+        self.url = entry.url
+        self.auth = auth
+        self.size = auth.file_size
+        self._starts = [f.comp_offset for f in auth.table.frames]
+
+    def pread(self, offset: int, size: int) -> bytes:
+        end = min(offset + size, self.size)
+        data_end = self.auth.table.comp_size
+        parts = []
+        pos = offset
+        if pos < data_end:
+            i = bisect.bisect_right(self._starts, pos) - 1
+            while pos < min(end, data_end):
+                frame = self.auth.table.frames[i]
+                data = self._frame(i)
+                lo = pos - frame.comp_offset
+                hi = min(end - frame.comp_offset, frame.comp_size)
+                parts.append(data[lo:hi])
+                pos = frame.comp_offset + hi
+                i += 1
+        if end > data_end and pos < end:
+            parts.append(self.auth.tail[pos - data_end:end - data_end])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _frame(self, i: int) -> bytes:
+        frame = self.auth.table.frames[i]
+        data = self.backend.fetch_range(self.url, frame.comp_offset, frame.comp_size, self.size)
+        try:
+            self.auth.check_frame(i, data, self.backend.http.url(self.url))
+        except CorruptError:
+            self.backend.ranges.drop(RangeCache.name(self.url, frame.comp_offset,
+                                                     frame.comp_size))
+            raise
+        return data
+
+    def close(self) -> None:
+        pass
+
+
 class MirrorCache(Cache):
     """The mirror directory as a Cache whose missing `.ls` files are fetched from the server
     (and kept); everything else reads the mirror as the local cache it is."""
@@ -247,6 +299,8 @@ class RemoteBackend:
         self.state_dir = self.mirror.state_dir()
         self.ranges = RangeCache(self.mirror.state_path(RANGES_DIR),
                                  settings.remote_cache_mb << 20)
+        self._auths: dict[str, frameauth.Auth | None] = {}
+        self._auth_lock = threading.Lock()
         self.poll = settings.remote_poll
         self.etag: str | None = None
         self.rejected: dict[str, float] = {}  # hash → archive time whose narinfo was refused
@@ -254,7 +308,10 @@ class RemoteBackend:
 
     # --- Backend ----------------------------------------------------------------------------
 
-    def open_nar(self, entry: Entry) -> RemoteNar:
+    def open_nar(self, entry: Entry) -> SignedNar | RemoteNar:
+        auth = self.auth(entry.hash)
+        if auth is not None:
+            return SignedNar(self, entry, auth)
         size = entry.file_size
         if size is None:  # FileSize is optional in narinfos: ask the server for one byte
             size = self._total(entry.url)
@@ -298,6 +355,9 @@ class RemoteBackend:
                     data, max_output_size=listing.MAX_SIZE)
             except zstandard.ZstdError as e:
                 raise CorruptError(f"{self.http.url(f'{h}.ls')}: damaged ({e})") from None
+        auth = self.auth(h)
+        if auth is not None:
+            auth.check_listing(got.data, self.http.url(f"{h}.ls"))
         try:
             root = listing.parse(data, nar_size)
         except CorruptError as e:
@@ -305,6 +365,32 @@ class RemoteBackend:
         if self.mirror.has(h):  # kept while the path is; dropped with its narinfo
             self.mirror.write_atomic(self.mirror.listing_path(h), data)
         return root
+
+    def auth(self, h: str) -> frameauth.Auth | None:
+        """The path's verified signed frame hashes (kept in the mirror once checked); None
+        when the server has none for it (a cache written by `nix copy` or before narfs wrote
+        them): its listing and frames are then read unauthenticated, with one warning."""
+        with self._auth_lock:
+            if h in self._auths:
+                return self._auths[h]
+        info = self.mirror.read_narinfo(h)  # verified when the mirror took it
+        local = frameauth.path(self.mirror, h)
+        where = self.http.url(f"{h}{frameauth.SUFFIX}")
+        fetched = False
+        try:
+            data: bytes | None = self.mirror.read_small(local, frameauth.MAX_SIZE)
+        except FileNotFoundError:
+            got = self.http.get(f"{h}{frameauth.SUFFIX}", frameauth.MAX_SIZE)
+            data, fetched = (None if got is None else got.data), True
+        auth = None if data is None else frameauth.verify(data, info, self.keys, where)
+        if fetched and data is not None:
+            self.mirror.write_atomic(local, data)
+        if auth is None:
+            log.warning("%s: no signed frame hashes; %s is read unauthenticated (its bytes "
+                        "are checked only against sizes)", where, info.store_path)
+        with self._auth_lock:
+            self._auths[h] = auth
+        return auth
 
     def _narinfo(self, h: str, name: str) -> NarInfo | str:
         """The server's narinfo of `h`, or why it is not shown."""
@@ -357,6 +443,9 @@ class RemoteBackend:
         for h in removed:
             self.mirror.unpublish(h)
             _unlink(self.mirror.listing_path(h))
+            _unlink(frameauth.path(self.mirror, h))
+            with self._auth_lock:
+                self._auths.pop(h, None)
         wanted = [h for h, (_, archived) in listed.items()
                   if here.get(h) != archived and self.rejected.get(h) != archived]
         added = []
@@ -372,6 +461,11 @@ class RemoteBackend:
                         removed.append(h)
                     continue
                 path = self.mirror.narinfo_path(h)
+                if h in here:  # republished: what was kept of the old one may not fit it
+                    _unlink(self.mirror.listing_path(h))
+                    _unlink(frameauth.path(self.mirror, h))
+                    with self._auth_lock:
+                        self._auths.pop(h, None)
                 self.mirror.write_atomic(path, result.render().encode())
                 os.utime(path, (archived, archived))
                 self.rejected.pop(h, None)

@@ -39,7 +39,17 @@ from typing import BinaryIO
 import trio
 import zstandard
 
-from . import listing, nar, nix32, nixversions, pathindex, quarantine, store, zstdseek
+from . import (
+    frameauth,
+    listing,
+    nar,
+    nix32,
+    nixversions,
+    pathindex,
+    quarantine,
+    store,
+    zstdseek,
+)
 from .cache import CACHE_INFO, TMP_PREFIX, Cache, cache_info_text, fsync_dir, kind_of
 from .catalog import Catalog, Entry
 from .config import Settings
@@ -264,6 +274,8 @@ def scan(cache: Cache, writer_active: bool, now: float) -> Scan:
             pass
         elif name == pathindex.FILENAME and stat.S_ISREG(os.lstat(path).st_mode):
             pass  # the path index remote mounts read (rewritten by the next change)
+        elif name.endswith(frameauth.SUFFIX) and is_hash(name[:-len(frameauth.SUFFIX)]):
+            pass  # signed frame hashes for remote mounts (the next gc drops orphans)
         elif name in ("nar", ".narfs"):
             mode = os.lstat(path).st_mode
             s.problems.append(Problem(path, f"{kind_of(mode)}, not a directory: narfs reads and "

@@ -457,6 +457,10 @@ in
               types { }
               default_type application/json;
             '';
+            "~ \"^/[0-9a-df-np-sv-z]{32}\\.auth$\"".extraConfig = ''
+              types { }
+              default_type application/json;
+            '';
             "~ \"^/nar/[0-9a-df-np-sv-z]{52}\\.nar(\\.(xz|zst|bz2|br|gz|lz4|lzip))?$\"".extraConfig = ''
               types { }
               default_type application/x-nix-nar;

@@ -8,6 +8,7 @@ the store and with a local mount of the same cache.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -266,3 +267,83 @@ def test_tampered_index_is_refused(tmp_path: Path, server: Narfs, paths: dict[st
         assert proc.returncode != 0
         assert "not a narfs path index" in proc.stderr
         assert len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+@contextmanager
+def tampered_copy(server: Narfs) -> Iterator[tuple[Path, Nginx]]:
+    """A copy of the server's cache, served by its own nginx, for a test to change."""
+    with reachable_dir() as d, serving(d / "copy") as s:
+        shutil.copytree(server.cache, d / "copy", symlinks=True,
+                        ignore=shutil.ignore_patterns(".narfs"))
+        world_readable(d / "copy")
+        yield d / "copy", s
+
+
+def _big_nar(cache: Path, big: str) -> tuple[Path, list]:
+    c = Cache(str(cache))
+    info = c.read_narinfo(base(big)[:32])
+    nar = Path(c.nar_path(info.url))
+    with open(nar, "rb") as f:
+        table = read_table(f, nar.stat().st_size)
+    assert table is not None
+    return nar, table.frames
+
+
+def test_a_changed_frame_gives_eio(tmp_path: Path, server: Narfs, paths: dict[str, str]) -> None:
+    """A server that rewrites bytes of a NAR (same size, so every length check passes) is
+    caught by the frame's signed hash before anything is decompressed."""
+    big = paths["big"]
+    with tampered_copy(server) as (cache, s):
+        nar, frames = _big_nar(cache, big)
+        c = client(tmp_path, server, s.url)
+        with mounted(c, tmp_path / "mnt") as m:
+            before = (m / base(big) / "z-after.bin").stat().st_size  # tree loaded
+            middle = frames[1]  # inside a/0-before.bin
+            with open(nar, "r+b") as f:
+                f.seek(middle.comp_offset + middle.comp_size // 2)
+                byte = f.read(1)
+                f.seek(-1, os.SEEK_CUR)
+                f.write(bytes([byte[0] ^ 0xFF]))
+            with pytest.raises(OSError) as e:
+                (m / base(big) / "a" / "0-before.bin").read_bytes()
+            assert e.value.errno == errno.EIO
+            wait_for(lambda: "is not the one the cache's key signed" in m.log(), 10, "the log")
+            assert before == BIG // 2
+
+
+def test_a_changed_listing_is_not_believed(tmp_path: Path, server: Narfs,
+                                           paths: dict[str, str]) -> None:
+    """A well-formed `.ls` that lies (another size and offset for a file) fails its signed
+    hash; the mount builds the listing from the NAR's signed frames instead: the true bytes."""
+    big = paths["big"]
+    with tampered_copy(server) as (cache, s):
+        ls = cache / f"{base(big)[:32]}.ls"
+        doc = json.loads(ls.read_text())
+        node = doc["root"]
+        for part in DEEP.split("/"):
+            node = node["entries"][part]
+        node["size"] -= 1000
+        node["narOffset"] += 1000
+        ls.write_text(json.dumps(doc))
+        c = client(tmp_path, server, s.url)
+        with mounted(c, tmp_path / "mnt") as m:
+            assert (m / base(big) / DEEP).read_bytes() == (Path(big) / DEEP).read_bytes()
+            assert "not the listing the cache's key signed" in m.log()
+
+
+def test_a_changed_frame_list_is_refused(tmp_path: Path, server: Narfs,
+                                         paths: dict[str, str]) -> None:
+    """The frame hashes themselves: rewritten by the server, their signature fails (EIO)."""
+    big = paths["big"]
+    with tampered_copy(server) as (cache, s):
+        auth = cache / f"{base(big)[:32]}.auth"
+        doc = json.loads(auth.read_text())
+        doc["frames"][0][2] = doc["frames"][1][2]
+        auth.write_text(json.dumps(doc))
+        c = client(tmp_path, server, s.url)
+        with mounted(c, tmp_path / "mnt") as m:
+            with pytest.raises(OSError) as e:
+                (m / base(big) / DEEP).read_bytes()
+            assert e.value.errno == errno.EIO
+            wait_for(lambda: "not signed by a trusted key" in m.log(), 10, "the log line")
+            assert (m / base(paths["file"])).read_text() == Path(paths["file"]).read_text()
