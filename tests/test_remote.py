@@ -28,7 +28,7 @@ from narfs import pathindex
 from narfs.cache import Cache
 from narfs.zstdseek import read_table
 from nginxserver import Nginx, serving, world_readable
-from nixtools import NixStore, rich_tree
+from nixtools import NixStore, one_line_error, rich_tree
 
 FRAME = 4 << 20
 BIG = 100 << 20
@@ -131,8 +131,8 @@ def test_cold_read_of_a_small_file_deep_in_a_big_path(tmp_path: Path, server: Na
     """At most 3 requests (listing, seek table, frame) and 2 frames of payload, counted in
     nginx's access log, for the first read of a 50 KB file in the middle of a 100 MB path."""
     big = paths["big"]
-    c = client(tmp_path, server, nginx.url)
-    with mounted(c, tmp_path / "mnt") as m:
+    c = client(tmp_path, server, "/nonexistent")
+    with mounted(c, tmp_path / "mnt", nginx.url) as m:  # `narfs mount URL MOUNTPOINT`
         nginx.clear_log()
         data = (m / base(big) / DEEP).read_bytes()
         assert data == (Path(big) / DEEP).read_bytes()
@@ -156,7 +156,7 @@ def test_cold_read_of_a_small_file_deep_in_a_big_path(tmp_path: Path, server: Na
         nginx.clear_log()
         assert (m / base(big) / DEEP).read_bytes() == data
         assert nginx.requests() == []
-    with mounted(c, tmp_path / "mnt") as m:  # a new mount: from the client's disk cache
+    with mounted(c, tmp_path / "mnt", nginx.url) as m:  # a new mount: from the disk cache
         nginx.clear_log()
         assert (m / base(big) / DEEP).read_bytes() == data
         assert [r for r in nginx.requests() if r.uri.startswith("/nar/")] == []
@@ -347,3 +347,25 @@ def test_a_changed_frame_list_is_refused(tmp_path: Path, server: Narfs,
             assert e.value.errno == errno.EIO
             wait_for(lambda: "not signed by a trusted key" in m.log(), 10, "the log line")
             assert (m / base(paths["file"])).read_text() == Path(paths["file"]).read_text()
+
+
+def test_what_cannot_be_mounted_is_one_line(tmp_path: Path, server: Narfs, nginx: Nginx) -> None:
+    """No trusted key, no server, a server that is not a narfs cache: one line naming the fix."""
+    (tmp_path / "mnt").mkdir()
+    bare = Narfs(tmp_path / "bare")
+    bare.root.mkdir()
+    bare.config.write_text("")
+    bare.env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    bare.env["NIX_CONFIG"] = "trusted-public-keys ="
+    err = one_line_error(bare("mount", nginx.url, str(tmp_path / "mnt"), check=False))
+    assert "no trusted key" in err and "public_key" in err
+    c = client(tmp_path, server, "")
+    with serving(tmp_path / "nothing-here") as gone:
+        url = gone.url
+    err = one_line_error(c("mount", url, str(tmp_path / "mnt"), check=False))
+    assert "connection refused" in err
+    with tampered_copy(server) as (cache, s):
+        (cache / pathindex.FILENAME).unlink()  # as a cache `nix copy` wrote
+        err = one_line_error(c("mount", s.url, str(tmp_path / "mnt"), check=False))
+        assert "narfs-index.zst: not found" in err
+
