@@ -18,9 +18,10 @@ that changes any byte gives EIO, never other bytes. The frames of a seekable NAR
 by exactly `zstdseek.encode_table(sizes)` (narfs writes no checksums), so the table the client
 builds from the document is the file's own.
 
-Cost (measured in tests/test_remote.py): ~60 bytes a frame (a 100 MiB path in 4 MiB frames:
-~1.8 KB), one sha256 pass over the compressed NAR when archiving, one request per path opened
-(it replaces the request for the seek table at the NAR's end), and one sha256 per frame read.
+Cost: ~60 bytes a frame (a 100 MiB path in 4 MiB frames: ~2 KB); one sha256 pass over the
+compressed NAR when archiving (33 ms for a 100 MiB NAR compressed to 50 MiB, against 0.33 s
+to compress it on one thread); one request per path opened (it replaces the request for the
+seek table at the NAR's end); one sha256 per frame read.
 """
 
 from __future__ import annotations
