@@ -8,20 +8,23 @@ so the catalog, the filesystem and the reader work on it exactly as on a local c
   <hash>.narinfo     fetched for each path the server's index (pathindex.py) lists, kept only
                      when a trusted key signed it, its mtime set to the index's archive time
   <hash>.ls          fetched the first time a path is looked into (MirrorCache.read_listing)
+  <hash>.auth        the path's signed frame hashes, fetched with its listing or NAR
   .narfs/            catalog, trees, hot tier, and ranges/: the NAR bytes fetched, bounded
 
-NARs are never copied whole: RemoteNar.pread fetches the byte ranges the reader asks for (the
-seek table at the end, then the frames covering a read) with HTTP Range requests, keeping them
-in ranges/ so a second look costs no request. The mirror follows the server by polling its
-index with conditional requests every `remote_poll` seconds; a narinfo written or removed here
+NARs are read by range: SignedNar.pread fetches the frames covering what the reader asks for,
+each checked against the path's signed frame hashes (`<hash>.auth`, frameauth.py), whose
+signed seek table spares the request for the NAR's end; fetched frames stay in ranges/, so a
+second look costs no request. A path without signed frame hashes (a cache written by `nix
+copy`) is fetched whole once and checked against its NarHash before any of it is used
+(WholeNar), as the hot tier does locally. The mirror follows the server by polling its index
+with conditional requests every `remote_poll` seconds; a narinfo written or removed here
 reaches the mount through the same inotify watch as a local cache's.
 
-Trust: the server is untrusted. A path is shown only once its narinfo verifies against a
-trusted key (narfs's own: public_key or the secret key's half, and nix.conf's
-trusted-public-keys). The index is a hint (which narinfos to fetch, archive times, top
-nodes). Listings and NAR bytes are checked for shape and size as a local cache's are;
-authenticating them against the signed narinfo without reading whole NARs is described in
-docs/SECURITY.md ("Remote mounts").
+Trust: the server is untrusted (docs/SECURITY.md, "Remote mounts"). A path is shown only once
+its narinfo verifies against a trusted key (narfs's own: public_key or the secret key's half,
+and nix.conf's trusted-public-keys); listings and frames only once they match hashes that key
+signed, or the NarHash of the whole NAR. The index is a hint (which narinfos to fetch, archive
+times, top nodes).
 """
 
 from __future__ import annotations
@@ -46,12 +49,12 @@ from .config import Settings
 from .errors import CorruptError, NarfsError
 from .http import Http, RemoteError, is_url
 from .narinfo import NarInfo
+from .narstream import NarStream, decompressed_chunks
 from .signing import PublicKey, parse_public_key
 
 log = logging.getLogger(__name__)
 
-TAIL = 4096  # the first read at a NAR's end fetches this much: footer and seek table at once
-# (8 or 12 bytes a frame: one request for NARs of up to ~2 GB in 4 MiB frames)
+WHOLE_STEP = 8 << 20  # a NAR fetched whole goes in ranges of this size
 FETCHERS = 8  # narinfos fetched at once when the index lists new paths
 RANGES_DIR = "ranges"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -130,20 +133,11 @@ class RangeCache:
         return hashlib.sha256(f"{url}\0{offset}\0{size}".encode()).hexdigest()
 
     def get(self, name: str, size: int) -> bytes | None:
-        with self._lock:
-            if name not in self._files:
-                return None
-            self._files.move_to_end(name)
-        path = os.path.join(self.dir, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            with self._lock:
-                self.size -= self._files.pop(name, 0)
+        fd = self.open(name, size)  # the LRU order survives a remount through mtimes
+        if fd is None:
             return None
         try:
-            data = os.pread(fd, size + 1, 0)
-            os.utime(fd)  # the LRU order survives a remount through mtimes
+            data = os.pread(fd, size, 0)
         finally:
             os.close(fd)
         return data if len(data) == size else None
@@ -151,19 +145,44 @@ class RangeCache:
     def put(self, name: str, data: bytes) -> None:
         if len(data) > self.limit:
             return
-        tmp = os.path.join(self.dir, f".tmp-{os.getpid()}-{threading.get_ident()}")
+        tmp = self.temporary()
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
-            os.rename(tmp, os.path.join(self.dir, name))
+            self.adopt(name, tmp, len(data))
         except OSError as e:  # a full disk costs the next look a request, nothing more
             log.debug("%s: not kept (%s)", name, e)
             _unlink(tmp)
-            return
+
+    def adopt(self, name: str, tmp: str, size: int) -> None:
+        """Keep a file written beside the cache's files (`temporary()`) under `name`."""
+        os.rename(tmp, os.path.join(self.dir, name))
         with self._lock:
-            self.size += len(data) - self._files.pop(name, 0)
-            self._files[name] = len(data)
+            self.size += size - self._files.pop(name, 0)
+            self._files[name] = size
             self._make_room(0, keep=1)
+
+    def temporary(self) -> str:
+        return os.path.join(self.dir, f".tmp-{os.getpid()}-{threading.get_ident()}")
+
+    def open(self, name: str, size: int) -> int | None:
+        """A descriptor of a kept file of `size` bytes, or None."""
+        with self._lock:
+            if name not in self._files:
+                return None
+            self._files.move_to_end(name)
+        try:
+            fd = os.open(os.path.join(self.dir, name),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            with self._lock:
+                self.size -= self._files.pop(name, 0)
+            return None
+        if os.fstat(fd).st_size != size:
+            os.close(fd)
+            return None
+        os.utime(fd)
+        return fd
 
     def drop(self, name: str) -> None:
         with self._lock:
@@ -182,39 +201,6 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-class RemoteNar:
-    """A NarFile over HTTP: each pread is a Range request (or the ranges cache, or the tail
-    fetched with the first read at the end). Thread-safe: it holds no position."""
-
-    def __init__(self, backend: RemoteBackend, entry: Entry, size: int) -> None:
-        self.backend = backend
-        self.url = entry.url
-        self.size = size
-        self._tail: tuple[int, bytes] | None = None
-        self._lock = threading.Lock()
-
-    def pread(self, offset: int, size: int) -> bytes:
-        size = max(0, min(size, self.size - offset))
-        if size == 0:
-            return b""
-        if offset + size == self.size or offset >= self.size - TAIL:
-            start, tail = self._get_tail()
-            if offset >= start:
-                return tail[offset - start:offset - start + size]
-        return self.backend.fetch_range(self.url, offset, size, self.size)
-
-    def _get_tail(self) -> tuple[int, bytes]:
-        with self._lock:
-            if self._tail is None:
-                start = max(0, self.size - TAIL)
-                self._tail = (start, self.backend.fetch_range(self.url, start, self.size - start,
-                                                              self.size))
-            return self._tail
-
-    def close(self) -> None:
-        self._tail = None
 
 
 class SignedNar:
@@ -263,6 +249,48 @@ class SignedNar:
         pass
 
 
+class WholeNar:
+    """A NarFile for a path without signed frame hashes: nothing of it is handed out before
+    the whole file was fetched (in WHOLE_STEP ranges, into the ranges cache) and found to
+    decompress to the NarSize and NarHash its signed narinfo names. Reads are then local."""
+
+    def __init__(self, backend: RemoteBackend, entry: Entry, size: int) -> None:
+        self.backend = backend
+        self.entry = entry
+        self.size = size
+        self._fd = -1
+        self._lock = threading.Lock()
+
+    def pread(self, offset: int, size: int) -> bytes:
+        with self._lock:
+            if self._fd < 0:
+                self._fd = self.backend.whole(self.entry, self.size)
+            fd = self._fd
+        return os.pread(fd, max(0, min(size, self.size - offset)), offset)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class _FileAt:
+    """Sequential reads of a descriptor through pread (for the decompressor)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = os.pread(self.fd, n if n >= 0 else 1 << 30, self.pos)
+        self.pos += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
 class MirrorCache(Cache):
     """The mirror directory as a Cache whose missing `.ls` files are fetched from the server
     (and kept); everything else reads the mirror as the local cache it is."""
@@ -308,14 +336,40 @@ class RemoteBackend:
 
     # --- Backend ----------------------------------------------------------------------------
 
-    def open_nar(self, entry: Entry) -> SignedNar | RemoteNar:
+    def open_nar(self, entry: Entry) -> SignedNar | WholeNar:
         auth = self.auth(entry.hash)
         if auth is not None:
             return SignedNar(self, entry, auth)
         size = entry.file_size
         if size is None:  # FileSize is optional in narinfos: ask the server for one byte
             size = self._total(entry.url)
-        return RemoteNar(self, entry, size)
+        return WholeNar(self, entry, size)
+
+    def whole(self, entry: Entry, size: int) -> int:
+        """A descriptor of the path's whole NAR file, checked against its signed NarHash."""
+        name = RangeCache.name(f"{entry.url}\0{entry.nar_hash}", 0, size)
+        fd = self.ranges.open(name, size)
+        if fd is not None:
+            return fd
+        tmp = self.ranges.temporary()
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            for offset in range(0, size, WHOLE_STEP):
+                data = self.http.get_range(entry.url, offset, min(WHOLE_STEP, size - offset),
+                                           size)
+                view = memoryview(data)
+                while view:
+                    view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
+            stream = NarStream(decompressed_chunks(_FileAt(fd), entry.compression),
+                               entry.nar_size)
+            stream.drain()
+            stream.check(entry.nar_size, entry.nar_hash)
+            self.ranges.adopt(name, tmp, size)
+        except BaseException:
+            os.close(fd)
+            _unlink(tmp)
+            raise
+        return fd
 
     def read_listing(self, h: str, nar_size: int | None = None) -> dict | None:
         return self.mirror.read_listing(h, nar_size)
@@ -342,7 +396,13 @@ class RemoteBackend:
         return self.http.size(url)
 
     def fetch_listing(self, h: str, nar_size: int | None) -> dict | None:
+        """The server's `.ls` of a path, checked against its signed hash; None when the server
+        has none, or no signed frame hashes to check it with (the mount then builds the
+        listing from the whole NAR, checked against NarHash)."""
         if h in self.mirror._absent:
+            return None
+        auth = self.auth(h)
+        if auth is None:
             return None
         got = self.http.get(f"{h}.ls", listing.MAX_SIZE)
         if got is None:
@@ -355,9 +415,7 @@ class RemoteBackend:
                     data, max_output_size=listing.MAX_SIZE)
             except zstandard.ZstdError as e:
                 raise CorruptError(f"{self.http.url(f'{h}.ls')}: damaged ({e})") from None
-        auth = self.auth(h)
-        if auth is not None:
-            auth.check_listing(got.data, self.http.url(f"{h}.ls"))
+        auth.check_listing(got.data, self.http.url(f"{h}.ls"))
         try:
             root = listing.parse(data, nar_size)
         except CorruptError as e:
@@ -369,7 +427,8 @@ class RemoteBackend:
     def auth(self, h: str) -> frameauth.Auth | None:
         """The path's verified signed frame hashes (kept in the mirror once checked); None
         when the server has none for it (a cache written by `nix copy` or before narfs wrote
-        them): its listing and frames are then read unauthenticated, with one warning."""
+        them, or a server that deleted them): its NAR is then fetched whole and checked against
+        NarHash before anything of it is shown, and its `.ls` is not used (one warning)."""
         with self._auth_lock:
             if h in self._auths:
                 return self._auths[h]
@@ -386,8 +445,8 @@ class RemoteBackend:
         if fetched and data is not None:
             self.mirror.write_atomic(local, data)
         if auth is None:
-            log.warning("%s: no signed frame hashes; %s is read unauthenticated (its bytes "
-                        "are checked only against sizes)", where, info.store_path)
+            log.warning("%s: no signed frame hashes; %s is read from its whole NAR, checked "
+                        "against its NarHash", where, info.store_path)
         with self._auth_lock:
             self._auths[h] = auth
         return auth

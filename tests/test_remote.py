@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -347,6 +348,38 @@ def test_a_changed_frame_list_is_refused(tmp_path: Path, server: Narfs,
             assert e.value.errno == errno.EIO
             wait_for(lambda: "not signed by a trusted key" in m.log(), 10, "the log line")
             assert (m / base(paths["file"])).read_text() == Path(paths["file"]).read_text()
+
+
+def test_without_signed_frame_hashes_the_whole_nar_is_checked(tmp_path: Path, server: Narfs,
+                                                               paths: dict[str, str]) -> None:
+    """A server that deletes the `.auth` files (or a cache `nix copy` wrote) cannot downgrade
+    the mount to unchecked bytes: the NAR is fetched whole and held to its signed NarHash,
+    and its `.ls`, which nothing signed, is not believed."""
+    big, small = paths["big"], paths["rich"]
+    with tampered_copy(server) as (cache, s):
+        for path in (big, small):
+            (cache / f"{base(path)[:32]}.auth").unlink()
+        ls = cache / f"{base(small)[:32]}.ls"
+        doc = json.loads(ls.read_text())
+        doc["root"]["entries"]["a"], doc["root"]["entries"]["B"] = \
+            doc["root"]["entries"]["B"], doc["root"]["entries"]["a"]  # swapped contents
+        ls.write_text(json.dumps(doc))
+        # big's narinfo points at rich's NAR: URL and FileSize are not what its key signs
+        narinfos = Cache(str(cache))
+        other = narinfos.read_narinfo(base(small)[:32])
+        text = Path(narinfos.narinfo_path(base(big)[:32])).read_text()
+        text = re.sub(r"^URL: .*$", f"URL: {other.url}", text, flags=re.M)
+        text = re.sub(r"^FileSize: .*$", f"FileSize: {other.file_size}", text, flags=re.M)
+        Path(narinfos.narinfo_path(base(big)[:32])).write_text(text)
+        c = client(tmp_path, server, s.url)
+        with mounted(c, tmp_path / "mnt") as m:
+            assert (m / base(small) / "a").read_text() == "lower\n"
+            assert (m / base(small) / "B").read_text() == "upper\n"
+            with pytest.raises(OSError) as e:
+                os.listdir(m / base(big))
+            assert e.value.errno == errno.EIO
+            log = m.log()
+            assert "no signed frame hashes" in log and "the narinfo says" in log
 
 
 def test_what_cannot_be_mounted_is_one_line(tmp_path: Path, server: Narfs, nginx: Nginx) -> None:
