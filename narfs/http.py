@@ -35,10 +35,13 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class RemoteError(OSError):
-    """The server could not be asked, or did not answer in time (EIO for the read)."""
+    """The server could not be asked, or did not answer in time (EIO for the read).
+    `retry`: whether asking again may help (a refused or reset connection, a short body);
+    a server that let a timeout run out is not asked again within the same read."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry: bool = True) -> None:
         super().__init__(errno.EIO, message)
+        self.retry = retry
 
     def __str__(self) -> str:
         return str(self.strerror)
@@ -80,7 +83,7 @@ class Http:
             r = self.pool.request("GET", url, headers=headers, preload_content=False,
                                   decode_content=False)
         except Urllib3Error as e:
-            raise RemoteError(f"{url}: {_reason(e)}") from None
+            raise RemoteError(f"{url}: {_reason(e)}", retry=not _timed_out(e)) from None
         consumed = False
         try:
             self.requests += 1
@@ -94,7 +97,7 @@ class Http:
             try:
                 data = r.read(limit + 1)
             except Urllib3Error as e:
-                raise RemoteError(f"{url}: {_reason(e)}") from None
+                raise RemoteError(f"{url}: {_reason(e)}", retry=not _timed_out(e)) from None
             if len(data) > limit:
                 raise CorruptError(f"{url}: answer larger than {limit} bytes")
             if length is not None and len(data) != int(length):
@@ -115,7 +118,7 @@ class Http:
             try:
                 status, h, data = self._once(path, headers, limit)
             except RemoteError as e:
-                if attempt == self.attempts:
+                if attempt == self.attempts or not e.retry:
                     raise
                 log.info("%s (attempt %d of %d; retrying)", e, attempt, self.attempts)
             else:
@@ -189,6 +192,14 @@ def _done(r: urllib3.BaseHTTPResponse, consumed: bool) -> None:
     if not consumed:
         r.close()
     r.release_conn()
+
+
+def _timed_out(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, urllib3.exceptions.TimeoutError | TimeoutError):
+            return True
+        e = getattr(e, "reason", None) or e.__context__
+    return False
 
 
 def _reason(e: Exception) -> str:

@@ -116,6 +116,7 @@ def test_remote_mount_is_the_store(tmp_path: Path, server: Narfs, nginx: Nginx,
         assert grep_view(m / base(rich)) == grep_view(Path(rich))
         assert os.readlink(m / ".by-name" / "narfs-big" / "latest") == f"../../{base(paths['big'])}"
         assert "mounted http://127.0.0.1" in m.log()
+        assert server("status").returncode == 0  # another cache's mount in the table is fine
     # the same tree as a local mount of the server's cache, inode numbers included
     with mounted(server, tmp_path / "local") as local, mounted(c, tmp_path / "mnt") as m:
         for path in paths.values():
@@ -255,6 +256,11 @@ def test_server_stopped_mid_read(tmp_path: Path, server: Narfs, paths: dict[str,
             assert m.alive()
             wait_for(lambda: "did not answer in time" in m.log() and "refused" in m.log(), 10,
                      "log lines naming each failure")
+        # mounted again while the server is down: what the last mount mirrored, with a warning
+        with mounted(c, tmp_path / "mnt") as m:
+            assert base(paths["big"]) in os.listdir(m.path)
+            assert (m / base(paths["big"]) / DEEP).read_bytes() == deep
+            assert "showing the paths mirrored at the last mount" in m.log()
 
 
 def test_tampered_index_is_refused(tmp_path: Path, server: Narfs, paths: dict[str, str]) -> None:
