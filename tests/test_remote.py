@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from mounting import mounted, wait_for
+from mounting import is_mounted, mounted, unmount, wait_for
 from test_mount import find_view, grep_view
 
 from conftest import Narfs
@@ -408,3 +408,19 @@ def test_what_cannot_be_mounted_is_one_line(tmp_path: Path, server: Narfs, nginx
         err = one_line_error(c("mount", s.url, str(tmp_path / "mnt"), check=False))
         assert "narfs-index.zst: not found" in err
 
+
+
+def test_background_mount_and_umount(tmp_path: Path, server: Narfs, nginx: Nginx,
+                                     paths: dict[str, str]) -> None:
+    """Without --foreground: the command returns once the remote mount is live; `narfs
+    umount` ends it."""
+    c = client(tmp_path, server, "")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        c("mount", nginx.url, str(mnt), timeout=120)
+        assert (mnt / base(paths["file"])).read_text() == Path(paths["file"]).read_text()
+        c("umount", str(mnt))
+        wait_for(lambda: not is_mounted(mnt), 30, "the unmount")
+    finally:
+        unmount(mnt)
