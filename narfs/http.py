@@ -61,15 +61,22 @@ def is_url(text: str) -> bool:
 class Http:
     """One server (`base`: scheme, host, optional path prefix)."""
 
-    def __init__(self, base: str, timeout: float = 10.0, attempts: int = ATTEMPTS) -> None:
+    def __init__(self, base: str, timeout: float = 10.0, attempts: int = ATTEMPTS,
+                 login: tuple[str, str, str] | None = None) -> None:
+        """`login`: (netrc file, user, password), sent as HTTP Basic authentication to this
+        server only (redirects are not followed)."""
         self.base = base.rstrip("/")
         self.attempts = attempts
+        self.netrc = login[0] if login else None
+        headers = {"User-Agent": f"narfs/{__version__}"}
+        if login:
+            headers.update(urllib3.make_headers(basic_auth=f"{login[1]}:{login[2]}"))
         # Redirects are not followed (retries=False): a cache answers where it is asked.
         # The system's CA store verifies https (urllib3's default through ssl).
         self.pool = urllib3.PoolManager(
             num_pools=2, maxsize=16, block=False, retries=False,
             timeout=urllib3.Timeout(connect=min(CONNECT_TIMEOUT, timeout), read=timeout),
-            headers={"User-Agent": f"narfs/{__version__}"})
+            headers=headers)
         self.requests = 0  # counters for tests and `stats`
         self.bytes = 0
 
@@ -80,8 +87,9 @@ class Http:
               ) -> tuple[int, dict[str, str], bytes]:
         url = self.url(path)
         try:
-            r = self.pool.request("GET", url, headers=headers, preload_content=False,
-                                  decode_content=False)
+            # a request's headers replace the pool's: the login and User-Agent go each time
+            r = self.pool.request("GET", url, headers={**self.pool.headers, **headers},
+                                  preload_content=False, decode_content=False)
         except Urllib3Error as e:
             raise RemoteError(f"{url}: {_reason(e)}", retry=not _timed_out(e)) from None
         consumed = False
@@ -140,8 +148,16 @@ class Http:
         if status == 304 and etag:
             return Fetched(b"", etag, unchanged=True)
         if status != 200:
-            raise RemoteError(f"{self.url(path)}: HTTP {status}")
+            raise RemoteError(f"{self.url(path)}: {self._status(status)}")
         return Fetched(data, h.get("ETag"))
+
+    def _status(self, status: int) -> str:
+        if status == 401:
+            where = self.netrc or "the netrc-file nix.conf names (default /etc/nix/netrc)"
+            return (f"HTTP 401: the server wants credentials; "
+                    f"{'they were refused' if self.netrc else 'add a machine line to'} "
+                    f"{where}")
+        return f"HTTP {status}"
 
     def get_range(self, path: str, offset: int, size: int, total: int) -> bytes:
         """Exactly bytes [offset, offset+size) of a file of `total` bytes."""
@@ -156,7 +172,7 @@ class Http:
         if status != 206:
             if status == 416:
                 raise CorruptError(f"{url}: shorter than its FileSize {total} (HTTP 416)")
-            raise RemoteError(f"{url}: HTTP {status}")
+            raise RemoteError(f"{url}: {self._status(status)}")
         m = _CONTENT_RANGE.fullmatch(h.get("Content-Range", "").strip())
         if m is None or (int(m[1]), int(m[2])) != (offset, end) \
                 or (m[3] != "*" and int(m[3]) != total):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import netrc
 import os
 import threading
 import time
@@ -78,20 +79,25 @@ def client_dir(url: str) -> str:
     return os.path.join(base, "remote", name)
 
 
-def trusted_keys(settings: Settings) -> list[PublicKey]:
+def nix_conf() -> dict[str, object]:
+    """Nix's effective settings, as doctor reads them; {} on a machine without Nix."""
+    from .doctor import nix_settings, nix_version
+
+    v = nix_version()
+    return {} if isinstance(v, str) else nix_settings(v) or {}
+
+
+def trusted_keys(settings: Settings, conf: dict[str, object]) -> list[PublicKey]:
     """narfs's own key (public_key, else the secret key's public half) and nix.conf's
     trusted-public-keys: the keys a remote path's narinfo must be signed by to be shown."""
-    from .doctor import nix_settings, nix_version  # Nix's effective settings, as doctor reads them
     from .restore import trusted_key
 
     keys = []
     own = trusted_key(settings)
     if own is not None:
         keys.append(own)
-    v = nix_version()  # no Nix on this machine: narfs's own key alone
-    conf = None if isinstance(v, str) else nix_settings(v)
     for field in ("trusted-public-keys", "extra-trusted-public-keys"):
-        value = (conf or {}).get(field)
+        value = conf.get(field)
         for word in value if isinstance(value, list) else str(value or "").split():
             try:
                 keys.append(parse_public_key(str(word), f"nix.conf {field}"))
@@ -315,9 +321,10 @@ class RemoteBackend:
     """The Backend of a remote mount (backend.py's protocol), and the mirror it keeps."""
 
     def __init__(self, url: str, settings: Settings, keys: list[PublicKey],
-                 directory: str | None = None) -> None:
+                 directory: str | None = None,
+                 login: tuple[str, str, str] | None = None) -> None:
         self.where = url.rstrip("/")
-        self.http = Http(self.where, timeout=settings.remote_timeout)
+        self.http = Http(self.where, timeout=settings.remote_timeout, login=login)
         self.keys = keys
         self.mirror = MirrorCache(directory or client_dir(url), self)
         os.makedirs(self.mirror.nar_dir, mode=0o755, exist_ok=True)
@@ -563,15 +570,34 @@ class RemoteBackend:
         self.http.close()
 
 
+def netrc_login(url: str, conf: dict[str, object]) -> tuple[str, str, str] | None:
+    """(netrc file, login, password) for the URL's host from the `netrc-file` Nix uses
+    (default /etc/nix/netrc), as Nix itself sends them to substituters."""
+    path = str(conf.get("netrc-file") or "/etc/nix/netrc")
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        found = netrc.netrc(path).authenticators(host)
+    except FileNotFoundError:
+        return None
+    except (netrc.NetrcParseError, OSError) as e:
+        raise NarfsError(f"{path}: cannot read it ({e}); fix the netrc-file nix.conf "
+                         "names") from None
+    if found is None:
+        return None
+    login, _, password = found
+    return path, login, password or ""
+
+
 def open_remote(url: str, settings: Settings) -> RemoteBackend:
     """The backend of `narfs mount URL`, or a one-line error naming the fix."""
-    keys = trusted_keys(settings)
+    conf = nix_conf()
+    keys = trusted_keys(settings, conf)
     if not keys:
         raise NarfsError(f"{url}: no trusted key to check the server's narinfos with; set "
                          "public_key in narfs.toml to the server's key (what its narfs init "
                          "printed), or add it to nix.conf's trusted-public-keys")
     try:
-        return RemoteBackend(url, settings, keys)
+        return RemoteBackend(url, settings, keys, login=netrc_login(url, conf))
     except OSError as e:
         raise NarfsError(f"{client_dir(url)}: cannot create the remote mount's state "
                          f"directory ({e.strerror})") from None

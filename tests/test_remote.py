@@ -424,3 +424,26 @@ def test_background_mount_and_umount(tmp_path: Path, server: Narfs, nginx: Nginx
         wait_for(lambda: not is_mounted(mnt), 30, "the unmount")
     finally:
         unmount(mnt)
+
+
+def test_credentials_from_nix_netrc_file(tmp_path: Path, server: Narfs,
+                                         paths: dict[str, str]) -> None:
+    """A server behind HTTP Basic authentication: the login comes from the netrc-file Nix
+    uses for substituters; without one, the mount names the file to add it to."""
+    with reachable_dir() as d:
+        (d / "htpasswd").write_text("narfs:{PLAIN}s3cret\n")
+        (d / "htpasswd").chmod(0o644)
+        with serving(server.cache, f'auth_basic "archive"; auth_basic_user_file {d}/htpasswd;'
+                     ) as s:
+            c = client(tmp_path, server, "")
+            (tmp_path / "mnt").mkdir()
+            netrc = tmp_path / "netrc"
+            c.env["NIX_CONFIG"] = f"netrc-file = {netrc}"
+            err = one_line_error(c("mount", s.url, str(tmp_path / "mnt"), check=False))
+            assert "HTTP 401" in err and "add a machine line to" in err
+            netrc.write_text("machine 127.0.0.1 login narfs password wrong\n")
+            err = one_line_error(c("mount", s.url, str(tmp_path / "mnt"), check=False))
+            assert f"they were refused {netrc}" in err
+            netrc.write_text("machine 127.0.0.1 login narfs password s3cret\n")
+            with mounted(c, tmp_path / "mnt", s.url) as m:
+                assert (m / base(paths["file"])).read_text() == Path(paths["file"]).read_text()
