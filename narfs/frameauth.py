@@ -34,7 +34,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .cache import Cache
+from .cache import Cache, read_small
 from .errors import CorruptError
 from .narinfo import NarInfo
 from .signing import PublicKey, SecretKey
@@ -102,7 +102,7 @@ def publish(cache: Cache, key: SecretKey | None, infos: Iterable[NarInfo]) -> No
         try:
             ls = None
             try:
-                ls = cache.read_small(cache.listing_path(info.hash), MAX_SIZE)
+                ls = read_small(cache.listing_path(info.hash), MAX_SIZE)
             except FileNotFoundError:
                 pass
             data = build(info, cache.nar_path(info.url), ls, key)

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 import zstandard
 
 from . import frameauth
-from .cache import Cache
+from .cache import Cache, read_small
 from .errors import CorruptError, NarfsError
 from .storepath import is_base_name, is_hash, name_part
 from .tree import DIR, EXE, LNK, REG
@@ -117,7 +117,7 @@ def read(cache: Cache) -> list[Row]:
     """The cache's current index; [] when there is none or it is unusable (it is rewritten)."""
     path = os.path.join(cache.root, FILENAME)
     try:
-        return decode(cache.read_small(path, MAX_COMPRESSED))
+        return decode(read_small(path, MAX_COMPRESSED))
     except FileNotFoundError:
         return []
     except (CorruptError, OSError) as e:

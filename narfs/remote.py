@@ -44,7 +44,7 @@ import trio
 import zstandard
 
 from . import frameauth, listing, narinfo, pathindex
-from .cache import Cache, cache_info_text
+from .cache import Cache, cache_info_text, read_small
 from .catalog import Catalog, Entry
 from .config import Settings
 from .errors import CorruptError, NarfsError
@@ -444,7 +444,7 @@ class RemoteBackend:
         where = self.http.url(f"{h}{frameauth.SUFFIX}")
         fetched = False
         try:
-            data: bytes | None = self.mirror.read_small(local, frameauth.MAX_SIZE)
+            data: bytes | None = read_small(local, frameauth.MAX_SIZE)
         except FileNotFoundError:
             got = self.http.get(f"{h}{frameauth.SUFFIX}", frameauth.MAX_SIZE)
             data, fetched = (None if got is None else got.data), True
