@@ -307,15 +307,17 @@ class Cache:
         return self.init() if new else False
 
     @contextmanager
-    def temporary(self, final: str) -> Iterator[BinaryIO]:
-        """A temporary file beside `final`; on a clean exit it is fsynced and renamed over it."""
+    def temporary(self, final: str, sync: bool = True) -> Iterator[BinaryIO]:
+        """A temporary file beside `final`; on a clean exit it is fsynced (unless `sync` is
+        False: derived data a crash may lose) and renamed over it."""
         d, base = os.path.split(final)
         fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{base}-", dir=d)
         f = os.fdopen(fd, "wb")
         try:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
             f.close()
             os.chmod(tmp, 0o644)
             os.rename(tmp, final)
@@ -327,8 +329,8 @@ class Cache:
                 pass
             raise
 
-    def write_atomic(self, final: str, data: bytes) -> None:
-        with self.temporary(final) as f:
+    def write_atomic(self, final: str, data: bytes, sync: bool = True) -> None:
+        with self.temporary(final, sync) as f:
             f.write(data)
 
     def sync_nar_dir(self) -> None:

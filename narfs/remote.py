@@ -428,7 +428,7 @@ class RemoteBackend:
         except CorruptError as e:
             raise CorruptError(f"{self.http.url(f'{h}.ls')}: {e}") from None
         if self.mirror.has(h):  # kept while the path is; dropped with its narinfo
-            self.mirror.write_atomic(self.mirror.listing_path(h), data)
+            self.mirror.write_atomic(self.mirror.listing_path(h), data, sync=False)
         return root
 
     def auth(self, h: str) -> frameauth.Auth | None:
@@ -450,7 +450,7 @@ class RemoteBackend:
             data, fetched = (None if got is None else got.data), True
         auth = None if data is None else frameauth.verify(data, info, self.keys, where)
         if fetched and data is not None:
-            self.mirror.write_atomic(local, data)
+            self.mirror.write_atomic(local, data, sync=False)
         if auth is None:
             log.warning("%s: no signed frame hashes; %s is read from its whole NAR, checked "
                         "against its NarHash", where, info.store_path)
@@ -532,7 +532,7 @@ class RemoteBackend:
                     _unlink(frameauth.path(self.mirror, h))
                     with self._auth_lock:
                         self._auths.pop(h, None)
-                self.mirror.write_atomic(path, result.render().encode())
+                self.mirror.write_atomic(path, result.render().encode(), sync=False)
                 os.utime(path, (archived, archived))
                 self.rejected.pop(h, None)
                 added.append(h)
@@ -554,6 +554,15 @@ class RemoteBackend:
             log.warning("%s; showing the paths mirrored at the last mount (%s) until the "
                         "server answers", e, self.mirror.root)
         catalog.sync()
+        if catalog.bad:  # mirror files are written without fsync: a crash may have cut one
+            for h in list(catalog.bad):
+                self.mirror.unpublish(h)
+            self.etag = None
+            try:
+                self.update()  # fetches them again
+            except (NarfsError, OSError) as e:
+                log.warning("%s", e)
+            catalog.sync()
         catalog.put_listings((h, None, top) for h, top in self.tops.items())
 
     async def follow(self) -> None:
