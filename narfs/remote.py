@@ -338,6 +338,7 @@ class RemoteBackend:
         self._auth_lock = threading.Lock()
         self.poll = settings.remote_poll
         self.etag: str | None = None
+        self.listed: dict[str, tuple[str, float]] = {}  # the index's rows: hash → name, time
         self.rejected: dict[str, float] = {}  # hash → archive time whose narinfo was refused
         self.tops: dict[str, list] = {}  # from the last index read: for a new catalog
 
@@ -439,24 +440,46 @@ class RemoteBackend:
         with self._auth_lock:
             if h in self._auths:
                 return self._auths[h]
-        info = self.mirror.read_narinfo(h)  # verified when the mirror took it
+        info = self._mirrored_narinfo(h)
         local = frameauth.path(self.mirror, h)
         where = self.http.url(f"{h}{frameauth.SUFFIX}")
-        fetched = False
+        auth = None
         try:
-            data: bytes | None = read_small(local, frameauth.MAX_SIZE)
+            auth = frameauth.verify(read_small(local, frameauth.MAX_SIZE), info, self.keys,
+                                    local)
         except FileNotFoundError:
+            pass
+        except CorruptError as e:  # cut by a crash (the mirror is not fsynced), or stale
+            log.warning("%s; fetching it again", e)
+        if auth is None:
             got = self.http.get(f"{h}{frameauth.SUFFIX}", frameauth.MAX_SIZE)
-            data, fetched = (None if got is None else got.data), True
-        auth = None if data is None else frameauth.verify(data, info, self.keys, where)
-        if fetched and data is not None:
-            self.mirror.write_atomic(local, data, sync=False)
+            if got is not None:
+                auth = frameauth.verify(got.data, info, self.keys, where)
+                self.mirror.write_atomic(local, got.data, sync=False)
         if auth is None:
             log.warning("%s: no signed frame hashes; %s is read from its whole NAR, checked "
                         "against its NarHash", where, info.store_path)
         with self._auth_lock:
             self._auths[h] = auth
         return auth
+
+    def _mirrored_narinfo(self, h: str) -> NarInfo:
+        """The mirror's narinfo of `h` (verified when the mirror took it). The mirror is
+        written without fsync, so one a crash cut is fetched and verified again."""
+        try:
+            return self.mirror.read_narinfo(h)
+        except CorruptError as e:
+            if h not in self.listed:
+                raise
+            log.warning("%s; fetching it again", e)
+        name, archived = self.listed[h]
+        info = self._narinfo(h, name)
+        if isinstance(info, str):
+            raise CorruptError(info)
+        path = self.mirror.narinfo_path(h)
+        self.mirror.write_atomic(path, info.render().encode(), sync=False)
+        os.utime(path, (archived, archived))
+        return info
 
     def _narinfo(self, h: str, name: str) -> NarInfo | str:
         """The server's narinfo of `h`, or why it is not shown."""
@@ -498,7 +521,7 @@ class RemoteBackend:
         except CorruptError as e:
             raise CorruptError(f"{self.http.url(pathindex.FILENAME)}: {e}") from None
         self.tops = {h: top for h, _, _, top in rows if top is not None}
-        listed = {h: (name, archived) for h, name, archived, _ in rows}
+        listed = self.listed = {h: (name, archived) for h, name, archived, _ in rows}
         here = {}
         for h in self.mirror.hashes():
             try:
@@ -554,15 +577,6 @@ class RemoteBackend:
             log.warning("%s; showing the paths mirrored at the last mount (%s) until the "
                         "server answers", e, self.mirror.root)
         catalog.sync()
-        if catalog.bad:  # mirror files are written without fsync: a crash may have cut one
-            for h in list(catalog.bad):
-                self.mirror.unpublish(h)
-            self.etag = None
-            try:
-                self.update()  # fetches them again
-            except (NarfsError, OSError) as e:
-                log.warning("%s", e)
-            catalog.sync()
         catalog.put_listings((h, None, top) for h, top in self.tops.items())
 
     async def follow(self) -> None:

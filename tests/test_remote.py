@@ -447,3 +447,21 @@ def test_credentials_from_nix_netrc_file(tmp_path: Path, server: Narfs,
             netrc.write_text("machine 127.0.0.1 login narfs password s3cret\n")
             with mounted(c, tmp_path / "mnt", s.url) as m:
                 assert (m / base(paths["file"])).read_text() == Path(paths["file"]).read_text()
+
+
+def test_a_mirror_file_cut_by_a_crash_is_fetched_again(tmp_path: Path, server: Narfs,
+                                                       nginx: Nginx,
+                                                       paths: dict[str, str]) -> None:
+    """The client's mirror is written without fsync: a narinfo left empty by a crash (with
+    the right mtime) is fetched again by the next mount, not left out for good."""
+    c = client(tmp_path, server, nginx.url)
+    with mounted(c, tmp_path / "mnt") as m:
+        assert (m / base(paths["file"])).read_text() == Path(paths["file"]).read_text()
+    mirror = next((tmp_path / "xdg" / "narfs" / "remote").iterdir())
+    for suffix in (".narinfo", ".auth", ".ls"):
+        cut = mirror / f"{base(paths['file'])[:32]}{suffix}"
+        st = cut.stat()
+        cut.write_bytes(b"")
+        os.utime(cut, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with mounted(c, tmp_path / "mnt") as m:
+        assert (m / base(paths["file"])).read_text() == Path(paths["file"]).read_text()
