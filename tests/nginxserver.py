@@ -44,11 +44,11 @@ def worker_user() -> str:
 
 
 def nginx_conf(base: Path, cache: Path, port: int, access_log: Path | None = None,
-               server_extra: str = "") -> Path:
-    """nginx.conf for the example's server block on 127.0.0.1:`port` serving `cache`;
+               server_extra: str = "", address: str = "127.0.0.1") -> Path:
+    """nginx.conf for the example's server block on `address`:`port` serving `cache`;
     `server_extra` goes into the server block (e.g. `max_ranges 0;`)."""
     server = SERVER_BLOCK.read_text()
-    server, n1 = re.subn(r"^(\s*)listen 5000;$", rf"\1listen 127.0.0.1:{port};", server,
+    server, n1 = re.subn(r"^(\s*)listen 5000;$", rf"\1listen {address}:{port};", server,
                          flags=re.M)
     server, n2 = re.subn(r"^\s*listen \[::\]:5000;\n", "", server, flags=re.M)
     server, n3 = re.subn(r"^(\s*)root /var/lib/narfs/cache;$",
@@ -87,18 +87,21 @@ class Request:
 class Nginx:
     """One nginx process serving `cache` (see `serving`)."""
 
-    def __init__(self, binary: str, base: Path, cache: Path, server_extra: str) -> None:
+    def __init__(self, binary: str, base: Path, cache: Path, server_extra: str,
+                 address: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> None:
         self.binary = binary
         self.base = base
         self.cache = cache
+        self.address = address
+        self.prefix = prefix  # e.g. `ip netns exec NS`: nginx in another network namespace
         self.port = free_port()
         self.access_log = base / "access.log"
-        self.conf = nginx_conf(base, cache, self.port, self.access_log, server_extra)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.conf = nginx_conf(base, cache, self.port, self.access_log, server_extra, address)
+        self.url = f"http://{address}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _args(self) -> list[str]:
-        return [self.binary, "-c", str(self.conf), "-p", str(self.base), "-e",
+        return [*self.prefix, self.binary, "-c", str(self.conf), "-p", str(self.base), "-e",
                 str(self.base / "error.log")]
 
     def start(self) -> None:
@@ -110,7 +113,7 @@ class Nginx:
         while True:
             assert self.proc.poll() is None, (self.base / "error.log").read_text()
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                socket.create_connection((self.address, self.port), timeout=0.5).close()
                 return
             except OSError:
                 assert time.monotonic() < deadline, "nginx did not start listening"
@@ -177,7 +180,8 @@ def world_readable(cache: Path) -> None:
 
 
 @contextmanager
-def serving(cache: Path, server_extra: str = "") -> Iterator[Nginx]:
+def serving(cache: Path, server_extra: str = "", address: str = "127.0.0.1",
+            prefix: tuple[str, ...] = ()) -> Iterator[Nginx]:
     """nginx serving `cache` until the block ends (skips the test when nginx is missing).
     The cache's parents must be reachable by nginx's worker user."""
     binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
@@ -185,7 +189,7 @@ def serving(cache: Path, server_extra: str = "") -> Iterator[Nginx]:
         pytest.skip("nginx not installed")
     base = Path(tempfile.mkdtemp(prefix="narfs-nginx-"))
     base.chmod(0o755)
-    server = Nginx(binary, base, cache, server_extra)
+    server = Nginx(binary, base, cache, server_extra, address, prefix)
     try:
         server.start()
         yield server
