@@ -116,9 +116,10 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     remote = open_remote(settings.cache_dir, settings) if is_url(settings.cache_dir) else None
     cache = remote.mirror if remote else Cache(settings.cache_dir)
     cache.check()
-    if not (remote.where if remote else cache.root).isascii():
-        raise NarfsError(f"{cache.root}: FUSE mount options must be ASCII; use a cache path "
-                         "without non-ASCII characters")
+    where = remote.where if remote else cache.root
+    if not where.isascii():
+        raise NarfsError(f"{where}: FUSE mount options must be ASCII; use a cache path or "
+                         "URL without non-ASCII characters")
     allow_other = settings.allow_other or "allow_other" in options
     fast = choose_mode(settings.fuse_mode)
     if args.foreground:

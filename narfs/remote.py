@@ -55,6 +55,7 @@ from .signing import PublicKey, parse_public_key
 
 log = logging.getLogger(__name__)
 
+AUTHS_KEPT = 4096  # verified `.auth` documents kept in memory (the mirror keeps them all)
 WHOLE_STEP = 8 << 20  # a NAR fetched whole goes in ranges of this size
 FETCHERS = 8  # narinfos fetched at once when the index lists new paths
 RANGES_DIR = "ranges"
@@ -304,7 +305,6 @@ class MirrorCache(Cache):
     def __init__(self, root: str, backend: RemoteBackend) -> None:
         super().__init__(root)
         self.backend = backend
-        self._absent: set[str] = set()  # listings the server does not have (this mount)
 
     def read_listing(self, h: str, nar_size: int | None = None) -> dict | None:
         if os.path.lexists(self.listing_path(h)):
@@ -334,7 +334,9 @@ class RemoteBackend:
         self.state_dir = self.mirror.state_dir()
         self.ranges = RangeCache(self.mirror.state_path(RANGES_DIR),
                                  settings.remote_cache_mb << 20)
-        self._auths: dict[str, frameauth.Auth | None] = {}
+        # verified frame hashes of the paths opened lately (a few KB each), LRU-bounded
+        self._auths: OrderedDict[str, frameauth.Auth | None] = OrderedDict()
+        self.absent: set[str] = set()  # hashes whose listing the server does not have
         self._auth_lock = threading.Lock()
         self.poll = settings.remote_poll
         self.etag: str | None = None
@@ -407,14 +409,14 @@ class RemoteBackend:
         """The server's `.ls` of a path, checked against its signed hash; None when the server
         has none, or no signed frame hashes to check it with (the mount then builds the
         listing from the whole NAR, checked against NarHash)."""
-        if h in self.mirror._absent:
+        if h in self.absent:
             return None
         auth = self.auth(h)
         if auth is None:
             return None
         got = self.http.get(f"{h}.ls", listing.MAX_SIZE)
         if got is None:
-            self.mirror._absent.add(h)
+            self.absent.add(h)
             return None
         data = got.data
         if data.startswith(ZSTD_MAGIC):  # cache.nixos.org: compressed, without saying so
@@ -439,6 +441,7 @@ class RemoteBackend:
         NarHash before anything of it is shown, and its `.ls` is not used (one warning)."""
         with self._auth_lock:
             if h in self._auths:
+                self._auths.move_to_end(h)
                 return self._auths[h]
         info = self._mirrored_narinfo(h)
         local = frameauth.path(self.mirror, h)
@@ -461,6 +464,8 @@ class RemoteBackend:
                         "against its NarHash", where, info.store_path)
         with self._auth_lock:
             self._auths[h] = auth
+            while len(self._auths) > AUTHS_KEPT:
+                self._auths.popitem(last=False)
         return auth
 
     def _mirrored_narinfo(self, h: str) -> NarInfo:
@@ -555,6 +560,7 @@ class RemoteBackend:
                     _unlink(frameauth.path(self.mirror, h))
                     with self._auth_lock:
                         self._auths.pop(h, None)
+                    self.absent.discard(h)
                 self.mirror.write_atomic(path, result.render().encode(), sync=False)
                 os.utime(path, (archived, archived))
                 self.rejected.pop(h, None)
