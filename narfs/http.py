@@ -67,6 +67,9 @@ class Http:
         server only (redirects are not followed)."""
         self.base = base.rstrip("/")
         self.attempts = attempts
+        # the longest one request may take, retries and backoff included
+        self.longest = attempts * (min(CONNECT_TIMEOUT, timeout) + timeout) \
+            + BACKOFF * (2 ** attempts)
         self.netrc = login[0] if login else None
         headers = {"User-Agent": f"narfs/{__version__}"}
         if login:

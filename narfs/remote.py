@@ -55,6 +55,8 @@ from .signing import PublicKey, parse_public_key
 
 log = logging.getLogger(__name__)
 
+AHEAD = 2  # frames fetched ahead once a NAR's reads go frame after frame
+AHEAD_FETCHES = 4  # fetches ahead in flight at once, for all NARs together
 AUTHS_KEPT = 4096  # verified `.auth` documents kept in memory (the mirror keeps them all)
 WHOLE_STEP = 8 << 20  # a NAR fetched whole goes in ranges of this size
 FETCHERS = 8  # narinfos fetched at once when the index lists new paths
@@ -191,6 +193,10 @@ class RangeCache:
         os.utime(fd)
         return fd
 
+    def has(self, name: str) -> bool:
+        with self._lock:
+            return name in self._files
+
     def drop(self, name: str) -> None:
         with self._lock:
             self.size -= self._files.pop(name, 0)
@@ -213,7 +219,11 @@ def _unlink(path: str) -> None:
 class SignedNar:
     """A NarFile whose every byte is checked against the path's signed frame hashes
     (frameauth.py): frames are fetched whole and compared with their sha256; the seek table at
-    the end comes from the signed document, without a request."""
+    the end comes from the signed document, without a request.
+
+    Once reads go frame after frame (grep -r, a listing parsed from the NAR), the next AHEAD
+    frames are fetched in the background into the ranges cache, so a link's latency is paid
+    once per run of frames rather than once per frame; a lone read fetches nothing more."""
 
     def __init__(self, backend: RemoteBackend, entry: Entry, auth: frameauth.Auth) -> None:
         self.backend = backend
@@ -221,6 +231,9 @@ class SignedNar:
         self.auth = auth
         self.size = auth.file_size
         self._starts = [f.comp_offset for f in auth.table.frames]
+        self._lock = threading.Lock()
+        self._last = -2  # the frame read last
+        self._ahead: dict[int, threading.Event] = {}  # frames being fetched ahead
 
     def pread(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.size)
@@ -243,6 +256,14 @@ class SignedNar:
 
     def _frame(self, i: int) -> bytes:
         frame = self.auth.table.frames[i]
+        with self._lock:
+            pending = self._ahead.get(i)
+            sequential = i == self._last + 1
+            self._last = i
+        if pending is not None:  # fetched ahead right now: wait for it rather than ask twice
+            pending.wait(self.backend.http.longest)
+        if sequential:
+            self._read_ahead(i)
         data = self.backend.fetch_range(self.url, frame.comp_offset, frame.comp_size, self.size)
         try:
             self.auth.check_frame(i, data, self.backend.http.url(self.url))
@@ -251,6 +272,35 @@ class SignedNar:
                                                      frame.comp_size))
             raise
         return data
+
+    def _read_ahead(self, i: int) -> None:
+        frames = self.auth.table.frames
+        ranges = self.backend.ranges
+        for j in range(i + 1, min(i + 1 + AHEAD, len(frames))):
+            fr = frames[j]
+            if ranges.limit < (AHEAD + 1) * fr.comp_size:
+                return  # the ranges cache could not keep them until they are read
+            with self._lock:
+                if j in self._ahead or ranges.has(RangeCache.name(self.url, fr.comp_offset,
+                                                                  fr.comp_size)):
+                    continue
+                if not self.backend.ahead.acquire(blocking=False):
+                    return  # enough fetches ahead already, for every NAR together
+                done = self._ahead[j] = threading.Event()
+            # a daemon thread: an unmount never waits for a fetch nobody asked for yet
+            threading.Thread(target=self._fetch_ahead, args=(j, done), daemon=True).start()
+
+    def _fetch_ahead(self, j: int, done: threading.Event) -> None:
+        fr = self.auth.table.frames[j]
+        try:
+            self.backend.fetch_range(self.url, fr.comp_offset, fr.comp_size, self.size)
+        except (OSError, NarfsError) as e:  # the read that needs it asks again, and says so
+            log.debug("fetching ahead: %s", e)
+        finally:
+            self.backend.ahead.release()
+            with self._lock:
+                self._ahead.pop(j, None)
+            done.set()
 
     def close(self) -> None:
         pass
@@ -338,6 +388,7 @@ class RemoteBackend:
         self._auths: OrderedDict[str, frameauth.Auth | None] = OrderedDict()
         self.absent: set[str] = set()  # hashes whose listing the server does not have
         self._auth_lock = threading.Lock()
+        self.ahead = threading.Semaphore(AHEAD_FETCHES)
         self.poll = settings.remote_poll
         self.etag: str | None = None
         self.listed: dict[str, tuple[str, float]] = {}  # the index's rows: hash → name, time

@@ -55,7 +55,7 @@ def nginx_conf(base: Path, cache: Path, port: int, access_log: Path | None = Non
                          rf"\1root {cache};\n\1{server_extra}", server, flags=re.M)
     assert (n1, n2, n3) == (1, 1, 1), "the example's listen/root lines changed shape"
     log = (f"log_format {LOG_FORMAT} '$request_method $uri $status $bytes_sent "
-           f"$body_bytes_sent';\n    access_log {access_log} {LOG_FORMAT};"
+           f"$body_bytes_sent $http_range';\n    access_log {access_log} {LOG_FORMAT};"
            if access_log else "access_log off;")
     conf = base / "nginx.conf"
     conf.write_text(f"""
@@ -82,6 +82,7 @@ class Request:
     status: int
     bytes_sent: int  # headers and body
     body_bytes: int
+    range: str  # the Range header asked for, "-" for none
 
 
 class Nginx:
@@ -149,8 +150,8 @@ class Nginx:
             return []
         out = []
         for line in text.splitlines():
-            method, uri, status, sent, body = line.split(" ")
-            out.append(Request(method, uri, int(status), int(sent), int(body)))
+            method, uri, status, sent, body, asked = line.split(" ")
+            out.append(Request(method, uri, int(status), int(sent), int(body), asked))
         return out
 
     def clear_log(self) -> None:

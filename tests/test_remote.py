@@ -164,6 +164,24 @@ def test_cold_read_of_a_small_file_deep_in_a_big_path(tmp_path: Path, server: Na
         assert [r for r in nginx.requests() if r.uri.startswith("/nar/")] == []
 
 
+def test_frames_are_fetched_ahead_of_reads_that_go_frame_after_frame(
+        tmp_path: Path, server: Narfs, nginx: Nginx, paths: dict[str, str]) -> None:
+    """A file read from its start: once two frames were read one after the other, the next
+    two are fetched before they are asked for (each frame once)."""
+    c = client(tmp_path, server, nginx.url)
+    with mounted(c, tmp_path / "mnt") as m:
+        (m / base(paths["big"]) / DEEP).stat()  # the listing, before counting
+        nginx.clear_log()
+
+        def frames() -> list[str]:
+            return [r.range for r in nginx.requests() if r.uri.startswith("/nar/")]
+
+        with open(m / base(paths["big"]) / "a" / "0-before.bin", "rb") as f:
+            f.read(FRAME + FRAME // 2)  # frames 0 and 1
+            wait_for(lambda: len(frames()) >= 4, 30, "two frames fetched ahead")
+        assert len(set(frames())) == len(frames()), frames()
+
+
 def test_paths_archived_and_retired_on_the_server_follow(tmp_path: Path, server: Narfs,
                                                          nginx: Nginx, nixstore: NixStore
                                                          ) -> None:
