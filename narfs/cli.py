@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a remote cache, http(s)://host/path (default: cache_dir, or --cache)")
     p.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
                    help="where to mount (default: mountpoint from the config file)")
+    p.add_argument("--path", dest="paths", action="append", default=[], metavar="STOREPATH",
+                   help="with the URL of a cache that has no narfs path index (written by nix "
+                   "copy, cache.nixos.org): a store path to show (repeatable)")
 
     p = command("umount", "unmount a narfs mount")
     p.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",

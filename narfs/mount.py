@@ -113,7 +113,11 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     problem = fuse_problem()
     if problem:
         raise NarfsError(f"cannot mount {mountpoint}: {problem}")
-    remote = open_remote(settings.cache_dir, settings) if is_url(settings.cache_dir) else None
+    if args.paths and not is_url(settings.cache_dir):
+        raise NarfsError("--path names store paths of a remote cache: narfs mount "
+                         "--path STOREPATH http(s)://host/path MOUNTPOINT")
+    remote = open_remote(settings.cache_dir, settings, args.paths) \
+        if is_url(settings.cache_dir) else None
     cache = remote.mirror if remote else Cache(settings.cache_dir)
     cache.check()
     where = remote.where if remote else cache.root

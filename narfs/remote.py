@@ -52,6 +52,7 @@ from .http import Http, RemoteError, is_url
 from .narinfo import NarInfo
 from .narstream import NarStream, decompressed_chunks
 from .signing import PublicKey, parse_public_key
+from .storepath import base_name, hash_part, name_part
 
 log = logging.getLogger(__name__)
 
@@ -391,6 +392,7 @@ class RemoteBackend:
         self.ahead = threading.Semaphore(AHEAD_FETCHES)
         self.poll = settings.remote_poll
         self.etag: str | None = None
+        self.named: list[str] = []  # base names: the path set of a cache without an index
         self.listed: dict[str, tuple[str, float]] = {}  # the index's rows: hash → name, time
         self.rejected: dict[str, float] = {}  # hash → archive time whose narinfo was refused
         self.tops: dict[str, list] = {}  # from the last index read: for a new catalog
@@ -564,26 +566,38 @@ class RemoteBackend:
     def update(self) -> tuple[list[str], list[str]] | None:
         """Poll the server's index; bring the mirror's narinfos in step with it. Returns the
         hashes added and removed, or None when the index has not changed since the last poll.
-        Raises RemoteError when the server cannot be asked, CorruptError for a bad index."""
-        got = self.http.get(pathindex.FILENAME, pathindex.MAX_COMPRESSED, etag=self.etag)
-        if got is None:
-            raise NarfsError(f"{self.http.url(pathindex.FILENAME)}: not found; the server is "
-                             "not a narfs cache, or its narfs predates the path index (run "
-                             "`narfs archive` or `narfs gc` there once to write it)")
-        if got.unchanged:
-            return None
-        try:
-            rows = pathindex.decode(got.data)
-        except CorruptError as e:
-            raise CorruptError(f"{self.http.url(pathindex.FILENAME)}: {e}") from None
-        self.tops = {h: top for h, _, _, top in rows if top is not None}
-        listed = self.listed = {h: (name, archived) for h, name, archived, _ in rows}
+        Raises RemoteError when the server cannot be asked, CorruptError for a bad index.
+        With store paths named (`named`), those are the path set and no index is read."""
         here = {}
         for h in self.mirror.hashes():
             try:
                 here[h] = os.stat(self.mirror.narinfo_path(h)).st_mtime
             except FileNotFoundError:
                 continue
+        etag = None
+        if self.named:
+            if self.listed:
+                return None  # the named paths do not change
+            # A cache without narfs's index (`nix copy`, cache.nixos.org): the paths named,
+            # shown as archived when this client first saw them.
+            rows = [(hash_part(b), name_part(b), here.get(hash_part(b), time.time()), None)
+                    for b in self.named]
+        else:
+            got = self.http.get(pathindex.FILENAME, pathindex.MAX_COMPRESSED, etag=self.etag)
+            if got is None:
+                raise NarfsError(f"{self.http.url(pathindex.FILENAME)}: not found; the server "
+                                 "is not a narfs cache, or its narfs predates the path index "
+                                 "(run `narfs archive` or `narfs gc` there once to write it); "
+                                 "or name the store paths to show with --path")
+            if got.unchanged:
+                return None
+            try:
+                rows = pathindex.decode(got.data)
+            except CorruptError as e:
+                raise CorruptError(f"{self.http.url(pathindex.FILENAME)}: {e}") from None
+            etag = got.etag
+        self.tops = {h: top for h, _, _, top in rows if top is not None}
+        listed = self.listed = {h: (name, archived) for h, name, archived, _ in rows}
         removed = [h for h in here if h not in listed]
         for h in removed:
             self.mirror.unpublish(h)
@@ -616,7 +630,7 @@ class RemoteBackend:
                 os.utime(path, (archived, archived))
                 self.rejected.pop(h, None)
                 added.append(h)
-        self.etag = got.etag
+        self.etag = etag  # once the mirror has what this index lists
         if added or removed:
             log.info("%s: %d paths added, %d retired", self.where, len(added), len(removed))
         return added, removed
@@ -668,8 +682,16 @@ def netrc_login(url: str, conf: dict[str, object]) -> tuple[str, str, str] | Non
     return path, login, password or ""
 
 
-def open_remote(url: str, settings: Settings) -> RemoteBackend:
-    """The backend of `narfs mount URL`, or a one-line error naming the fix."""
+def open_remote(url: str, settings: Settings, named: list[str] | None = None) -> RemoteBackend:
+    """The backend of `narfs mount URL [STOREPATH...]`, or a one-line error naming the fix.
+    `named`: store paths to show from a cache that has no path index."""
+    bases = []
+    for path in named or []:
+        try:
+            bases.append(base_name(path.rstrip("/")))
+        except CorruptError:
+            raise NarfsError(f"{path}: not a store path; name paths as "
+                             "/nix/store/<hash>-<name>") from None
     conf = nix_conf()
     keys = trusted_keys(settings, conf)
     if not keys:
@@ -677,7 +699,9 @@ def open_remote(url: str, settings: Settings) -> RemoteBackend:
                          "public_key in narfs.toml to the server's key (what its narfs init "
                          "printed), or add it to nix.conf's trusted-public-keys")
     try:
-        return RemoteBackend(url, settings, keys, login=netrc_login(url, conf))
+        backend = RemoteBackend(url, settings, keys, login=netrc_login(url, conf))
+        backend.named = bases
+        return backend
     except OSError as e:
         raise NarfsError(f"{client_dir(url)}: cannot create the remote mount's state "
                          f"directory ({e.strerror})") from None

@@ -29,7 +29,7 @@ from narfs import pathindex
 from narfs.cache import Cache
 from narfs.zstdseek import read_table
 from nginxserver import Nginx, serving, world_readable
-from nixtools import NixStore, one_line_error, rich_tree
+from nixtools import NIX, NixStore, one_line_error, rich_tree, run
 
 FRAME = 4 << 20
 BIG = 100 << 20
@@ -483,3 +483,26 @@ def test_a_mirror_file_cut_by_a_crash_is_fetched_again(tmp_path: Path, server: N
         os.utime(cut, ns=(st.st_atime_ns, st.st_mtime_ns))
     with mounted(c, tmp_path / "mnt") as m:
         assert (m / base(paths["file"])).read_text() == Path(paths["file"]).read_text()
+
+
+def test_a_cache_without_index_shows_the_store_paths_named(tmp_path: Path, server: Narfs,
+                                                           paths: dict[str, str]) -> None:
+    """A cache `nix copy` wrote (xz, no path index, no frame hashes): the store paths named
+    on the command line, each NAR fetched whole and held to its signed NarHash."""
+    rich = paths["rich"]
+    with reachable_dir() as d:
+        cache = d / "nixcopy"
+        run([*NIX, "copy", "--to", f"file://{cache}?compression=xz&secret-key={server.key}",
+             rich])
+        world_readable(cache)
+        with serving(cache) as s:
+            c = client(tmp_path, server, "")
+            (tmp_path / "mnt").mkdir(exist_ok=True)
+            err = one_line_error(c("mount", s.url, str(tmp_path / "mnt"), check=False))
+            assert "name the store paths to show with --path" in err
+            with mounted(c, tmp_path / "mnt", "--path", rich, s.url) as m:
+                assert os.listdir(m.path) == sorted([".by-name", base(rich)])
+                diff = subprocess.run(["diff", "-r", "--no-dereference", rich,
+                                       str(m / base(rich))], capture_output=True, text=True)
+                assert diff.returncode == 0, diff.stdout + diff.stderr
+                assert "no signed frame hashes" in m.log()
