@@ -19,7 +19,7 @@ from typing import ClassVar, NoReturn
 
 import trio
 
-from . import __version__, config, signing, store
+from . import __version__, config, pathindex, signing, store
 from .archive import Archiver
 from .cache import Cache
 from .config import Settings
@@ -202,6 +202,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     cache = Cache(settings.cache_dir)
     created = cache.init()
+    pathindex.publish(cache)  # a new cache is mountable over HTTP before its first archive
     print(f"{'created' if created else 'unchanged'}: binary cache {cache.root}")
     key_file = settings.secret_key_file or config.DEFAULT_KEY
     if os.path.exists(key_file):

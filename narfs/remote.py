@@ -20,6 +20,13 @@ copy`) is fetched whole once and checked against its NarHash before any of it is
 with conditional requests every `remote_poll` seconds; a narinfo written or removed here
 reaches the mount through the same inotify watch as a local cache's.
 
+Threads: `update` runs in a worker thread (the poll) while reads run in the reader's; they
+share the Http pool (thread-safe), the RangeCache and the verified `.auth` LRU (each under
+its own lock), and `listed`/`tops`, which `update` replaces whole rather than changes.
+SignedNar's read-ahead runs in daemon threads (at most AHEAD_FETCHES), so an unmount never
+waits for them; a read that needs a frame being fetched ahead waits for it, bounded by the
+longest a request may take.
+
 Trust: the server is untrusted (docs/SECURITY.md, "Remote mounts"). A path is shown only once
 its narinfo verifies against a trusted key (narfs's own: public_key or the secret key's half,
 and nix.conf's trusted-public-keys); listings and frames only once they match hashes that key
