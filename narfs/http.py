@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import re
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -93,8 +94,9 @@ class Http:
             # a request's headers replace the pool's: the login and User-Agent go each time
             r = self.pool.request("GET", url, headers={**self.pool.headers, **headers},
                                   preload_content=False, decode_content=False)
-        except Urllib3Error as e:
-            raise RemoteError(f"{url}: {_reason(e)}", retry=not _timed_out(e)) from None
+        except Urllib3Error as e:  # neither a timeout nor a refused certificate is asked again
+            raise RemoteError(f"{url}: {_reason(e)}",
+                              retry=not _timed_out(e) and _untrusted(e) is None) from None
         consumed = False
         try:
             self.requests += 1
@@ -214,15 +216,29 @@ def _done(r: urllib3.BaseHTTPResponse, consumed: bool) -> None:
 
 
 def _timed_out(e: BaseException | None) -> bool:
-    while e is not None:
+    while isinstance(e, BaseException):  # a `reason` may be a plain string
         if isinstance(e, urllib3.exceptions.TimeoutError | TimeoutError):
             return True
         e = getattr(e, "reason", None) or e.__context__
     return False
 
 
+def _untrusted(e: BaseException | None) -> ssl.SSLCertVerificationError | None:
+    """The certificate check that failed under urllib3's wrapping, if that is what failed."""
+    while isinstance(e, BaseException):
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return e
+        e = getattr(e, "reason", None) or e.__context__
+    return None
+
+
 def _reason(e: Exception) -> str:
     """urllib3's errors name the pool and the retry machinery; the user needs the cause."""
+    cert = _untrusted(e)
+    if cert is not None:
+        return (f"its TLS certificate is not trusted ({cert.verify_message}); add the CA that "
+                "signed it to the system's CA store, or point SSL_CERT_FILE at a bundle "
+                "holding it (Nix's fetches honour it too)")
     while getattr(e, "reason", None) is not None and e.reason is not e:  # type: ignore[attr-defined]
         e = e.reason  # type: ignore[attr-defined]
     text = str(e)

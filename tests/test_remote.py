@@ -28,7 +28,7 @@ from lyingserver import MODES, lying
 from narfs import pathindex
 from narfs.cache import Cache
 from narfs.zstdseek import read_table
-from nginxserver import Nginx, serving, world_readable
+from nginxserver import Nginx, free_port, serving, world_readable
 from nixtools import NIX, NixStore, one_line_error, rich_tree, run
 
 FRAME = 4 << 20
@@ -465,6 +465,52 @@ def test_credentials_from_nix_netrc_file(tmp_path: Path, server: Narfs,
             netrc.write_text("machine 127.0.0.1 login narfs password s3cret\n")
             with mounted(c, tmp_path / "mnt", s.url) as m:
                 assert (m / base(paths["file"])).read_text() == Path(paths["file"]).read_text()
+
+
+@contextmanager
+def tls_serving(cache: Path) -> Iterator[tuple[Nginx, str, Path]]:
+    """nginx serving `cache` over https too: a throwaway CA (made here with openssl, never
+    put in the machine's CA store) signs a certificate for 127.0.0.1. Yields the server, its
+    https URL and the CA's certificate (for the client's SSL_CERT_FILE)."""
+    with reachable_dir() as d:
+        def openssl(*args: str) -> None:
+            run(["openssl", *args], cwd=d)
+
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                "/CN=narfs test CA", "-keyout", "ca.key", "-out", "ca.pem")
+        (d / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                "-keyout", "server.key", "-out", "server.csr")
+        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", "ext", "-out", "server.pem")
+        port = free_port()
+        # a second listen in the example's server block: the same locations, over TLS
+        with serving(cache, f"listen 127.0.0.1:{port} ssl; ssl_certificate {d}/server.pem; "
+                     f"ssl_certificate_key {d}/server.key;") as s:
+            yield s, f"https://127.0.0.1:{port}", d / "ca.pem"
+
+
+def test_https_with_the_ca_store(tmp_path: Path, server: Narfs,
+                                 paths: dict[str, str]) -> None:
+    """https:// verifies the server against the CA store OpenSSL uses (here extended with
+    SSL_CERT_FILE, as Nix's own fetches honour it); an untrusted certificate is one line
+    naming the URL and the fix."""
+    with tls_serving(server.cache) as (s, url, ca):
+        c = client(tmp_path, server, "")
+        c.env.pop("SSL_CERT_FILE", None)
+        c.env.pop("SSL_CERT_DIR", None)
+        (tmp_path / "mnt").mkdir()
+        err = one_line_error(c("mount", url, str(tmp_path / "mnt"), check=False))
+        assert f"{url}/" in err and "certificate is not trusted" in err \
+            and "SSL_CERT_FILE" in err, err
+        c.env["SSL_CERT_FILE"] = str(ca)
+        s.clear_log()
+        with mounted(c, tmp_path / "mnt", url) as m:
+            assert (m / base(paths["file"])).read_text() == Path(paths["file"]).read_text()
+            assert (m / base(paths["big"]) / DEEP).read_bytes() == \
+                (Path(paths["big"]) / DEEP).read_bytes()
+            assert f"mounted {url}" in m.log()
+        assert any(r.uri.startswith("/nar/") for r in s.requests())  # over TLS, through nginx
 
 
 def test_a_mirror_file_cut_by_a_crash_is_fetched_again(tmp_path: Path, server: Narfs,
