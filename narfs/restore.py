@@ -10,6 +10,14 @@ go in batches to several `nix copy --no-recursive` processes at once, a batch st
 every reference it lacks is valid: unpacking is bound by file creation in the kernel, which one
 Nix process does one file at a time.
 
+From a remote cache (`--cache https://host/cache`, or a URL as cache_dir): the closure is read
+from the narinfos the remote mount's mirror keeps (remote.py: fetched for the server's path
+index, each kept only when a trusted key signed it), and the NARs of the missing paths are
+fetched once, by range, into a staging cache beside the mirror; from there everything is as
+for a local cache (narfs's NAR check, then `nix copy` with the signatures required), so a NAR
+crosses the network once and never reaches Nix unchecked. The staging cache is removed
+afterwards.
+
 Without Nix (`--to DIR`): the NAR is parsed (as untrusted input) into a temporary directory
 beside DIR, through directory descriptors only (O_NOFOLLOW everywhere, O_EXCL for files), so
 nothing is ever written through a symlink the NAR made; the NarHash is checked on the way and
@@ -31,12 +39,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import trio
 
 from . import nar, nixquery, nixversions
-from .cache import TMP_PREFIX, Cache
+from .cache import TMP_PREFIX, Cache, cache_info_text, new_temporary, write_atomic
 from .catalog import entries_with_access, open_catalog
 from .config import Settings, trusted_key
 from .errors import CorruptError, NarfsError
@@ -44,6 +53,7 @@ from .mounttable import mount_containing
 from .narinfo import NarInfo
 from .narstream import decompressed_chunks, parse_checked
 from .progress import Progress, human_size, plural, when
+from .remote import WHOLE_STEP, RemoteBackend, is_url, open_remote
 from .signing import PublicKey
 from .storepath import STORE_DIR, hash_part, is_base_name, is_hash, name_part, user_store_path
 
@@ -544,10 +554,70 @@ def unpack(cache: Cache, info: NarInfo, dest: str) -> Unpacker:
     return visitor
 
 
+# --- from a remote cache --------------------------------------------------------------------
+
+@contextmanager
+def staged(remote: RemoteBackend, infos: dict[str, NarInfo], total: int) -> Iterator[Cache]:
+    """A local binary cache holding `infos` and their NARs, fetched from the server by range
+    (each NAR once); removed when the block ends. Nothing fetched is trusted here: check_nar
+    holds every NAR to its signed NarHash before Nix sees it, and Nix checks it again."""
+    root = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}restore-", dir=remote.mirror.root)
+    try:
+        try:
+            staging = _fetch(remote, infos, total, root)
+        except (OSError, CorruptError) as e:
+            raise NarfsError(f"{remote.where}: {e}; nothing was restored, the store is "
+                             "unchanged") from None
+        yield staging
+    finally:
+        remove_tree(root)
+
+
+def _fetch(remote: RemoteBackend, infos: dict[str, NarInfo], total: int, root: str) -> Cache:
+    os.chmod(root, 0o755)  # read by Nix, which may be a daemon running as another user
+    os.mkdir(os.path.join(root, "nar"), 0o755)
+    staging = Cache(root)
+    write_atomic(os.path.join(root, "nix-cache-info"), cache_info_text().encode(), sync=False)
+    bar = Progress(total, "fetching")
+    try:
+        for info in infos.values():
+            size = info.file_size if info.file_size is not None else remote.http.size(info.url)
+            fd, tmp = new_temporary(os.path.join(root, "nar"), "nar")
+            try:
+                for offset in range(0, size, WHOLE_STEP):
+                    data = remote.http.get_range(info.url, offset,
+                                                 min(WHOLE_STEP, size - offset), size)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
+                    bar.advance(len(data), name_part(info.store_path))
+            finally:
+                os.close(fd)
+            os.rename(tmp, staging.nar_path(info.url))
+            write_atomic(staging.narinfo_path(info.hash), info.render().encode(), sync=False)
+    finally:
+        bar.close()
+    return staging
+
+
+def open_remote_cache(url: str, settings: Settings) -> RemoteBackend:
+    """The server's path index brought into the mirror (remote.py), whose narinfos restore
+    then reads like a local cache's."""
+    remote = open_remote(url, settings)
+    try:
+        remote.update()
+    except (NarfsError, OSError) as e:
+        remote.close()
+        raise NarfsError(f"{url}: cannot restore from it: {e}") from None
+    return remote
+
+
 # --- the command ----------------------------------------------------------------------------
 
-async def _restore(args: argparse.Namespace, settings: Settings, targets: list[Target]) -> int:
+async def _restore(args: argparse.Namespace, settings: Settings, targets: list[Target],
+                   remote: RemoteBackend | None = None) -> int:
     cache = targets[0].cache
+    where = remote.where if remote else cache.root
     start = time.monotonic()
     p = await plan(cache, [t.hash for t in targets])
     key = None
@@ -560,27 +630,28 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
         check_signatures(p.fetch, key, cache)
     nar_bytes = sum(i.nar_size for i in p.fetch.values())
     file_bytes = sum(i.file_size or 0 for i in p.fetch.values())
-    if not args.dry_run:
-        await check_nars(cache, p.fetch, settings.threads, nar_bytes)
     if args.dry_run:
         for path in sorted(p.fetch, key=name_part):
             print(f"would restore {path} ({human_size(p.fetch[path].nar_size)})")
         print(f"would restore {plural(len(p.fetch), 'path')}: {human_size(nar_bytes)} unpacked, "
-              f"{human_size(file_bytes)} read from {cache.root}; {p.present} of the closure "
+              f"{human_size(file_bytes)} read from {where}; {p.present} of the closure "
               "already in the store")
         return 0
     restored: list[str] = []
     if p.fetch:
-        bar = Progress(nar_bytes, "restoring")
-        try:
-            copier = Copier(cache, p.fetch, key, settings.threads, bar)
-            restored = await copier.run()
-        finally:
-            bar.close()
+        with staged(remote, p.fetch, file_bytes) if remote and p.fetch \
+                else nullcontext(cache) as source:
+            await check_nars(source, p.fetch, settings.threads, nar_bytes)
+            bar = Progress(nar_bytes, "restoring")
+            try:
+                copier = Copier(source, p.fetch, key, settings.threads, bar)
+                restored = await copier.run()
+            finally:
+                bar.close()
         for path in restored:
             print(f"restored {path}")
         print(f"restored {plural(len(restored), 'path')} ({human_size(nar_bytes)}) from "
-              f"{cache.root} in "
+              f"{where} in "
               f"{time.monotonic() - start:.1f} s; {p.present} already in the store")
     else:
         print(f"nothing to restore: {', '.join(p.tops)} and "
@@ -625,7 +696,17 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         problem = store_problem()
         if problem:
             raise NarfsError(problem)
-    cache = Cache(settings.cache_dir)
+    remote = open_remote_cache(settings.cache_dir, settings) if is_url(settings.cache_dir) \
+        else None
+    try:
+        return _main(args, settings, remote)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def _main(args: argparse.Namespace, settings: Settings, remote: RemoteBackend | None) -> int:
+    cache = remote.mirror if remote else Cache(settings.cache_dir)
     targets = [resolve(arg, cache) for arg in args.targets]
     roots = {t.cache.root for t in targets}
     if len(roots) > 1:
@@ -648,7 +729,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             print(f"would unpack {info.store_path} ({human_size(info.nar_size)}) into "
                   f"{os.path.abspath(args.to)}")
             return 0
-        u = unpack(t.cache, info, args.to)
+        with staged(remote, {info.store_path: info}, info.file_size or 0) if remote \
+                else nullcontext(t.cache) as source:
+            u = unpack(source, info, args.to)
         print(f"unpacked {info.store_path} into {os.path.abspath(args.to)}: "
               f"{plural(u.files, 'file')}, "
               f"{human_size(u.bytes)}")
@@ -657,5 +740,5 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             with catalog:
                 catalog.touch([t.hash])
         return 0
-    return trio.run(_restore, args, settings, targets)
+    return trio.run(_restore, args, settings, targets, remote)
 
