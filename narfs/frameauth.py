@@ -64,8 +64,8 @@ def _fingerprint(doc: dict) -> bytes:
     return f"narfs-auth-1;{doc['storePath']};{doc['narHash']};{digest}".encode()
 
 
-def build(info: NarInfo, nar_path: str, ls: bytes | None, key: SecretKey) -> bytes | None:
-    """The signed document for a seekable NAR narfs wrote; None when the NAR is not one."""
+def document(info: NarInfo, nar_path: str, ls: bytes | None) -> dict | None:
+    """The unsigned document for a seekable NAR narfs wrote; None when the NAR is not one."""
     with open(nar_path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         table = read_table(f, size)
@@ -84,12 +84,52 @@ def build(info: NarInfo, nar_path: str, ls: bytes | None, key: SecretKey) -> byt
                 sha.update(chunk)
                 left -= len(chunk)
             frames.append([fr.comp_size, fr.size, _b64(sha.digest())])
-    doc = {"version": VERSION, "storePath": info.store_path, "narHash": info.nar_hash,
-           "narSize": info.nar_size, "fileSize": size,
-           "ls": _b64(hashlib.sha256(ls).digest()) if ls is not None else None,
-           "frames": frames}
+    return {"version": VERSION, "storePath": info.store_path, "narHash": info.nar_hash,
+            "narSize": info.nar_size, "fileSize": size,
+            "ls": _b64(hashlib.sha256(ls).digest()) if ls is not None else None,
+            "frames": frames}
+
+
+def build(info: NarInfo, nar_path: str, ls: bytes | None, key: SecretKey) -> bytes | None:
+    """The signed document for a seekable NAR narfs wrote; None when the NAR is not one."""
+    doc = document(info, nar_path, ls)
+    if doc is None:
+        return None
     doc["sig"] = key.sign(_fingerprint(doc))
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _listing_bytes(cache: Cache, h: str) -> bytes | None:
+    try:
+        return read_small(cache.listing_path(h), MAX_SIZE)
+    except FileNotFoundError:
+        return None
+
+
+def problem(cache: Cache, info: NarInfo, key: PublicKey) -> str | None:
+    """Why the path's `.auth` is not the one a remote mount needs (missing, not signed by
+    `key`, or not matching the NAR's frames or the `.ls`), or None; None too for a NAR without
+    frames to sign. For `narfs verify`, on an entry whose NAR matched its NarHash."""
+    where = path(cache, info.hash)
+    want = document(info, cache.nar_path(info.url), _listing_bytes(cache, info.hash))
+    if want is None:
+        return None
+    try:
+        data = read_small(where, MAX_SIZE)
+    except FileNotFoundError:
+        return (f"signed frame hashes {info.hash}{SUFFIX} missing: remote mounts fetch "
+                "this path whole")
+    except (OSError, CorruptError) as e:
+        return f"signed frame hashes {info.hash}{SUFFIX} unreadable: {e}"
+    try:
+        verify(data, info, [key], where)
+        got = json.loads(data)
+    except CorruptError as e:
+        return f"signed frame hashes {e}"
+    if {k: v for k, v in got.items() if k != "sig"} != want:
+        return (f"signed frame hashes {info.hash}{SUFFIX} do not match its NAR's frames or its "
+                "listing: remote mounts refuse them")
+    return None
 
 
 def publish(cache: Cache, key: SecretKey | None, infos: Iterable[NarInfo]) -> None:
@@ -100,12 +140,7 @@ def publish(cache: Cache, key: SecretKey | None, infos: Iterable[NarInfo]) -> No
         return
     for info in infos:
         try:
-            ls = None
-            try:
-                ls = read_small(cache.listing_path(info.hash), MAX_SIZE)
-            except FileNotFoundError:
-                pass
-            data = build(info, cache.nar_path(info.url), ls, key)
+            data = build(info, cache.nar_path(info.url), _listing_bytes(cache, info.hash), key)
             if data is not None:
                 write_atomic(path(cache, info.hash), data)
         except (OSError, CorruptError) as e:

@@ -24,7 +24,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from . import narinfo, pathindex
+from . import frameauth, narinfo, pathindex
 from .cache import Cache, fsync_dir, read_small, write_atomic
 from .errors import CorruptError, NarfsError
 from .narinfo import NarInfo
@@ -79,7 +79,8 @@ def hold(cache: Cache, h: str, url: str | None, store_path: str, why: str) -> st
         os.mkdir(h, 0o755, dir_fd=qfd)
         efd = os.open(h, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=qfd)
         try:
-            files = [(cache.narinfo_path(h), "narinfo"), (cache.listing_path(h), "ls")]
+            files = [(cache.narinfo_path(h), "narinfo"), (cache.listing_path(h), "ls"),
+                     (frameauth.path(cache, h), "auth")]
             if url is not None:
                 files.append((cache.nar_path(url), "nar"))
             for src, dst in files:
@@ -219,6 +220,10 @@ def _publish(cache: Cache, qfd: int, info: NarInfo) -> str:
             ls = read_small("ls", 64 << 20, dir_fd=efd)
         except FileNotFoundError:
             ls = None
+        try:  # the signed frame hashes remote mounts check it with (verify checks them)
+            auth = read_small("auth", frameauth.MAX_SIZE, dir_fd=efd)
+        except FileNotFoundError:
+            auth = None
         with cache.publish_lock(exclusive=False):
             missing = [r for r in info.references
                        if hash_part(r) != h and not cache.has(hash_part(r))]
@@ -234,6 +239,8 @@ def _publish(cache: Cache, qfd: int, info: NarInfo) -> str:
             if ls is not None:
                 write_atomic(cache.listing_path(h), ls)
             write_atomic(cache.narinfo_path(h), data)
+            if auth is not None:  # after its narinfo, as archive writes it
+                write_atomic(frameauth.path(cache, h), auth)
             fsync_dir(cache.root)
     finally:
         os.close(efd)

@@ -86,6 +86,7 @@ UNSIGNED = "unsigned"  # reported, kept
 TAKEN_OUT = (BROKEN, BADSIG, CLOSURE)  # what --repair un-publishes (damaged) or quarantines
 STRAY = "stray"  # a file nothing refers to: removed by --repair
 LISTING = "listing"  # a `.ls` that disagrees with its NAR: rewritten by --repair
+AUTH = "frame-hashes"  # `.auth` missing, unsigned or wrong for an intact entry: re-signed
 CATALOG = "catalog"  # the catalog disagrees with the directory: rebuilt by --repair
 CACHEINFO = "cache-info"  # nix-cache-info missing or wrong: rewritten by --repair
 NOTE = "note"  # said, not counted
@@ -224,6 +225,13 @@ def check_entry(cache: Cache, key: PublicKey | None, h: str,
     else:
         if ls is not None and not listing.agrees(ls, builder.root):
             c.add(LISTING, f"listing {h}.ls disagrees with the NAR")
+    if key is not None and not c.problems:  # an entry signed by the key, its NAR intact
+        try:
+            why = frameauth.problem(cache, info, key)
+        except (OSError, CorruptError) as e:
+            why = f"signed frame hashes not checked: {e}"
+        if why is not None:
+            c.add(AUTH, why)
     return c
 
 
@@ -516,8 +524,10 @@ def doomed_entries(report: Report) -> tuple[list[tuple[str, str | None]], dict[s
     return [(h, infos[h].url if h in infos else None) for h in order], why
 
 
-async def repair(cache: Cache, catalog: Catalog, report: Report) -> tuple[list[str], int]:
-    """Apply the fixes; return the lines that say what was done, and problems left."""
+async def repair(cache: Cache, catalog: Catalog, report: Report,
+                 secret: SecretKey | None = None) -> tuple[list[str], int]:
+    """Apply the fixes; return the lines that say what was done, and problems left.
+    `secret`: the cache's key, to sign frame hashes again (never data removed for them)."""
     lines = []
     infos = {c.hash: c.info for c in report.checked if c.info is not None}
     damaged = {c.hash for c in report.checked if c.damaged}
@@ -579,13 +589,30 @@ async def repair(cache: Cache, catalog: Catalog, report: Report) -> tuple[list[s
                 continue
             write_atomic(cache.listing_path(c.hash), ls)
             lines.append(f"rewrote {cache.listing_path(c.hash)} from its NAR")
+    unsigned_auth = []
+    for c in report.checked:
+        if c.hash in gone or c.info is None or not any(p.kind == AUTH for p in c.problems):
+            continue
+        if secret is None:
+            unsigned_auth.append(c)
+            continue
+        # after the listing: the document signs the `.ls` as it now is
+        frameauth.publish(cache, secret, [c.info])
+        if frameauth.problem(cache, c.info, secret.public) is None:
+            lines.append(f"rewrote {frameauth.path(cache, c.hash)} (signed frame hashes)")
+        else:
+            unsigned_auth.append(c)
+    if unsigned_auth:
+        lines.append(f"kept {len(unsigned_auth)} entries without valid signed frame hashes: "
+                     "no secret_key_file to sign them with (remote mounts fetch them whole)")
     if any(p.kind == CACHEINFO for p in report.problems):
         write_atomic(os.path.join(cache.root, CACHE_INFO), cache_info_text().encode())
         lines.append(f"rewrote {os.path.join(cache.root, CACHE_INFO)}")
     rebuild_catalog(catalog)
     lines.append(f"rebuilt the catalog ({len(catalog.paths)} entries, access times kept)")
     left = [p for p in report.problems if (p.kind in (UNSIGNED, FOREIGN) and p.hash not in gone)
-            or (p.kind == STRAY and p.subject not in report.strays)]
+            or (p.kind == STRAY and p.subject not in report.strays)
+            or (p.kind == AUTH and any(c.hash == p.hash for c in unsigned_auth))]
     unsigned = sum(1 for p in left if p.kind in (UNSIGNED, FOREIGN))
     if unsigned:
         lines.append(f"kept {unsigned} entries unsigned or signed by keys you don't hold: their "
@@ -621,6 +648,7 @@ def adopt(cache: Cache, secret: SecretKey, report: Report, names: list[str]) -> 
             if not cache.has(c.hash):  # retired meanwhile
                 continue
             write_atomic(cache.narinfo_path(c.hash), info.render().encode())
+        frameauth.publish(cache, secret, [info])  # its frame hashes signed by the key now
         adopted.add(c.hash)
         lines.append(f"adopted {info.store_path}: signed by {secret.name}")
     if adopted:
@@ -660,7 +688,10 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 return 0
             if not args.repair:
                 return 1
-            lines, left = trio.run(repair, cache, catalog, report)
+            if secret is None and settings.secret_key_file \
+                    and any(p.kind == AUTH for p in problems):
+                secret = load_secret_key(settings.secret_key_file)
+            lines, left = trio.run(repair, cache, catalog, report, secret)
             for line in lines:
                 print(f"repair: {line}")
             return 1 if left else 0

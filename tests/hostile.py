@@ -18,7 +18,8 @@ from pathlib import Path
 
 import zstandard
 
-from narfs import listing, nix32
+from narfs import frameauth, listing, nix32
+from narfs.cache import Cache
 from narfs.nar import ListingBuilder, encode_str, parse
 from narfs.narinfo import NarInfo
 from narfs.signing import SecretKey
@@ -167,6 +168,8 @@ def write_entry(cache: Path, key: SecretKey, data: bytes, name: str,
     ls = _listing_for(data)
     if ls is not None and tamper is None:
         (cache / f"{h}.ls").write_bytes(ls)
+    if tamper is None:  # its signed frame hashes, as narfs archive writes them
+        frameauth.publish(Cache(str(cache)), key, [info])
     return path
 
 

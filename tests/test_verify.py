@@ -190,3 +190,52 @@ def test_a_tree_temporary_left_by_a_killed_mount_is_named_as_one(narfs: Narfs) -
             if "temporary file left by an interrupted writer" in ln], res.stdout
     assert f"repair: removed {tmp}" in narfs("verify", "--repair").stdout
     assert not os.path.exists(tmp)
+
+
+def test_signed_frame_hashes_are_verified_repaired_and_quarantined_with_their_entry(
+        narfs: Narfs, nixstore: NixStore) -> None:
+    """Each `<hash>.auth` (what a remote mount checks frames and listings with) is checked:
+    signed by the key, matching the NAR's frames and the `.ls`. A missing or wrong one is
+    named; --repair signs it again and removes no data for it; an entry quarantined and put
+    back brings its `.auth` with it."""
+    p = {k: nixstore.text(f"{k} {os.urandom(8).hex()}\n" * 2000, f"narfs-va-{k}")
+         for k in ("missing", "forged", "stale", "held")}
+    narfs("archive", *p.values())
+    auth = {k: narfs.cache / f"{hash_part(v)}.auth" for k, v in p.items()}
+    assert all(a.exists() for a in auth.values())
+    assert narfs("verify").stdout.startswith("healthy: 4 entries")
+    kept = auth["forged"].read_bytes()
+    auth["missing"].unlink()
+    doc = json.loads(kept)
+    doc["frames"][0][2] = base64.b64encode(b"\0" * 32).decode()  # another frame, same sig
+    auth["forged"].write_text(json.dumps(doc))
+    # a listing signed by the key, then changed (as a server would serve it): stale hash
+    ls = narfs.cache / f"{hash_part(p['stale'])}.ls"
+    ls_doc = json.loads(ls.read_text())
+    ls.write_text(json.dumps(ls_doc, indent=1))  # the same listing, other bytes
+    res = narfs("verify", check=False)
+    assert res.returncode == 1
+    out = res.stdout
+    assert any("signed frame hashes" in ln and "missing" in ln
+               for ln in lines_naming(out, p["missing"])), out
+    assert any("not signed by a trusted key" in ln
+               for ln in lines_naming(out, p["forged"])), out
+    assert any("do not match" in ln for ln in lines_naming(out, p["stale"])), out
+    assert not lines_naming(out, p["held"]), out
+    nars = {k: nar_file(narfs, v).read_bytes() for k, v in p.items()}
+    out = narfs("verify", "--repair").stdout
+    for k in ("missing", "forged", "stale"):
+        assert f"repair: rewrote {auth[k]} (signed frame hashes)" in out, out
+    assert names(narfs) == set(p.values())  # no data removed for them
+    assert {k: nar_file(narfs, v).read_bytes() for k, v in p.items()} == nars
+    assert narfs("verify").stdout.startswith("healthy: 4 entries")
+
+    # quarantined (a signature that no longer verifies) and put back: with its `.auth`
+    held = auth["held"].read_bytes()
+    flip_sig(info_file(narfs, p["held"]))
+    out = narfs("verify", "--repair", check=False).stdout
+    assert f"repair: quarantined {p['held']}" in out, out
+    narfs("verify", "--repair")  # the `.auth` left without its narinfo is removed as a stray
+    assert not auth["held"].exists()
+    narfs("quarantine", "--restore", p["held"])
+    assert auth["held"].read_bytes() == held
