@@ -128,6 +128,15 @@ let
     ]
     ++ optional (!under stateDir cfg.cacheDir) cfg.cacheDir;
 
+  # narfs-remote-<mountpoint>.service: the same filtering, but a remote mount talks to its
+  # server over IP; its state is the root user's client cache, /var/cache/narfs/remote/.
+  remoteHardening = builtins.removeAttrs mountHardening [ "IPAddressDeny" ] // {
+    RestrictAddressFamilies = "AF_UNIX AF_INET AF_INET6";
+    CacheDirectory = "narfs";
+  };
+  # systemd-escape --path, as NixOS's utils.escapeSystemdPath spells it
+  escapePath = path: lib.replaceStrings [ "/" "-" ] [ "-" "\\x2d" ] (lib.removePrefix "/" path);
+
   environment.NARFS_CONFIG = configFile;
   stateDirectory = {
     UMask = "0022";
@@ -184,6 +193,18 @@ in
       description = ''
         Where narfs-hook pins builds and narfs watch picks them up (roots_dir). It must be
         under /nix/var/nix/gcroots for the pins to be GC roots.
+      '';
+    };
+
+    remoteMounts = mkOption {
+      type = types.attrsOf (types.strMatching "https?://[A-Za-z0-9._~:/@+=,-]+");
+      default = { };
+      example = literalExpression ''{ "/mnt/archive" = "https://archive.example.org/cache"; }'';
+      description = ''
+        Remote narfs caches to mount read-only (mountpoint = URL), one
+        narfs-remote-<mountpoint> service each running `narfs mount --foreground URL
+        MOUNTPOINT`. Needs no services.narfs.enable: the server's narinfos are checked
+        against nix.settings.trusted-public-keys (or narfs.toml's public_key).
       '';
     };
 
@@ -259,7 +280,43 @@ in
     };
   };
 
-  config = mkIf cfg.enable (mkMerge [
+  config = mkMerge [
+    {
+      # the URL's type keeps it to characters a unit's command line takes unquoted (no %, $,
+      # quotes or blanks); the mountpoints must be absolute paths of the same kind
+      assertions = mapAttrsToList (mountpoint: _: {
+        assertion = builtins.match "/[A-Za-z0-9._+@/-]*" mountpoint != null;
+        message = "services.narfs.remoteMounts: ${mountpoint} is not an absolute path of letters, digits and ._+@/-";
+      }) cfg.remoteMounts;
+      systemd.services = lib.mapAttrs' (
+        mountpoint: url:
+        lib.nameValuePair "narfs-remote-${escapePath mountpoint}" {
+          description = "narfs: mount the remote NAR archive at ${mountpoint}";
+          documentation = [ "file://${configFile}" ];
+          wantedBy = [ "multi-user.target" ];
+          after = [
+            "network-online.target"
+            "modprobe@fuse.service"
+          ];
+          wants = [
+            "network-online.target"
+            "modprobe@fuse.service"
+          ];
+          # nix.conf's trusted-public-keys and netrc-file are read through `nix show-config`
+          path = [ config.nix.package ];
+          serviceConfig = remoteHardening // {
+            Type = "notify";
+            ExecStartPre = "${pkgs.coreutils}/bin/mkdir -p ${mountpoint}";
+            ExecStart = "${narfs} mount --foreground ${url} ${mountpoint}";
+            ExecStopPost = "-${pkgs.util-linux}/bin/umount --quiet --lazy ${mountpoint}";
+            Restart = "on-failure";
+            RestartSec = "5s";
+            TimeoutStopSec = 30;
+          };
+        }
+      ) cfg.remoteMounts;
+    }
+    (mkIf cfg.enable (mkMerge [
     {
       assertions = [
         {
@@ -472,5 +529,6 @@ in
       };
       networking.firewall.allowedTCPPorts = mkIf cfg.serve.openFirewall [ cfg.serve.port ];
     })
-  ]);
+  ]))
+  ];
 }

@@ -164,12 +164,14 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
     copies = []
-    for name in UNITS:
+    # the remote mount template as an instance of it (a template itself is not verified)
+    named = {name: name for name in UNITS} | {"narfs-mount-remote@mnt-x.service": REMOTE_UNIT}
+    for name, source in named.items():
         copy = tmp_path / name
-        copy.write_text((SYSTEMD / name).read_text().replace(NARFS, str(stub)))
+        copy.write_text((SYSTEMD / source).read_text().replace(NARFS, str(stub)))
         copies.append(str(copy))
     proc = run(["systemd-analyze", "verify", "--man=no", *copies], cwd=tmp_path, check=False)
-    ours = [line for line in proc.stderr.splitlines() if any(n in line for n in UNITS)]
+    ours = [line for line in proc.stderr.splitlines() if any(n in line for n in named)]
     assert proc.returncode == 0 and not ours, proc.stderr
 
 
@@ -529,6 +531,43 @@ def test_nixos_module_options(tmp_path: Path, fake_package: Path, store_path: st
                           capture_output=True, text=True, timeout=30)
     assert (proc.returncode, proc.stderr) == (0, "")
     assert os.readlink(roots / os.path.basename(store_path)) == store_path
+
+
+REMOTE_UNIT = "narfs-mount-remote@.service"
+
+
+def test_nixos_module_remote_mounts_are_the_template_unit() -> None:
+    """services.narfs.remoteMounts (no services.narfs.enable needed: a client only mounts)
+    makes one unit per mountpoint running `narfs mount --foreground URL MOUNTPOINT`: the
+    Debian template line for line, its %f and ${NARFS_URL} filled in; unlike narfs-mount it
+    may use IP (its server)."""
+    url = "https://archive.example.org/cache"
+    cfg = evaluate({"services": {"narfs": {"remoteMounts": {"/mnt/arch-ive": url}}}})
+    assert cfg["failedAssertions"] == []
+    name = "narfs-remote-mnt-arch\\x2dive"  # systemd-escape --path /mnt/arch-ive
+    assert sorted(cfg["services"]) == [name]
+    nixos, debian = cfg["services"][name], parse_unit(SYSTEMD / REMOTE_UNIT)
+    service = file_values(debian, "Service")
+    assert service.pop("EnvironmentFile") == ["/etc/narfs/remote/%i.env"]
+    filled = {k: [w.replace("%f", "/mnt/arch-ive").replace("${NARFS_URL}", url) for w in v]
+              for k, v in service.items()}
+    values = as_unit_values(nixos["serviceConfig"])
+    assert debian_paths(values, cfg["narfsPackage"]["path"]) == filled
+    assert values["ExecStart"][-4:] == ["mount", "--foreground", url, "/mnt/arch-ive"]
+    assert "AF_INET" in values["RestrictAddressFamilies"] and "IPAddressDeny" not in values
+    assert nixos["description"] == one(debian, "Unit", "Description").replace(
+        "%f", "/mnt/arch-ive")
+    assert nixos["after"] == words(debian, "Unit", "After")
+    assert nixos["wants"] == words(debian, "Unit", "Wants")
+    assert nixos["wantedBy"] == words(debian, "Install", "WantedBy")
+    # nix.conf's trusted keys and netrc-file are read through the system's Nix
+    assert [STORE_NAME.sub("", p) for p in nixos["path"]] == ["nix"]
+    # what a unit's command line cannot carry unquoted is refused
+    bad = evaluate({"services": {"narfs": {"remoteMounts": {"/mnt/my archive": url}}}})
+    assert any("/mnt/my archive" in a for a in bad["failedAssertions"]), bad
+    proc = evaluate({"services": {"narfs": {"remoteMounts": {"/mnt/x": "https://h/%i"}}}},
+                    check=False)
+    assert proc["returncode"] != 0 and "remoteMounts" in proc["stderr"]
 
 
 @pytest.mark.parametrize(("option", "value"), [
