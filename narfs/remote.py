@@ -25,7 +25,8 @@ share the Http pool (thread-safe), the RangeCache and the verified `.auth` LRU (
 its own lock), and `listed`/`tops`, which `update` replaces whole rather than changes.
 SignedNar's read-ahead runs in daemon threads (at most AHEAD_FETCHES), so an unmount never
 waits for them; a read that needs a frame being fetched ahead waits for it, bounded by the
-longest a request may take.
+longest a request may take. So does the `.ls` a first look at a path fetches while that
+path's `.auth` is fetched (fetch_listing: one round trip instead of two).
 
 Trust: the server is untrusted (docs/SECURITY.md, "Remote mounts"). A path is shown only once
 its narinfo verifies against a trusted key (narfs's own: public_key or the secret key's half,
@@ -45,7 +46,9 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import trio
 import zstandard
@@ -78,6 +81,7 @@ AUTHS_KEPT = 4096  # verified `.auth` documents kept in memory (the mirror keeps
 WHOLE_STEP = 8 << 20  # a NAR fetched whole goes in ranges of this size
 FETCHERS = 8  # narinfos fetched at once when the index lists new paths
 RANGES_DIR = "ranges"
+T = TypeVar("T")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 __all__ = ["MirrorCache", "RemoteBackend", "client_dir", "is_url", "trusted_keys"]
@@ -469,10 +473,18 @@ class RemoteBackend:
         listing from the whole NAR, checked against NarHash)."""
         if h in self.absent:
             return None
+        ls = None
+        with self._auth_lock:
+            known = h in self._auths
+        if not known and not self.named:
+            # a narfs cache (it has the path index) has an `.auth` beside each `.ls`: ask for
+            # both at once, so a cold look costs one round trip rather than two
+            ls = _background(self.http.get, f"{h}.ls", listing.MAX_SIZE)
         auth = self.auth(h)
         if auth is None:
             return None
-        got = self.http.get(f"{h}.ls", listing.MAX_SIZE)
+        got = ls.result(self.http.longest) if ls is not None \
+            else self.http.get(f"{h}.ls", listing.MAX_SIZE)
         if got is None:
             self.absent.add(h)
             return None
@@ -668,6 +680,21 @@ class RemoteBackend:
 
     def close(self) -> None:
         self.http.close()
+
+
+def _background(fn: Callable[..., T], *args: object) -> Future[T]:
+    """fn(*args) in a daemon thread, as the read-ahead's: an unmount never waits for it."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # handed to whoever asks for the result
+                future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
 
 
 def netrc_login(url: str, conf: dict[str, object]) -> tuple[str, str, str] | None:

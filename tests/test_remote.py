@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,9 @@ from conftest import Narfs
 from lyingserver import MODES, lying
 from narfs import pathindex
 from narfs.cache import Cache
+from narfs.config import Settings
+from narfs.http import Fetched
+from narfs.remote import open_remote
 from narfs.zstdseek import read_table
 from nginxserver import Nginx, free_port, serving, world_readable
 from nixtools import NIX, NixStore, delete_paths, one_line_error, rich_tree, run
@@ -162,6 +166,34 @@ def test_cold_read_of_a_small_file_deep_in_a_big_path(tmp_path: Path, server: Na
         nginx.clear_log()
         assert (m / base(big) / DEEP).read_bytes() == data
         assert [r for r in nginx.requests() if r.uri.startswith("/nar/")] == []
+
+
+def test_a_first_look_asks_for_listing_and_frame_hashes_at_once(
+        tmp_path: Path, server: Narfs, nginx: Nginx, paths: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path's `.ls` is requested while its `.auth` is still being fetched (one round trip
+    of a cold look, not two): the `.auth` request here waits for the `.ls` one to start,
+    which only a concurrent fetch lets happen. In-process, against the real nginx."""
+    h = base(paths["rich"])[:32]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the client's mirror
+    backend = open_remote(nginx.url, Settings(public_key=server.public_key))
+    try:
+        backend.update()
+        listing_asked = threading.Event()
+        get = backend.http.get
+
+        def watched(path: str, limit: int, etag: str | None = None) -> Fetched | None:
+            if path == f"{h}.ls":
+                listing_asked.set()
+            elif path == f"{h}.auth":
+                assert listing_asked.wait(10), "the .ls was not asked for before the .auth ended"
+            return get(path, limit, etag)
+
+        backend.http.get = watched  # type: ignore[method-assign]
+        root = backend.fetch_listing(h, None)
+        assert root is not None and "a" in root["entries"]
+    finally:
+        backend.close()
 
 
 def test_frames_are_fetched_ahead_of_reads_that_go_frame_after_frame(

@@ -8,8 +8,9 @@ served by nginx with the repository's server block (tests/nginxserver.py), on 12
 again inside a network namespace reached through a veth pair whose both ends delay packets
 with `tc netem` (half the RTT each way). On each link, alternating narfs with its anchor:
 
-  * cold read of one small file deep in /usr/include's path: a fresh remote mount (empty
-    client state, page cache dropped) against `nix store cat --store http://…` (target 0.05);
+  * cold read of one small file deep in /usr/include's path, and of the issue's own case (a
+    50 KB file deep in a 100 MB path): a fresh remote mount (empty client state, page cache
+    dropped) against `nix store cat --store http://…` (target 0.05);
   * `ls -lR` and `grep -r` over that path, cold (fresh client state and mount): the remote
     mount against a local mount of the same cache;
 
@@ -159,7 +160,29 @@ class Client:
         shutil.rmtree(self.dir / "xdg", ignore_errors=True)
 
 
-def link_rows(ctx: Context, server: Nginx, link: str, url: str | None = None) -> list[dict]:
+BIG_MIB = 100  # the issue's own case: a 50 KB file deep in a 100 MB path
+DEEP = "a/b/c/d/e/f/g/h/fifty.bin"
+
+
+def big_path(ctx: Context) -> str:
+    """A 50 KB file deep in a 100 MB path, in the middle of its NAR (a quarter incompressible
+    and a quarter compressible bytes before it and after it, as tests/test_remote.py's), added
+    to the store and archived into the corpus cache."""
+    src = ctx.work / "big-narfs-bench"
+    (src / DEEP).parent.mkdir(parents=True)
+    quarter = (BIG_MIB << 20) // 4
+    (src / "a" / "0-before.bin").write_bytes(os.urandom(quarter) + b"x" * quarter)
+    (src / DEEP).write_bytes(os.urandom(50_000))
+    (src / "z-after.bin").write_bytes(os.urandom(quarter) + b"y" * quarter)
+    path = ctx.corpus.add_tree(str(src), "big")
+    shutil.rmtree(src)
+    ctx.narfs("archive", "--cache", str(ctx.cache()), "--secret-key", str(ctx.key), path)
+    print(f"corpus: {BIG_MIB} MB path with a 50 KB file deep inside → {path}", flush=True)
+    return path
+
+
+def link_rows(ctx: Context, server: Nginx, link: str, big: str,
+              url: str | None = None) -> list[dict]:
     """The rows of one link; `url` reaches `server` another way (a delaying proxy)."""
     url = url or server.url
     cache, path = ctx.cache(), ctx.tree("include")
@@ -170,12 +193,12 @@ def link_rows(ctx: Context, server: Nginx, link: str, url: str | None = None) ->
     client = Client(ctx, f"client-{link.split()[0]}")
     counts: dict[str, tuple[int, int]] = {}
 
-    def remote(op: str, argv: Callable[[Path], list[str]]) -> float:
+    def remote(op: str, argv: Callable[[Path], list[str]], top: str = name) -> float:
         client.fresh()
         with Mount(url, ctx.work / "mnt-remote", client.env) as m:  # type: ignore[arg-type]
             drop_caches()
             server.clear_log()
-            seconds = timed(argv(m.path / name), ok=(0, 1))
+            seconds = timed(argv(m.path / top), ok=(0, 1))
             reqs = server.requests()
             counts[op] = (len(reqs), sum(r.bytes_sent for r in reqs))
             return seconds
@@ -185,19 +208,27 @@ def link_rows(ctx: Context, server: Nginx, link: str, url: str | None = None) ->
             drop_caches()
             return timed(argv(m.path / name), ok=(0, 1))
 
-    def nix_cat() -> float:
+    def nix_cat(store_path: str, rel: str) -> float:
         drop_caches()
-        return timed([*NIX, "store", "cat", "--store", url, f"{path}/{deep}"])
+        return timed([*NIX, "store", "cat", "--store", url, f"{store_path}/{rel}"])
 
     out = []
-    times = alternate(ctx.reps, {"narfs": lambda: remote("read", lambda d: ["cat", str(d / deep)]),
-                                 "nix store cat": nix_cat}, f"cold read ({link})")
-    n, sent = counts["read"]
-    out.append(runs_row(f"cold read of one file deep in {ctx.tree_label('include')}'s path, "
-                        f"over HTTP ({link})", times, "narfs", "nix store cat", target=0.05,
-                        notes=f"{deep}; fresh client state and mount, page cache dropped; "
-                              f"narfs: {n} requests, {sent} bytes; nix store cat --store "
-                              "http://… fetches the whole NAR", requests=n, bytes_sent=sent))
+    for label, store_path, rel in (
+            (f"one file deep in {ctx.tree_label('include')}'s path", path, deep),
+            (f"a 50 KB file deep in a {BIG_MIB} MB path (the issue's case)", big, DEEP)):
+        top = os.path.basename(store_path)
+        times = alternate(ctx.reps, {
+            "narfs": lambda top=top, rel=rel: remote(
+                "read", lambda d, rel=rel: ["cat", str(d / rel)], top),
+            "nix store cat": lambda store_path=store_path, rel=rel: nix_cat(store_path, rel)},
+            f"cold read of {rel} ({link})")
+        n, sent = counts["read"]
+        out.append(runs_row(f"cold read of {label}, over HTTP ({link})", times, "narfs",
+                            "nix store cat", target=0.05,
+                            notes=f"{rel}; fresh client state and mount, page cache dropped; "
+                                  f"narfs: {n} requests, {sent} bytes; nix store cat --store "
+                                  "http://… fetches the whole NAR", requests=n,
+                            bytes_sent=sent))
     for op, cmd in OPS.items():
         def argv(d: Path, cmd: list[str] = cmd) -> list[str]:
             return [*cmd, str(d)]
@@ -220,18 +251,19 @@ def rows(ctx: Context, quick: bool) -> list[dict]:
         if d == Path("/"):
             break
         d.chmod(d.stat().st_mode | 0o005)
+    big = big_path(ctx)
     world_readable(cache)
     out = []
     with serving(cache) as server:
-        out += link_rows(ctx, server, "loopback")
+        out += link_rows(ctx, server, "loopback", big)
     rtt = int(ctx.profile.extra.get("rtt_ms", 20))
     if netem_available():
         with netns(rtt) as prefix, serving(cache, address=NS_IP, prefix=prefix) as server:
-            out += link_rows(ctx, server, f"{rtt} ms RTT, tc netem")
+            out += link_rows(ctx, server, f"{rtt} ms RTT, tc netem", big)
     else:
         print(f"no sch_netem in this kernel: {rtt} ms RTT through a delaying proxy", flush=True)
         with serving(cache) as server, delaying_proxy(server.port, rtt) as url:
-            out += link_rows(ctx, server, f"{rtt} ms RTT, delaying proxy", url)
+            out += link_rows(ctx, server, f"{rtt} ms RTT, delaying proxy", big, url)
     return out
 
 
