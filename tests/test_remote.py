@@ -560,6 +560,8 @@ def test_restore_from_the_url(tmp_path: Path, server: Narfs, nginx: Nginx,
     nixstore.unroot()
     delete_paths(chain)
     c = client(tmp_path, server, "/nonexistent")
+    dry = c("restore", "--cache", nginx.url, "--dry-run", "narfs-rr-1")  # by name, as locally
+    assert f"would restore {top}" in dry.stdout and f"read from {nginx.url}" in dry.stdout
     nginx.clear_log()
     out = c("restore", "--cache", nginx.url, base(top))
     run(["nix-store", "--verify-path", *chain])
