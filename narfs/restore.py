@@ -639,7 +639,7 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
         return 0
     restored: list[str] = []
     if p.fetch:
-        with staged(remote, p.fetch, file_bytes) if remote and p.fetch \
+        with staged(remote, p.fetch, file_bytes) if remote \
                 else nullcontext(cache) as source:
             await check_nars(source, p.fetch, settings.threads, nar_bytes)
             bar = Progress(nar_bytes, "restoring")
