@@ -311,9 +311,12 @@ def cmd_quarantine(args: argparse.Namespace, settings: Settings) -> int:
                 "back" if entries else "")
         print(f"{len(entries)} entries in {cache.root}/.narfs/{quarantine.DIRNAME}{hint}")
         return 0
+    # the cache's key signs the frame hashes of an entry held without them
+    key = signing.load_secret_key(settings.secret_key_file) \
+        if settings.secret_key_file and os.path.isfile(settings.secret_key_file) else None
     with cache.writer():
         chosen = quarantine.select(quarantine.held(cache), args.restore)
-        lines, left = quarantine.restore(cache, chosen)
+        lines, left = quarantine.restore(cache, chosen, key)
     for line in lines:
         print(line)
     print(f"{len(chosen) - left} restored, {left} still in the quarantine")

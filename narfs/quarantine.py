@@ -24,11 +24,13 @@ import stat
 import time
 from dataclasses import dataclass
 
-from . import frameauth, narinfo, pathindex
+from . import frameauth, nar, narinfo, pathindex
 from .cache import Cache, fsync_dir, read_small, write_atomic
 from .errors import CorruptError, NarfsError
 from .narinfo import NarInfo
+from .narstream import decompressed_chunks, parse_checked
 from .retire import referrers_first
+from .signing import SecretKey
 from .storepath import STORE_DIR, hash_part, is_hash
 
 log = logging.getLogger(__name__)
@@ -162,10 +164,13 @@ def select(entries: list[Held], targets: list[str]) -> list[Held]:
     return chosen
 
 
-def restore(cache: Cache, entries: list[Held]) -> tuple[list[str], int]:
+def restore(cache: Cache, entries: list[Held], key: SecretKey | None = None
+            ) -> tuple[list[str], int]:
     """Publish held entries again, references first, with the archive's commit order (NAR,
     listing, then the narinfo under the shared publish lock after checking its references).
-    Returns the lines saying what happened and how many stay held."""
+    An entry held without its `.auth` (quarantined before narfs kept them) gets one signed
+    with `key`, the cache's secret key, when given. Returns the lines saying what happened
+    and how many stay held."""
     lines: list[str] = []
     left = 0
     ok = {e.hash: e for e in entries if e.info is not None}
@@ -187,7 +192,7 @@ def restore(cache: Cache, entries: list[Held]) -> tuple[list[str], int]:
                              "it again (archived since)")
                 continue
             try:
-                line = _publish(cache, qfd, e.info)
+                line = _publish(cache, qfd, e.info, key)
             except (OSError, CorruptError) as err:
                 line = f"kept {e.store_path}: {err}"
             if line.startswith("kept "):
@@ -202,7 +207,17 @@ def restore(cache: Cache, entries: list[Held]) -> tuple[list[str], int]:
     return lines, left
 
 
-def _publish(cache: Cache, qfd: int, info: NarInfo) -> str:
+def _sign_frames(cache: Cache, info: NarInfo, key: SecretKey) -> None:
+    """Sign the frame hashes of a NAR only once it proved to be the one NarHash names: the key
+    must never vouch for frames nobody checked (a client trusting the narinfo would take
+    them)."""
+    with cache.open_nar(info) as f:
+        parse_checked(decompressed_chunks(f, info.compression), nar.Validator(),
+                      info.nar_size, info.nar_hash)
+    frameauth.publish(cache, key, [info])
+
+
+def _publish(cache: Cache, qfd: int, info: NarInfo, key: SecretKey | None) -> str:
     h = info.hash
     efd = os.open(h, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=qfd)
     try:
@@ -244,4 +259,10 @@ def _publish(cache: Cache, qfd: int, info: NarInfo) -> str:
             fsync_dir(cache.root)
     finally:
         os.close(efd)
+    if auth is None and key is not None:
+        try:
+            _sign_frames(cache, info, key)
+        except (OSError, CorruptError) as e:
+            return (f"restored {info.store_path}, without signed frame hashes: its NAR does not "
+                    f"check ({e}); run `narfs verify`")
     return f"restored {info.store_path}"

@@ -9,9 +9,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from narfs import frameauth
 from narfs.cache import Cache
 from narfs.catalog import Catalog
 from narfs.narinfo import parse as parse_narinfo
+from narfs.signing import parse_public_key
 from narfs.storepath import hash_part
 from nixtools import NIX, NixStore, run
 
@@ -239,3 +241,13 @@ def test_signed_frame_hashes_are_verified_repaired_and_quarantined_with_their_en
     assert not auth["held"].exists()
     narfs("quarantine", "--restore", p["held"])
     assert auth["held"].read_bytes() == held
+    # held without its `.auth` (quarantined by a narfs that did not keep them): signed again
+    # (its narinfo came back as held, the signature still bad: quarantined again)
+    out = narfs("verify", "--repair", check=False).stdout
+    assert f"repair: quarantined {p['held']}" in out, out
+    (narfs.cache / ".narfs" / "quarantine" / hash_part(p["held"]) / "auth").unlink()
+    auth["held"].unlink(missing_ok=True)
+    narfs("quarantine", "--restore", p["held"])
+    info = parse_narinfo(info_file(narfs, p["held"]).read_bytes())
+    key = parse_public_key(narfs.public_key, "the test's key")
+    assert frameauth.problem(Cache(str(narfs.cache)), info, key) is None
