@@ -86,12 +86,15 @@ UNSIGNED = "unsigned"  # reported, kept
 TAKEN_OUT = (BROKEN, BADSIG, CLOSURE)  # what --repair un-publishes (damaged) or quarantines
 STRAY = "stray"  # a file nothing refers to: removed by --repair
 LISTING = "listing"  # a `.ls` that disagrees with its NAR: rewritten by --repair
-AUTH = "frame-hashes"  # `.auth` missing, unsigned or wrong for an intact entry: re-signed
+AUTH = "frame-hashes"  # `.auth` unsigned or wrong for an intact entry: re-signed
+# `.auth` missing (entries archived before narfs wrote them): said, not counted, since remote
+# mounts then fetch the path whole and check it against NarHash; --repair signs them.
+AUTH_MISSING = "frame-hashes-missing"
 CATALOG = "catalog"  # the catalog disagrees with the directory: rebuilt by --repair
 CACHEINFO = "cache-info"  # nix-cache-info missing or wrong: rewritten by --repair
 NOTE = "note"  # said, not counted
 WARNING = "warning"  # intact, but this machine's Nix cannot restore it: said, not counted
-SAID = (NOTE, WARNING)
+SAID = (NOTE, WARNING, AUTH_MISSING)
 
 
 @dataclass
@@ -231,7 +234,9 @@ def check_entry(cache: Cache, key: PublicKey | None, h: str,
         except (OSError, CorruptError) as e:
             why = f"signed frame hashes not checked: {e}"
         if why is not None:
-            c.add(AUTH, why)
+            missing = not os.path.lexists(frameauth.path(cache, h))
+            c.add(AUTH_MISSING if missing else AUTH,
+                  f"{why}; `narfs verify --repair` signs them" if missing else why)
     return c
 
 
@@ -591,7 +596,8 @@ async def repair(cache: Cache, catalog: Catalog, report: Report,
             lines.append(f"rewrote {cache.listing_path(c.hash)} from its NAR")
     unsigned_auth = []
     for c in report.checked:
-        if c.hash in gone or c.info is None or not any(p.kind == AUTH for p in c.problems):
+        if c.hash in gone or c.info is None \
+                or not any(p.kind in (AUTH, AUTH_MISSING) for p in c.problems):
             continue
         if secret is None:
             unsigned_auth.append(c)
@@ -684,12 +690,13 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                     print(f"adopt: {line}")
             _print(report, cache)
             problems = [p for p in report.problems if p.kind not in SAID]
-            if not problems:
+            unsigned_frames = any(p.kind == AUTH_MISSING for p in report.problems)
+            if not problems and not (args.repair and unsigned_frames):
                 return 0
             if not args.repair:
                 return 1
             if secret is None and settings.secret_key_file \
-                    and any(p.kind == AUTH for p in problems):
+                    and (unsigned_frames or any(p.kind == AUTH for p in problems)):
                 secret = load_secret_key(settings.secret_key_file)
             lines, left = trio.run(repair, cache, catalog, report, secret)
             for line in lines:
@@ -711,7 +718,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 def _print(report: Report, cache: Cache) -> None:
     counted = [p for p in report.problems if p.kind not in SAID]
     for p in sorted(report.problems, key=lambda p: (p.subject, p.what)):
-        print((f"{p.kind}: " if p.kind in SAID else "") + p.line())
+        said = "warning" if p.kind == WARNING else "note"
+        print((f"{said}: " if p.kind in SAID else "") + p.line())
     if report.recent_skipped:
         print(f"narfs verify: a writer is active: {report.recent_skipped} files younger than "
               f"{RECENT // 60} min that nothing refers to yet were not judged")
