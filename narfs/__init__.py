@@ -17,6 +17,7 @@ the cache directory and narfs's derived data
                   listing against
     catalog       the catalog (.narfs/catalog.sqlite) and how commands open it
     pathindex     the published index of archived paths (narfs-index.zst) remote mounts poll
+    disklru       files kept on disk, least recently used out (hot tier, fetched ranges)
     retire        removing entries closure-safe (gc, verify --repair)
     quarantine    entries verify --repair took out without deleting them
     watchstate    what narfs watch leaves for others: watch.json, the pins waiting

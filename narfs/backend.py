@@ -68,6 +68,29 @@ class LocalFile:
             self.fd = -1
 
 
+class NarView:
+    """A file-like view of a NarFile through its pread (for decompressors and parsers): several
+    threads may read one NAR at once, each with its own position, and none disturbs another."""
+
+    def __init__(self, f: NarFile, pos: int = 0) -> None:
+        self.f = f
+        self.pos = pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else self.pos + pos
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = max(self.f.size - self.pos, 0)
+        data = self.f.pread(self.pos, n)
+        self.pos += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
 class LocalBackend:
     """The cache directory (narfs.cache.Cache), read as untrusted as Cache reads it."""
 

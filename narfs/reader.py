@@ -38,13 +38,10 @@ bound and a test of it in tests/t1_reader.py.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
-import stat
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -54,9 +51,10 @@ import trio
 import zstandard
 
 from . import nar, nix32, zstdseek
-from .backend import Backend, LocalFile, NarFile
-from .cache import TMP_PREFIX, new_temporary, remove_file
+from .backend import Backend, LocalFile, NarFile, NarView
+from .cache import remove_file
 from .catalog import Entry
+from .disklru import DiskLRU
 from .errors import CorruptError
 from .narstream import decompressed_chunks, parse_checked
 from .zstdseek import TABLE_BYTES_PER_FRAME, SeekTable
@@ -65,7 +63,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HOT_SUFFIX = ".nar"
-STALE_TMP = 3600  # a hot-tier temporary older than this belongs to no live fill
 # Frames smaller than this (but the last) make a NAR go through the hot tier: a read of 128 KiB
 # then spans at most ~2000 frames, where a table of empty or one-byte frames made it 100,000s
 # (seconds of the trio thread). narfs writes 4 KiB frames at least, Nix 2.35 16 MiB ones.
@@ -93,29 +90,6 @@ class Stats:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
-
-
-class _At:
-    """A file-like view of a NarFile through its pread: several threads may read one NAR at
-    once, each with its own position, and none disturbs another."""
-
-    def __init__(self, f: NarFile, pos: int = 0) -> None:
-        self.f = f
-        self.pos = pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self.pos = pos if whence == 0 else self.pos + pos
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0:
-            n = max(self.f.size - self.pos, 0)
-        data = self.f.pread(self.pos, n)
-        self.pos += len(data)
-        return data
-
-    def readable(self) -> bool:
-        return True
 
 
 class FrameCache:
@@ -152,7 +126,7 @@ class FrameCache:
             self.size -= len(old) + self.ENTRY_OVERHEAD
 
 
-class HotTier:
+class HotTier(DiskLRU):
     """Non-seekable NARs decompressed once, named by their NarHash (content-addressed, so two
     store paths with one NAR share a file and a changed narinfo can never match a stale file).
 
@@ -161,111 +135,54 @@ class HotTier:
     """
 
     def __init__(self, directory: str, limit: int) -> None:
-        self.dir = directory
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._files: OrderedDict[str, int] = OrderedDict()  # name → size, oldest use first
-        self.size = 0
+        super().__init__(directory, limit, kept=lambda name: name.endswith(HOT_SUFFIX))
         self.fills = 0
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        found = []
-        now = time.time()
-        with os.scandir(directory) as it:
-            for e in it:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if e.name.startswith(TMP_PREFIX):
-                    if now - st.st_mtime > STALE_TMP:
-                        remove_file(e.path)
-                elif e.name.endswith(HOT_SUFFIX) and e.is_file(follow_symlinks=False):
-                    found.append((st.st_mtime, e.name, st.st_size))
-        for _, name, size in sorted(found):
-            self._files[name] = size
-            self.size += size
-        self._make_room(0)  # the limit may have been lowered since the last mount
 
     def open_sync(self, nar_hash: str, nar_size: int,
                   produce: Callable[[Callable[[bytes], None]], None]) -> int:
         """A descriptor of the decompressed NAR; `produce(write)` decompresses it when absent."""
         name = nar_hash.split(":")[-1] + HOT_SUFFIX
-        path = os.path.join(self.dir, name)
-        with self._lock:
-            known = name in self._files
-            if known:
-                self._files.move_to_end(name)
-        if known:
-            try:
-                # O_NONBLOCK: a FIFO put in the file's place must not hang the worker thread.
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-            except OSError as e:
-                # Evicted by another mount of the same cache, or replaced by a symlink (ELOOP):
-                # absent either way, and the fill's rename replaces whatever is there.
-                if e.errno not in (errno.ENOENT, errno.ELOOP):
-                    raise
-                with self._lock:
-                    self.size -= self._files.pop(name, 0)
-            else:
-                st = os.fstat(fd)
-                if stat.S_ISREG(st.st_mode) and st.st_size == nar_size:
-                    os.utime(fd)  # the LRU order survives a remount through mtimes
-                    return fd
-                os.close(fd)
-                log.warning("%s: hot-tier file is not a regular file of the NAR's size; "
-                            "decompressing again", path)
-        with self._lock:
-            self._make_room(nar_size)
-        fd = self._fill(path, nar_hash, nar_size, produce)
-        with self._lock:
-            self.fills += 1
-            self.size -= self._files.pop(name, 0)
-            self._files[name] = nar_size
-            self.size += nar_size
-            self._make_room(0, keep=1)
-        return fd
-
-    def _fill(self, path: str, nar_hash: str, nar_size: int,
-              produce: Callable[[Callable[[bytes], None]], None]) -> int:
-        fd, tmp = new_temporary(self.dir, os.path.basename(path))
+        fd = self.open(name, nar_size)
+        if fd is not None:
+            return fd
+        self.make_room(nar_size)
+        fd, tmp = self.temporary(name)
         try:
-            sha = hashlib.sha256()
-            written = 0
-
-            def write(data: bytes) -> None:
-                nonlocal written
-                written += len(data)
-                if written > nar_size:
-                    raise CorruptError(f"NAR decompresses to more than its NarSize {nar_size}")
-                sha.update(data)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-
-            produce(write)
-            if written != nar_size:
-                raise CorruptError(f"NAR decompresses to {written} bytes, NarSize says "
-                                   f"{nar_size}")
-            got = nix32.format_sha256(sha.digest())
-            if got != nar_hash:
-                raise CorruptError(f"NAR hashes to {got}, narinfo says {nar_hash}")
-            os.fsync(fd)
-            os.rename(tmp, path)
+            _fill(fd, nar_hash, nar_size, produce)
+            self.adopt(name, tmp, nar_size)
         except BaseException:
             os.close(fd)
             remove_file(tmp)
             raise
+        with self._lock:
+            self.fills += 1
         return fd
 
-    def _make_room(self, needed: int, keep: int = 0) -> None:
-        """Evict oldest-used files until `needed` more bytes fit, sparing the `keep` newest.
-        A NAR larger than the whole tier still goes in, alone: refusing it would make its
-        files unreadable. Open descriptors keep an evicted file readable until they close."""
-        while len(self._files) > keep and self.size + needed > self.limit:
-            name, size = self._files.popitem(last=False)
-            self.size -= size
-            remove_file(os.path.join(self.dir, name))
-            log.debug("hot tier: evicted %s (%d bytes)", name, size)
+
+def _fill(fd: int, nar_hash: str, nar_size: int,
+          produce: Callable[[Callable[[bytes], None]], None]) -> None:
+    """Write what `produce(write)` decompresses to `fd`, cut off the moment it outgrows
+    NarSize, checked against NarHash, and fsynced."""
+    sha = hashlib.sha256()
+    written = 0
+
+    def write(data: bytes) -> None:
+        nonlocal written
+        written += len(data)
+        if written > nar_size:
+            raise CorruptError(f"NAR decompresses to more than its NarSize {nar_size}")
+        sha.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    produce(write)
+    if written != nar_size:
+        raise CorruptError(f"NAR decompresses to {written} bytes, NarSize says {nar_size}")
+    got = nix32.format_sha256(sha.digest())
+    if got != nar_hash:
+        raise CorruptError(f"NAR hashes to {got}, narinfo says {nar_hash}")
+    os.fsync(fd)
 
 
 class Source:
@@ -290,7 +207,7 @@ class Source:
         """Frames `indices` decompressed in turn, up to the first damaged one (with its error):
         one worker-thread call for all the frames a read misses."""
         assert self.table is not None
-        f, dctx = _At(self.file), _dctx()
+        f, dctx = NarView(self.file), _dctx()
         out: list[bytes] = []
         comp = dec = 0
         try:
@@ -393,7 +310,7 @@ class Reader:
                 return Source(key, f, entry.nar_size, None, self.stats)
 
             def produce(write: Callable[[bytes], None]) -> None:
-                for chunk in decompressed_chunks(_At(f), entry.compression):
+                for chunk in decompressed_chunks(NarView(f), entry.compression):
                     self.stats.add(bytes_decompressed=len(chunk))
                     write(chunk)
 
@@ -409,8 +326,8 @@ class Reader:
         frames can be indexed from their headers (nixversions); single-frame NARs cannot.
         None too when the table has more frames than this NAR's share of memory holds."""
         try:
-            table = (zstdseek.read_table(_At(f), f.size, self.max_table_frames)
-                     or zstdseek.index_frames(_At(f), f.size, self.max_table_frames))
+            table = (zstdseek.read_table(NarView(f), f.size, self.max_table_frames)
+                     or zstdseek.index_frames(NarView(f), f.size, self.max_table_frames))
         except zstdseek.TooManyFrames as e:
             size = e.size  # checked whole all the same: a lying table is still corrupt
             log.info("%s: seek table of %d frames, more than a NAR's share of memory; "
@@ -585,7 +502,7 @@ class Reader:
         # from bytes other than the ones the (signed) narinfo vouches for.
         compression = "none" if src.table is None else "zstd"  # the hot tier holds plain NARs
         builder = nar.ListingBuilder()
-        parse_checked(decompressed_chunks(_At(src.file), compression),
+        parse_checked(decompressed_chunks(NarView(src.file), compression),
                       builder, entry.nar_size, entry.nar_hash)
         return builder.root
 

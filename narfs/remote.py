@@ -54,17 +54,17 @@ import trio
 import zstandard
 
 from . import frameauth, listing, narinfo, pathindex
+from .backend import LocalFile, NarView
 from .cache import (
-    TMP_PREFIX,
     Cache,
     cache_info_text,
-    new_temporary,
     read_small,
     remove_file,
     write_atomic,
 )
 from .catalog import Catalog, Entry
 from .config import Settings, trusted_key
+from .disklru import DiskLRU
 from .errors import CorruptError, NarfsError
 from .http import Http, RemoteError, is_url
 from .narinfo import NarInfo
@@ -126,40 +126,19 @@ def trusted_keys(settings: Settings, conf: dict[str, object]) -> list[PublicKey]
     return keys
 
 
-class RangeCache:
+class RangeCache(DiskLRU):
     """Fetched NAR byte ranges on disk, least recently used out first, at most `limit` bytes.
     Files are named by a hash of (URL, offset, size): nothing from the server names a file."""
 
     def __init__(self, directory: str, limit: int) -> None:
-        self.dir = directory
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._files: OrderedDict[str, int] = OrderedDict()
-        self.size = 0
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        found = []
-        with os.scandir(directory) as it:
-            for e in it:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if e.is_file(follow_symlinks=False) and not e.name.startswith("."):
-                    found.append((st.st_mtime, e.name, st.st_size))
-                elif e.name.startswith(TMP_PREFIX) and time.time() - st.st_mtime > 3600:
-                    remove_file(e.path)
-        for _, name, size in sorted(found):
-            self._files[name] = size
-            self.size += size
-        with self._lock:
-            self._make_room(0)
+        super().__init__(directory, limit, mode=0o700)
 
     @staticmethod
     def name(url: str, offset: int, size: int) -> str:
         return hashlib.sha256(f"{url}\0{offset}\0{size}".encode()).hexdigest()
 
     def get(self, name: str, size: int) -> bytes | None:
-        fd = self.open(name, size)  # the LRU order survives a remount through mtimes
+        fd = self.open(name, size)
         if fd is None:
             return None
         try:
@@ -171,7 +150,7 @@ class RangeCache:
     def put(self, name: str, data: bytes) -> None:
         if len(data) > self.limit:
             return
-        fd, tmp = self.temporary()
+        fd, tmp = self.temporary(name)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -179,52 +158,6 @@ class RangeCache:
         except OSError as e:  # a full disk costs the next look a request, nothing more
             log.debug("%s: not kept (%s)", name, e)
             remove_file(tmp)
-
-    def adopt(self, name: str, tmp: str, size: int) -> None:
-        """Keep a file written beside the cache's files (`temporary()`) under `name`."""
-        os.rename(tmp, os.path.join(self.dir, name))
-        with self._lock:
-            self.size += size - self._files.pop(name, 0)
-            self._files[name] = size
-            self._make_room(0, keep=1)
-
-    def temporary(self) -> tuple[int, str]:
-        """A new temporary beside the kept files (descriptor, path), for `adopt`."""
-        return new_temporary(self.dir, "range")
-
-    def open(self, name: str, size: int) -> int | None:
-        """A descriptor of a kept file of `size` bytes, or None."""
-        with self._lock:
-            if name not in self._files:
-                return None
-            self._files.move_to_end(name)
-        try:
-            fd = os.open(os.path.join(self.dir, name),
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            with self._lock:
-                self.size -= self._files.pop(name, 0)
-            return None
-        if os.fstat(fd).st_size != size:
-            os.close(fd)
-            return None
-        os.utime(fd)
-        return fd
-
-    def has(self, name: str) -> bool:
-        with self._lock:
-            return name in self._files
-
-    def drop(self, name: str) -> None:
-        with self._lock:
-            self.size -= self._files.pop(name, 0)
-        remove_file(os.path.join(self.dir, name))
-
-    def _make_room(self, needed: int, keep: int = 0) -> None:
-        while len(self._files) > keep and self.size + needed > self.limit:
-            name, size = self._files.popitem(last=False)
-            self.size -= size
-            remove_file(os.path.join(self.dir, name))
 
 
 class SignedNar:
@@ -343,22 +276,6 @@ class WholeNar:
                 self._fd = -1
 
 
-class _FileAt:
-    """Sequential reads of a descriptor through pread (for the decompressor)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.pos = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = os.pread(self.fd, n if n >= 0 else 1 << 30, self.pos)
-        self.pos += len(data)
-        return data
-
-    def readable(self) -> bool:
-        return True
-
-
 class MirrorCache(Cache):
     """The mirror directory as a Cache whose missing `.ls` files are fetched from the server
     (and kept); everything else reads the mirror as the local cache it is."""
@@ -424,7 +341,7 @@ class RemoteBackend:
         fd = self.ranges.open(name, size)
         if fd is not None:
             return fd
-        fd, tmp = self.ranges.temporary()
+        fd, tmp = self.ranges.temporary(name)
         try:
             for offset in range(0, size, WHOLE_STEP):
                 data = self.http.get_range(entry.url, offset, min(WHOLE_STEP, size - offset),
@@ -432,7 +349,7 @@ class RemoteBackend:
                 view = memoryview(data)
                 while view:
                     view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
-            stream = NarStream(decompressed_chunks(_FileAt(fd), entry.compression),
+            stream = NarStream(decompressed_chunks(NarView(LocalFile(fd)), entry.compression),
                                entry.nar_size)
             stream.drain()
             stream.check(entry.nar_size, entry.nar_hash)

@@ -31,9 +31,10 @@ from narfs import nix32, reader, zstdseek
 from narfs.backend import LocalBackend
 from narfs.cache import TMP_PREFIX, Cache
 from narfs.catalog import Entry
+from narfs.disklru import STALE_TMP
 from narfs.errors import CorruptError
 from narfs.nar import listing_of
-from narfs.reader import STALE_TMP, FrameCache, HotTier, Reader
+from narfs.reader import FrameCache, HotTier, Reader
 from narfs.zstdseek import SeekableWriter
 
 FRAME = 64  # small frames: a few hundred bytes span several
