@@ -77,7 +77,7 @@ FUSE_COMMANDS = {"fusermount", "fusermount3"}
 # What tests import from tests/nixtools.py or conftest that runs no Nix; anything else does.
 NIX_FREE_HELPERS = {"MARK_FUSE", "MARK_NIX", "Narfs", "module_needs", "on_a_terminal",
                     "rich_tree"}
-PURE_PREFIXES = ("t0_", "t1_")
+PURE_PREFIXES = ("t0_", "t1_", "t2_", "t3_")
 _WORDS = re.compile(r"[\s;|&()`'\"{}\[\]]+")
 
 
