@@ -21,7 +21,7 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from . import listing, narinfo, signing
 from .errors import CorruptError, NarfsError
@@ -101,6 +101,13 @@ def read_small(path: str, limit: int, dir_fd: int | None = None) -> bytes:
     if len(data) > limit:
         raise CorruptError(f"{path}: larger than {limit} bytes")
     return data
+
+
+class NarRef(Protocol):
+    """What opening a NAR needs of a narinfo or a catalog entry: the URL naming its file."""
+
+    @property
+    def url(self) -> str: ...
 
 
 class Cache:
@@ -242,7 +249,7 @@ class Cache:
         finally:
             os.close(fd)
 
-    def open_nar(self, info: NarInfo) -> BinaryIO:
+    def open_nar(self, info: NarRef) -> BinaryIO:
         """The NAR file a narinfo names, opened through `nar/` without following a symlink in
         either place (a symlinked `nar/` would lead reads outside the cache), and without
         blocking on a FIFO."""

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pyfuse3
 import trio
 
+from .backend import LocalBackend
 from .cache import Cache
 from .catalog import Catalog
 from .config import Settings
@@ -232,7 +233,7 @@ async def _serve(cache: Cache, catalog: Catalog, settings: Settings, mountpoint:
     limiter = trio.CapacityLimiter(max(2, settings.threads))
     hot = await trio.to_thread.run_sync(HotTier, cache.state_path("hot"),
                                         settings.hot_tier_mb << 20)
-    reader = Reader(cache, hot, settings.frame_cache_mb << 20, limiter)
+    reader = Reader(LocalBackend(cache), hot, settings.frame_cache_mb << 20, limiter)
     view = ArchiveView(cache, catalog, reader, trio.CapacityLimiter(1),
                        cache.state_path("trees"), prefetch=fast)
     fs = NarFS(view, reader, fast)

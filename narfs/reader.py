@@ -45,7 +45,7 @@ import trio
 import zstandard
 
 from . import nar, nix32, zstdseek
-from .cache import Cache
+from .backend import Backend, LocalFile, NarFile
 from .catalog import Entry
 from .errors import CorruptError
 from .narstream import decompressed_chunks, parse_checked
@@ -81,11 +81,11 @@ class Stats:
 
 
 class _At:
-    """A file-like view of a shared descriptor through pread: several threads may read one NAR
-    at once, each with its own position, and none disturbs another."""
+    """A file-like view of a NarFile through its pread: several threads may read one NAR at
+    once, each with its own position, and none disturbs another."""
 
-    def __init__(self, fd: int, pos: int = 0) -> None:
-        self.fd = fd
+    def __init__(self, f: NarFile, pos: int = 0) -> None:
+        self.f = f
         self.pos = pos
 
     def seek(self, pos: int, whence: int = 0) -> int:
@@ -94,8 +94,8 @@ class _At:
 
     def read(self, n: int = -1) -> bytes:
         if n < 0:
-            n = max(os.fstat(self.fd).st_size - self.pos, 0)
-        data = os.pread(self.fd, n, self.pos)
+            n = max(self.f.size - self.pos, 0)
+        data = self.f.pread(self.pos, n)
         self.pos += len(data)
         return data
 
@@ -253,12 +253,15 @@ def _unlink(path: str) -> None:
 
 
 class Source:
-    """One open NAR. `users` counts reads in flight, so eviction from the open-source LRU
-    closes the descriptor only once no worker thread can still be reading it."""
+    """One open NAR: the backend's file (seekable zstd, uncompressed) or its decompressed copy
+    in the hot tier. `users` counts reads in flight, so eviction from the open-source LRU
+    closes the file only once no worker thread can still be reading it."""
 
-    def __init__(self, key: tuple, fd: int, nar_size: int, table: SeekTable | None) -> None:
+    def __init__(self, key: tuple, file: NarFile, nar_size: int,
+                 table: SeekTable | None) -> None:
         self.key = key
-        self.fd = fd
+        self.file = file
+        self.closed = False
         self.nar_size = nar_size
         self.table = table
         self.users = 0
@@ -267,12 +270,12 @@ class Source:
     def frame_sync(self, index: int, stats: Stats) -> bytes:
         assert self.table is not None
         frame = self.table.frames[index]
-        data = zstdseek.read_frame(_At(self.fd), frame, _dctx())
+        data = zstdseek.read_frame(_At(self.file), frame, _dctx())
         stats.add(frames_decompressed=1, frame_bytes_read=frame.comp_size)
         return data
 
     def pread_sync(self, offset: int, size: int) -> bytes:
-        data = os.pread(self.fd, size, offset)
+        data = self.file.pread(offset, size)
         if len(data) != size:
             raise CorruptError(f"NAR ends at {offset + len(data)}, before its NarSize "
                                f"{self.nar_size}")
@@ -280,9 +283,9 @@ class Source:
 
     def close(self) -> None:
         self.retired = True
-        if self.users == 0 and self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.users == 0 and not self.closed:
+            self.file.close()
+            self.closed = True
 
 
 class _Flight:
@@ -307,9 +310,9 @@ def _dctx() -> zstandard.ZstdDecompressor:
 class Reader:
     """Reads ranges of store paths' NARs for the filesystem; owns the caches of the read path."""
 
-    def __init__(self, cache: Cache, hot: HotTier, frame_cache_bytes: int,
+    def __init__(self, backend: Backend, hot: HotTier, frame_cache_bytes: int,
                  limiter: trio.CapacityLimiter, max_open: int = 64) -> None:
-        self.cache = cache
+        self.backend = backend
         self.hot = hot
         self.frames = FrameCache(frame_cache_bytes)
         self.limiter = limiter
@@ -326,40 +329,33 @@ class Reader:
 
     def _open_sync(self, entry: Entry) -> Source:
         key = self.key(entry)
-        f = self.cache.open_nar(entry)  # type: ignore[arg-type]  # needs only .url
-        fd = os.dup(f.fileno())
-        f.close()
+        f = self.backend.open_nar(entry)
         try:
             if entry.compression == "zstd":
-                size = os.fstat(fd).st_size
                 # narfs's seekable NARs carry a seek table; Nix 2.35's independent frames can
                 # be indexed from their headers (nixversions); single-frame NARs cannot.
-                table = (zstdseek.read_table(_At(fd), size)
-                         or zstdseek.index_frames(_At(fd), size))
+                table = (zstdseek.read_table(_At(f), f.size)
+                         or zstdseek.index_frames(_At(f), f.size))
                 if table is not None:
                     if table.size != entry.nar_size:
                         raise CorruptError(f"seek table covers {table.size} bytes, NarSize "
                                            f"says {entry.nar_size}")
-                    return Source(key, fd, entry.nar_size, table)
+                    return Source(key, f, entry.nar_size, table)
             if entry.compression == "none":
-                if os.fstat(fd).st_size != entry.nar_size:
-                    raise CorruptError(f"uncompressed NAR is {os.fstat(fd).st_size} bytes, "
-                                       f"NarSize says {entry.nar_size}")
-                return Source(key, fd, entry.nar_size, None)
+                if f.size != entry.nar_size:
+                    raise CorruptError(f"uncompressed NAR is {f.size} bytes, NarSize says "
+                                       f"{entry.nar_size}")
+                return Source(key, f, entry.nar_size, None)
 
             def produce(write: Callable[[bytes], None]) -> None:
-                for chunk in decompressed_chunks(_At(fd), entry.compression):
+                for chunk in decompressed_chunks(_At(f), entry.compression):
                     write(chunk)
 
-            hot_fd = self.hot.open_sync(entry.nar_hash, entry.nar_size, produce)
-            os.close(fd)
-            return Source(key, hot_fd, entry.nar_size, None)
+            hot = LocalFile(self.hot.open_sync(entry.nar_hash, entry.nar_size, produce))
+            f.close()
+            return Source(key, hot, entry.nar_size, None)
         except BaseException:
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            f.close()
             raise
 
     async def _once(self, key: tuple, get: Callable[[], T | None], make: Callable[[], T]) -> T:
@@ -480,7 +476,7 @@ class Reader:
         # from bytes other than the ones the (signed) narinfo vouches for.
         compression = "none" if src.table is None else "zstd"  # the hot tier holds plain NARs
         builder = nar.ListingBuilder()
-        parse_checked(decompressed_chunks(_At(src.fd), compression),
+        parse_checked(decompressed_chunks(_At(src.file), compression),
                       builder, entry.nar_size, entry.nar_hash)
         return builder.root
 

@@ -26,6 +26,7 @@ import zstandard
 
 from hostile import GOOD_TREE
 from narfs import nix32, reader, zstdseek
+from narfs.backend import LocalBackend
 from narfs.cache import Cache
 from narfs.catalog import Entry
 from narfs.errors import CorruptError
@@ -82,7 +83,8 @@ def put(root: Path, data: bytes, kind: str = "seekable", blob: bytes | None = No
 def make_reader(root: Path, frame_cache: int = 1 << 20, hot_limit: int = 1 << 20,
                 max_open: int = 64, tokens: int = 4) -> Reader:
     hot = HotTier(str(root / ".narfs" / "hot"), hot_limit)
-    return Reader(Cache(str(root)), hot, frame_cache, trio.CapacityLimiter(tokens), max_open)
+    return Reader(LocalBackend(Cache(str(root))), hot, frame_cache, trio.CapacityLimiter(tokens),
+                  max_open)
 
 
 def fd_open(fd: int) -> bool:
@@ -597,11 +599,12 @@ def test_an_evicted_source_closes_only_after_its_read_in_flight(
                 assert src_a.users == 1
                 assert await r.read(eb, 0, 5) == b[:5]  # opens b: a is evicted (max_open 1)
                 assert list(r._sources) == [r.key(eb)] and src_a.retired
-                assert src_a.fd >= 0 and fd_open(src_a.fd), "closed under a read in flight"
+                assert not src_a.closed and fd_open(src_a.file.fd), \
+                    "closed under a read in flight"
             finally:
                 release.set()
         assert got == [a[1:11]]
-        assert src_a.fd == -1 and src_a.users == 0
+        assert src_a.closed and src_a.users == 0
 
     trio.run(main)
     r.close()
@@ -619,8 +622,9 @@ def test_an_idle_evicted_source_is_closed_at_once_and_close_closes_all(tmp_path:
             opened.append(r._sources[r.key(e)])
 
     trio.run(main)
-    assert opened[0].retired and opened[0].fd == -1 and len(r._sources) == 2
-    fds = [s.fd for s in opened[1:]]
+    assert opened[0].retired and opened[0].closed and len(r._sources) == 2
+    fds = [s.file.fd for s in opened[1:]]
     assert all(map(fd_open, fds))
     r.close()
-    assert not r._sources and all(s.fd == -1 for s in opened)
+    assert not r._sources and all(s.closed for s in opened)
+    assert not any(map(fd_open, fds))
