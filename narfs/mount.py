@@ -234,7 +234,7 @@ async def _serve(cache: Cache, catalog: Catalog, settings: Settings, mountpoint:
     hot = await trio.to_thread.run_sync(HotTier, cache.state_path("hot"),
                                         settings.hot_tier_mb << 20)
     reader = Reader(LocalBackend(cache), hot, settings.frame_cache_mb << 20, limiter)
-    view = ArchiveView(cache, catalog, reader, trio.CapacityLimiter(1),
+    view = ArchiveView(reader.backend, catalog, reader, trio.CapacityLimiter(1),
                        cache.state_path("trees"), prefetch=fast)
     fs = NarFS(view, reader, fast)
     await view.start()

@@ -115,7 +115,7 @@ class PathSet(Protocol):
 
 
 class Listings(Protocol):
-    """What the view uses of where bytes come from (narfs.backend's Backend; a Cache too)."""
+    """What the view uses of where bytes come from (narfs.backend.Backend), exactly."""
 
     def read_listing(self, h: str, nar_size: int | None = None) -> dict | None: ...
     def newest(self, versions: list[tuple[float, str]]) -> tuple[float, str]: ...

@@ -45,8 +45,9 @@ class Archive:
         self.key = parse_secret_key(generate_secret_key("t3"))
         self.catalog = Catalog(self.cache)
         self.reader = make_reader(root, frame_cache=frame_cache)
-        self.view = ArchiveView(self.cache, self.catalog, self.reader, trio.CapacityLimiter(1),
-                                self.cache.state_path("trees"), prefetch)
+        self.view = ArchiveView(self.reader.backend, self.catalog, self.reader,
+                                trio.CapacityLimiter(1), self.cache.state_path("trees"),
+                                prefetch)
 
     def add(self, data: bytes, name: str = "pkg") -> str:
         """Archive NAR `data` as a path named `name` (not yet shown: `refresh`); its hash."""

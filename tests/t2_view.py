@@ -355,8 +355,8 @@ def test_a_catalog_stand_in_is_enough(tmp_path: Path) -> None:
 
     try:
         h = a.add(nar(node_file(b"single file\n")), "single")
-        v = view_mod.ArchiveView(a.cache, Only(a.catalog), a.reader, trio.CapacityLimiter(1),
-                                 a.view.trees_dir)
+        v = view_mod.ArchiveView(a.reader.backend, Only(a.catalog), a.reader,
+                                 trio.CapacityLimiter(1), a.view.trees_dir)
         run(v.start)
         run(v.refresh)
         run(v.fill_tops)
