@@ -93,6 +93,7 @@ def open_dir(fs: NarFS, inode: int) -> int:
     return run(lambda: fs.opendir(inode))
 
 
+@pytest.mark.expect_log_errors("left out of the mount", r"getattr\(\d+,\) failed")
 def test_errors_become_their_errnos(mounted: tuple[Archive, NarFS],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     a, fs = mounted
@@ -120,6 +121,7 @@ def test_errors_become_their_errnos(mounted: tuple[Archive, NarFS],
     assert fs.requests["getattr"] == 2 and fs.requests["lookup"] == 5
 
 
+@pytest.mark.expect_log_errors("zstd stream ends inside a frame header")
 def test_damage_is_one_log_line_per_problem(mounted: tuple[Archive, NarFS],
                                             caplog: pytest.LogCaptureFixture) -> None:
     a, fs = mounted
