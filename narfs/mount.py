@@ -345,7 +345,7 @@ async def _every(period: float, job: Callable[[], Awaitable[None]], what: str) -
 async def _keep_in_step(fs: NarFS, root: str) -> None:
     """Full sync now (the catalog may lag the directory), then follow inotify."""
     await _refresh(fs, None)
-    await trio.to_thread.run_sync(fs.view.prune_trees, limiter=fs.reader.limiter)
+    await trio.to_thread.run_sync(fs.view.trees.prune, limiter=fs.reader.limiter)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fs.view.fill_tops)
         try:

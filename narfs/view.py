@@ -18,16 +18,17 @@ Inodes are derived from store path hashes (see tree.py), so they survive remount
 immutable; only the root and `.by-name` change, as paths are archived or retired. `refresh`
 applies those changes and returns what the kernel must forget (`Changes`).
 
-Trees come from the first usable source of: the tree file (`<trees_dir>/<hash>.tree`, written
-for big paths), the catalog's listing, the cache's `.ls`, the NAR itself. A source that fails
-validation is logged and the next one tried; when all fail the path is `broken` (left out of the
-root listing, `Broken` on use) until its narinfo changes.
+Trees (`TreeCache`) come from the first usable source of: the tree file
+(`<trees_dir>/<hash>.tree`, written for big paths), the catalog's listing, the cache's `.ls`,
+the NAR itself. A source that fails validation is logged and the next one tried; when all fail
+the path is `broken` (left out of the root listing, `Broken` on use) until its narinfo changes.
 
 Lookup counts: every node handed to the kernel (`lookup`, an entry `listdir`'s `reply` accepted)
 adds one to its path's count, `forget` subtracts; a path's tree may be dropped once its count
-is zero (it is rebuilt, with the same inode numbers, when next needed). Trees with a zero count
-wait in an LRU bounded by IDLE_NODES nodes. By-name and root inodes are computed, so they are
-not counted.
+is zero (it is rebuilt, with the same inode numbers, when next needed; what the view derived
+from it, such as which of its directories the kernel has listed, goes with it). Trees with a
+zero count wait in an LRU bounded by IDLE_NODES nodes. By-name and root inodes are computed,
+so they are not counted.
 
 Directory listings are cursor-based (`listdir(inode, cursor, reply)`): a cursor is slot + 1 in
 the dynamic directories, whose entries are kept sorted by slot, and child position + 1 in store
@@ -57,7 +58,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -216,6 +217,195 @@ def tree_node(tree: Tree, index: int) -> Node:
                 counted=tree.hash)
 
 
+class TreeCache:
+    """The loaded trees of the archived paths, by hash: where they come from (the module doc;
+    one load per path at a time), the paths whose listing cannot be had (`broken`), the
+    kernel's lookup count per path (`refs`), and the LRU of trees no count holds, bounded by
+    IDLE_NODES nodes. `paths` is the view's, read only."""
+
+    def __init__(self, paths: dict[str, Archived], listings: Listings, catalog: PathSet,
+                 reader: Reader, db: Callable[..., Awaitable[Any]], directory: str,
+                 on_drop: Callable[[str], None]) -> None:
+        self.paths = paths
+        self.listings = listings
+        self.catalog = catalog
+        self.reader = reader
+        self.db = db  # a catalog call in a worker thread, under the view's db limiter
+        self.dir = directory  # compact trees of big paths (tree.py); checked by the caller
+        self.on_drop = on_drop  # the view forgets what it derived from a dropped tree
+        self.loaded: dict[str, Tree] = {}
+        self.entries: dict[str, Entry] = {}  # catalog entries of the paths whose tree is loaded
+        self.refs: dict[str, int] = {}  # kernel lookup count per path, summed over its nodes
+        self.idle: OrderedDict[str, int] = OrderedDict()  # unreferenced trees → node count
+        self.idle_nodes = 0
+        self.broken: dict[str, str] = {}  # paths whose listing cannot be had → why
+        self._loading: dict[str, trio.Event] = {}
+
+    async def get(self, h: str) -> Tree:
+        """The tree of path `h`, loaded if need be (see the module doc for its sources)."""
+        while True:
+            tree = self.loaded.get(h)
+            if tree is not None:
+                if h in self.idle:
+                    self.idle.move_to_end(h)
+                return tree
+            if h in self.broken:
+                raise Broken(h)
+            event = self._loading.get(h)
+            if event is None:
+                break
+            await event.wait()
+        event = self._loading[h] = trio.Event()
+        try:
+            tree = await self._load(h)
+        finally:
+            del self._loading[h]
+            event.set()
+        return tree
+
+    async def _load(self, h: str) -> Tree:
+        p = self.paths.get(h)
+        entry = await self.db(self.catalog.get, h)
+        if p is None or entry is None:
+            raise NotFound(h)
+        reason = "no listing"
+        tree = None
+        tree_file = os.path.join(self.dir, f"{h}.tree")
+        for source in ("tree", "catalog", "ls", "nar"):
+            try:
+                if source == "tree":
+                    tree = await trio.to_thread.run_sync(self._read_tree, tree_file, h, p.slot,
+                                                         entry, limiter=self.reader.limiter)
+                    if tree is not None:
+                        break
+                    continue
+                if source == "catalog":
+                    root = await self.db(self.catalog.listing, h)
+                elif source == "ls":
+                    root = await trio.to_thread.run_sync(
+                        self.listings.read_listing, h, entry.nar_size,
+                        limiter=self.reader.limiter)
+                else:
+                    root = await self.reader.listing(entry)
+                if root is None:
+                    continue
+                tree = await trio.to_thread.run_sync(Tree.build, h, p.slot, root, entry.nar_size,
+                                                     limiter=self.reader.limiter)
+            except (NarfsError, OSError) as e:
+                reason = str(e)
+                if source != "nar":
+                    log.warning("%s: %s listing unusable (%s); trying the next source",
+                                p.base, source, e)
+                continue
+            if source != "catalog":
+                await self.db(self.catalog.put_listing, h, root, tree.top())
+            if len(tree) >= TREE_FILE_MIN:
+                await trio.to_thread.run_sync(self._write_tree, tree_file, tree, entry,
+                                              limiter=self.reader.limiter)
+            break
+        if tree is None:
+            self.broken[h] = reason
+            log.error("%s: left out of the mount: %s", p.base, reason)
+            raise Broken(h)
+        if self.paths.get(h) is p:  # not retired while loading
+            p.top = tree.top()
+        self.loaded[h] = tree
+        self.entries[h] = entry
+        if self.refs.get(h, 0) == 0:
+            self._park(h)
+        return tree
+
+    @staticmethod
+    def _read_tree(path: str, h: str, slot: int, entry: Entry) -> Tree | None:
+        # read_small: a symlink, FIFO or device put in a tree file's place is refused, never
+        # followed or waited on (a FIFO used to hang a worker thread, and so the unmount).
+        try:
+            data = read_small(path, MAX_TREE_FILE)
+        except FileNotFoundError:
+            return None
+        except (CorruptError, OSError) as e:
+            log.warning("%s: %s; building the tree again", path, e)
+            return None
+        try:
+            return Tree.loads(h, slot, data, entry.nar_hash)
+        except CorruptError as e:
+            log.warning("%s: %s; building the tree again", path, e)
+            return None
+
+    @staticmethod
+    def _write_tree(path: str, tree: Tree, entry: Entry) -> None:
+        """Best effort: the tree file only saves time, so failing to write it is no error."""
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(tree.dumps(entry.nar_hash))
+            os.rename(tmp, path)
+        except OSError as e:
+            log.debug("%s: not written (%s)", path, e)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def prune(self) -> None:
+        """Delete tree files of paths no longer archived (blocking: run in a thread)."""
+        try:
+            names = os.listdir(self.dir)
+        except OSError:
+            return
+        for name in names:
+            if name[:HASH_LEN] not in self.paths:
+                try:
+                    os.unlink(os.path.join(self.dir, name))
+                except OSError:
+                    pass
+
+    def _park(self, h: str) -> None:
+        """Park an unreferenced tree; drop the oldest beyond IDLE_NODES."""
+        n = len(self.loaded[h])
+        self.idle[h] = n
+        self.idle_nodes += n
+        while self.idle_nodes > IDLE_NODES and len(self.idle) > 1:
+            old, _ = next(iter(self.idle.items()))
+            self.drop(old)
+
+    # --- lookup counts ------------------------------------------------------------------
+
+    def ref(self, h: str) -> None:
+        count = self.refs.get(h, 0)
+        if count == 0 and h in self.idle:
+            self.idle_nodes -= self.idle.pop(h)
+        self.refs[h] = count + 1
+
+    def unref(self, h: str, n: int) -> None:
+        """The kernel forgot `n` lookups of path `h`'s nodes: at zero, park its tree, or drop
+        it when the path was retired meanwhile."""
+        left = self.refs.get(h, 0) - n
+        if left > 0:
+            self.refs[h] = left
+            return
+        self.refs.pop(h, None)
+        if h in self.loaded and h in self.paths:
+            self._park(h)
+        else:
+            self.drop(h)
+
+    def retire(self, h: str) -> None:
+        """Path `h` left the archive: its tree goes now, or when the kernel forgets it."""
+        self.entries.pop(h, None)
+        self.broken.pop(h, None)
+        if self.refs.get(h, 0) == 0:
+            self.drop(h)
+
+    def drop(self, h: str) -> None:
+        self.loaded.pop(h, None)
+        self.entries.pop(h, None)
+        if h in self.idle:
+            self.idle_nodes -= self.idle.pop(h)
+        self.on_drop(h)
+
+
 class ArchiveView:
     def __init__(self, listings: Listings, catalog: PathSet, reader: Reader,
                  db_limiter: trio.CapacityLimiter, trees_dir: str,
@@ -224,26 +414,20 @@ class ArchiveView:
         self.catalog = catalog
         self.reader = reader
         self.db_limiter = db_limiter
-        self.trees_dir = trees_dir  # compact trees of big paths (tree.py); checked by the caller
         self.prefetch = prefetch
         self.slots = Slots()
         self.paths: dict[str, Archived] = {}
         self.root_order: list[int] = []  # slots of the root's entries, sorted: readdir cursor
         self.names: dict[str, NameDir] = {}
         self.name_order: list[int] = []
-        self.trees: dict[str, Tree] = {}
-        self.entries: dict[str, Entry] = {}  # catalog entries of the paths whose tree is loaded
-        self.refs: dict[str, int] = {}  # kernel lookup count per path, summed over its nodes
-        self.idle: OrderedDict[str, int] = OrderedDict()  # unreferenced trees → node count
-        self.idle_nodes = 0
-        self.broken: dict[str, str] = {}  # paths whose listing cannot be had → why
+        self.trees = TreeCache(self.paths, listings, catalog, reader, self.db, trees_dir,
+                               self._dropped)
         self.accessed: set[str] = set()  # paths read since the last flush (for gc)
         self.changed_ns = time.time_ns()
         self._parents: dict[str, tuple[Tree, list[int], list[int]]] = {}
         # Per path: directories listed in full to the kernel → their files not handed over by
         # `prefetch_candidates` yet (None until the first read in the directory).
         self._listed: dict[str, dict[int, list[int] | None]] = {}
-        self._loading: dict[str, trio.Event] = {}
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(functools.partial(fn, *args),
@@ -289,19 +473,13 @@ class ArchiveView:
             del self.names[p.name]
             _remove_sorted(self.name_order, d.slot)
             gone.append((BYNAME_INODE, p.name.encode(), d.inode))
-        self.entries.pop(h, None)
-        self.broken.pop(h, None)
-        if self.refs.get(h, 0) == 0:
-            self._drop_tree(h)
+        self.trees.retire(h)
         return gone
 
-    def _drop_tree(self, h: str) -> None:
-        self.trees.pop(h, None)
-        self.entries.pop(h, None)
+    def _dropped(self, h: str) -> None:
+        """Path `h`'s tree was dropped: the kernel knows none of its inodes any more."""
         self._parents.pop(h, None)
         self._listed.pop(h, None)
-        if h in self.idle:
-            self.idle_nodes -= self.idle.pop(h)
 
     async def refresh(self, only: Iterable[str] | None = None) -> Changes:
         """Bring the catalog in step with the cache (all of it, or the hashes in `only`) and
@@ -322,7 +500,7 @@ class ArchiveView:
                 continue
             if h in self.paths:  # narinfo rewritten (e.g. recompressed): same contents
                 changes.gone += self._remove(h)
-            self.broken.pop(h, None)
+            self.trees.broken.pop(h, None)
             self._add(h, entry.name, entry.archived, None, sort=not bulk)
             touched.add(self.paths[h].name)
         if bulk:
@@ -359,7 +537,7 @@ class ArchiveView:
                 continue
             if h in found:
                 p.top = found[h]
-            elif h not in self.broken:
+            elif h not in self.trees.broken:
                 try:  # no usable listing in the catalog or the `.ls`: parse the NAR
                     await self.tree(h)
                 except ViewError:
@@ -371,7 +549,7 @@ class ArchiveView:
         store = []
         for h in hashes:
             entry = self.catalog.get(h)
-            if entry is None or h in self.broken:
+            if entry is None or h in self.trees.broken:
                 continue
             root = self.catalog.listing(h)
             fresh = root is None
@@ -389,167 +567,23 @@ class ArchiveView:
             self.catalog.put_listings(store)
         return tops
 
-    # --- trees --------------------------------------------------------------------------
-
     async def tree(self, h: str) -> Tree:
-        """The loaded tree of a path (see the module doc for its sources); one load at a time
-        per path, the others wait for it."""
-        while True:
-            tree = self.trees.get(h)
-            if tree is not None:
-                if h in self.idle:
-                    self.idle.move_to_end(h)
-                return tree
-            if h in self.broken:
-                raise Broken(h)
-            event = self._loading.get(h)
-            if event is None:
-                break
-            await event.wait()
-        event = self._loading[h] = trio.Event()
-        try:
-            tree = await self._load(h)
-        finally:
-            del self._loading[h]
-            event.set()
-        return tree
-
-    async def _load(self, h: str) -> Tree:
-        p = self.paths.get(h)
-        entry = await self.db(self.catalog.get, h)
-        if p is None or entry is None:
-            raise NotFound(h)
-        reason = "no listing"
-        tree = None
-        tree_file = os.path.join(self.trees_dir, f"{h}.tree")
-        for source in ("tree", "catalog", "ls", "nar"):
-            try:
-                if source == "tree":
-                    tree = await trio.to_thread.run_sync(self._read_tree, tree_file, h, p.slot,
-                                                         entry, limiter=self.reader.limiter)
-                    if tree is not None:
-                        break
-                    continue
-                if source == "catalog":
-                    root = await self.db(self.catalog.listing, h)
-                elif source == "ls":
-                    root = await trio.to_thread.run_sync(
-                        self.listings.read_listing, h, entry.nar_size,
-                        limiter=self.reader.limiter)
-                else:
-                    root = await self.reader.listing(entry)
-                if root is None:
-                    continue
-                tree = await trio.to_thread.run_sync(Tree.build, h, p.slot, root, entry.nar_size,
-                                                     limiter=self.reader.limiter)
-            except (NarfsError, OSError) as e:
-                reason = str(e)
-                if source != "nar":
-                    log.warning("%s: %s listing unusable (%s); trying the next source",
-                                p.base, source, e)
-                continue
-            if source != "catalog":
-                await self.db(self.catalog.put_listing, h, root, tree.top())
-            if len(tree) >= TREE_FILE_MIN:
-                await trio.to_thread.run_sync(self._write_tree, tree_file, tree, entry,
-                                              limiter=self.reader.limiter)
-            break
-        if tree is None:
-            self.broken[h] = reason
-            log.error("%s: left out of the mount: %s", p.base, reason)
-            raise Broken(h)
-        if self.paths.get(h) is p:  # not retired while loading
-            p.top = tree.top()
-        self.trees[h] = tree
-        self.entries[h] = entry
-        if self.refs.get(h, 0) == 0:
-            self._idle(h)
-        return tree
-
-    @staticmethod
-    def _read_tree(path: str, h: str, slot: int, entry: Entry) -> Tree | None:
-        # read_small: a symlink, FIFO or device put in a tree file's place is refused, never
-        # followed or waited on (a FIFO used to hang a worker thread, and so the unmount).
-        try:
-            data = read_small(path, MAX_TREE_FILE)
-        except FileNotFoundError:
-            return None
-        except (CorruptError, OSError) as e:
-            log.warning("%s: %s; building the tree again", path, e)
-            return None
-        try:
-            return Tree.loads(h, slot, data, entry.nar_hash)
-        except CorruptError as e:
-            log.warning("%s: %s; building the tree again", path, e)
-            return None
-
-    @staticmethod
-    def _write_tree(path: str, tree: Tree, entry: Entry) -> None:
-        """Best effort: the tree file only saves time, so failing to write it is no error."""
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(tree.dumps(entry.nar_hash))
-            os.rename(tmp, path)
-        except OSError as e:
-            log.debug("%s: not written (%s)", path, e)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-    def prune_trees(self) -> None:
-        """Delete tree files of paths no longer archived (blocking: run in a thread)."""
-        try:
-            names = os.listdir(self.trees_dir)
-        except OSError:
-            return
-        for name in names:
-            if name[:HASH_LEN] not in self.paths:
-                try:
-                    os.unlink(os.path.join(self.trees_dir, name))
-                except OSError:
-                    pass
-
-    def _idle(self, h: str) -> None:
-        """Park an unreferenced tree; drop the oldest beyond IDLE_NODES."""
-        n = len(self.trees[h])
-        self.idle[h] = n
-        self.idle_nodes += n
-        while self.idle_nodes > IDLE_NODES and len(self.idle) > 1:
-            old, _ = next(iter(self.idle.items()))
-            self._drop_tree(old)
+        return await self.trees.get(h)
 
     # --- lookup counts ------------------------------------------------------------------
 
     def handed(self, node: Node) -> None:
         """The kernel took `node` (a lookup reply, an accepted listing entry): count it."""
-        h = node.counted
-        if h is None:
-            return
-        count = self.refs.get(h, 0)
-        if count == 0 and h in self.idle:
-            self.idle_nodes -= self.idle.pop(h)
-        self.refs[h] = count + 1
+        if node.counted is not None:
+            self.trees.ref(node.counted)
 
     def forget(self, inode_list: Iterable[tuple[int, int]]) -> None:
         for inode, n in inode_list:
             if inode in (ROOT_INODE, BYNAME_INODE) or inode & INDEX_MASK >= BYNAME_LINK:
                 continue
             owner = self.slots.owner(inode >> INDEX_BITS)
-            if owner is None or owner[0] != "p":
-                continue
-            h = owner[1]
-            left = self.refs.get(h, 0) - n
-            if left > 0:
-                self.refs[h] = left
-                continue
-            self.refs.pop(h, None)
-            if h in self.trees and h in self.paths:
-                self._idle(h)
-            else:
-                self._drop_tree(h)
+            if owner is not None and owner[0] == "p":
+                self.trees.unref(owner[1], n)
 
     # --- nodes --------------------------------------------------------------------------
 
@@ -755,7 +789,7 @@ class ArchiveView:
             if index < len(tree) and tree.kinds[index] == DIR:
                 raise IsADirectory(inode)
             raise Invalid(inode)
-        entry = self.entries.get(key) or await self.db(self.catalog.get, key)
+        entry = self.trees.entries.get(key) or await self.db(self.catalog.get, key)
         if entry is None:
             raise NotFound(inode)
         return key, entry, tree.offsets[index], tree.sizes[index]
@@ -773,7 +807,7 @@ class ArchiveView:
     def prefetch_candidates(self, h: str, entry: Entry, reading: int
                             ) -> list[tuple[int, bytes]]:
         """Files beside `reading` to hand the kernel now (see the module doc), each once."""
-        tree = self.trees.get(h)
+        tree = self.trees.loaded.get(h)
         listed = self._listed.get(h)
         if tree is None or not listed:
             return []
@@ -811,8 +845,8 @@ class ArchiveView:
         return dirs[k]
 
     def stats(self) -> dict[str, int]:
-        return {"paths": len(self.paths), "trees": len(self.trees),
-                "idle_nodes": self.idle_nodes, "broken": len(self.broken)}
+        return {"paths": len(self.paths), "trees": len(self.trees.loaded),
+                "idle_nodes": self.trees.idle_nodes, "broken": len(self.trees.broken)}
 
 
 def _remove_sorted(items: list[int], value: int) -> None:

@@ -81,22 +81,22 @@ def test_lookups_and_accepted_listing_entries_are_counted_and_forgotten(
     v = archive.view
     top = run(lambda: v.lookup(ROOT_INODE, archive.base(h)))
     d = run(lambda: v.lookup(top.inode, b"d"))
-    assert v.refs[h] == 2 and h not in v.idle
+    assert v.trees.refs[h] == 2 and h not in v.trees.idle
     run(lambda: v.lookup(d.inode, b"."))
     run(lambda: v.getattr(d.inode))
-    assert v.refs[h] == 2, "getattr and `.` hand out nothing new"
+    assert v.trees.refs[h] == 2, "getattr and `.` hand out nothing new"
     got, reply = collect(limit=3)
     run(lambda: v.listdir(d.inode, 0, reply))
-    assert len(got) == 3 and v.refs[h] == 5, "the refused fourth entry is not counted"
+    assert len(got) == 3 and v.trees.refs[h] == 5, "the refused fourth entry is not counted"
     v.forget([(d.inode, 1), (got[0][1].inode, 1)])
-    assert v.refs[h] == 3 and h in v.trees
+    assert v.trees.refs[h] == 3 and h in v.trees.loaded
     v.forget([(top.inode, 1), (got[1][1].inode, 1), (got[2][1].inode, 1)])
-    assert h not in v.refs and h in v.idle, "unreferenced: parked in the idle LRU"
-    assert v.idle_nodes == len(v.trees[h])
+    assert h not in v.trees.refs and h in v.trees.idle, "unreferenced: parked in the idle LRU"
+    assert v.trees.idle_nodes == len(v.trees.loaded[h])
     run(lambda: v.lookup(ROOT_INODE, archive.base(h)))
-    assert v.refs[h] == 1 and h not in v.idle and v.idle_nodes == 0
+    assert v.trees.refs[h] == 1 and h not in v.trees.idle and v.trees.idle_nodes == 0
     v.forget([(ROOT_INODE, 5), (BYNAME_INODE, 1), (1 << 60, 1)])  # not counted, unknown: no-op
-    assert v.refs[h] == 1
+    assert v.trees.refs[h] == 1
 
 
 def test_a_directory_listing_resumes_from_its_cursor(archive: Archive) -> None:
@@ -152,15 +152,15 @@ def test_idle_trees_stay_within_their_bound(archive: Archive,
     kept = run(lambda: v.lookup(ROOT_INODE, archive.base(hashes[5])))  # referenced: not idle
     for h in hashes[:5]:
         run(lambda h=h: v.getattr(path_inode(h)))  # loads the tree, hands out nothing
-        assert v.idle_nodes <= 3 * size
-        assert v.idle_nodes == sum(len(v.trees[x]) for x in v.idle)
-    assert list(v.idle) == hashes[2:5], "the least recently used trees went first"
-    assert set(v.trees) == {*hashes[2:6]}
+        assert v.trees.idle_nodes <= 3 * size
+        assert v.trees.idle_nodes == sum(len(v.trees.loaded[x]) for x in v.trees.idle)
+    assert list(v.trees.idle) == hashes[2:5], "the least recently used trees went first"
+    assert set(v.trees.loaded) == {*hashes[2:6]}
     run(lambda: v.getattr(path_inode(hashes[2]) + 1))  # used again: the newest
     first = run(lambda: v.getattr(path_inode(hashes[0]) + 1))  # dropped: built again
     assert first.inode == path_inode(hashes[0]) + 1
-    assert list(v.idle) == [hashes[4], hashes[2], hashes[0]], "used last, dropped last"
-    assert hashes[5] not in v.idle and kept.counted == hashes[5]
+    assert list(v.trees.idle) == [hashes[4], hashes[2], hashes[0]], "used last, dropped last"
+    assert hashes[5] not in v.trees.idle and kept.counted == hashes[5]
 
 
 def test_one_idle_tree_is_kept_however_big(archive: Archive,
@@ -169,7 +169,7 @@ def test_one_idle_tree_is_kept_however_big(archive: Archive,
     h = archive.add(files(10))
     run(archive.view.refresh)
     run(lambda: archive.view.getattr(path_inode(h)))
-    assert list(archive.view.idle) == [h]
+    assert list(archive.view.trees.idle) == [h]
 
 
 def test_refresh_reports_what_the_kernel_must_forget(archive: Archive) -> None:
@@ -212,9 +212,10 @@ def test_a_retired_path_in_use_keeps_its_tree_until_forgotten(archive: Archive) 
     top = run(lambda: v.lookup(ROOT_INODE, archive.base(h)))
     archive.retire(h)
     run(v.refresh)
-    assert h in v.trees, "the kernel still holds its inodes"
+    assert h in v.trees.loaded, "the kernel still holds its inodes"
     v.forget([(top.inode, 1)])
-    assert h not in v.trees and h not in v.idle, "retired and forgotten: dropped, not parked"
+    assert h not in v.trees.loaded and h not in v.trees.idle, \
+        "retired and forgotten: dropped, not parked"
 
 
 def test_trees_come_from_the_ls_then_the_nar_and_big_ones_from_a_tree_file(
@@ -229,8 +230,8 @@ def test_trees_come_from_the_ls_then_the_nar_and_big_ones_from_a_tree_file(
     assert archive.reader.stats.nar_parses == 0, "the .ls was enough"
     run(lambda: v.tree(without))
     assert archive.reader.stats.nar_parses == 1, "no .ls: the NAR is parsed"
-    tree_file = Path(v.trees_dir) / f"{with_ls}.tree"
-    assert tree_file.is_file() and not (Path(v.trees_dir) / f"{without}.tree").exists()
+    tree_file = Path(v.trees.dir) / f"{with_ls}.tree"
+    assert tree_file.is_file() and not (Path(v.trees.dir) / f"{without}.tree").exists()
     # A new view (a remount) reads the tree file, and neither listing.
     again = Archive(archive.root)
     try:
@@ -240,7 +241,7 @@ def test_trees_come_from_the_ls_then_the_nar_and_big_ones_from_a_tree_file(
         again.catalog.listings.commit()
         d = run(lambda: again.view.lookup(path_inode(with_ls), b"d"))
         assert d.inode == run(lambda: v.lookup(path_inode(with_ls), b"d")).inode
-        assert again.reader.stats.nar_parses == 0 and with_ls in again.view.trees
+        assert again.reader.stats.nar_parses == 0 and with_ls in again.view.trees.loaded
     finally:
         again.close()
 
@@ -251,13 +252,13 @@ def test_a_path_with_no_usable_listing_is_broken_and_left_out(archive: Archive) 
     bad = archive.add(GOOD_TREE[:len(GOOD_TREE) // 2], "bad")  # a truncated NAR, no .ls
     run(archive.view.refresh)
     run(archive.view.fill_tops)
-    assert bad in archive.view.broken
+    assert bad in archive.view.trees.broken
     assert root_names(archive) == [BYNAME, archive.base(good)]
     with pytest.raises(Broken):
         run(lambda: archive.view.getattr(path_inode(bad)))
     archive.retire(bad)
     run(archive.view.refresh)
-    assert bad not in archive.view.broken
+    assert bad not in archive.view.trees.broken
 
 
 def test_each_misuse_raises_its_own_error(archive: Archive) -> None:
@@ -330,6 +331,31 @@ def test_prefetch_candidates_are_listed_neighbours_in_cached_frames(tmp_path: Pa
         a.close()
 
 
+def test_a_dropped_tree_forgets_which_directories_the_kernel_had_listed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = Archive(tmp_path / "cache", prefetch=True)
+    try:
+        h, other = a.add(files(4), "a"), a.add(files(4), "b")
+        run(a.view.refresh)
+        v = a.view
+        d = run(lambda: v.lookup(path_inode(h), b"d"))
+        run(lambda: v.listdir(d.inode, 0, collect()[1]))
+        f0 = run(lambda: v.lookup(d.inode, b"f000")).inode
+        key, entry, _, _ = run(lambda: v.file(f0))
+        run(lambda: a.reader.read(entry, 0, entry.nar_size))
+        monkeypatch.setattr(view_mod, "IDLE_NODES", len(v.trees.loaded[h]))
+        v.forget([(d.inode, v.trees.refs[h])])  # the kernel forgets all of it: parked
+        run(lambda: v.getattr(path_inode(other)))  # parked after it: the bound drops it
+        assert h not in v.trees.loaded
+        run(lambda: v.getattr(path_inode(h)))  # built again; the kernel knows no inode of it
+        f1 = run(lambda: v.lookup(d.inode, b"f001")).inode
+        assert v.prefetch_candidates(key, entry, f1) == [], "`d` is not listed any more"
+        run(lambda: v.listdir(d.inode, 0, collect()[1]))
+        assert len(v.prefetch_candidates(key, entry, f1)) == 3, "listed again: all but f001"
+    finally:
+        a.close()
+
+
 def test_no_prefetch_without_the_fast_mode(archive: Archive) -> None:
     h = archive.add(files(3, size=8))
     run(archive.view.refresh)
@@ -357,7 +383,7 @@ def test_a_catalog_stand_in_is_enough(tmp_path: Path) -> None:
     try:
         h = a.add(nar(node_file(b"single file\n")), "single")
         v = view_mod.ArchiveView(a.reader.backend, Only(a.catalog), a.reader,
-                                 trio.CapacityLimiter(1), a.view.trees_dir)
+                                 trio.CapacityLimiter(1), a.view.trees.dir)
         run(v.start)
         run(v.refresh)
         run(v.fill_tops)

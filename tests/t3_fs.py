@@ -212,9 +212,10 @@ def test_readdir_resumes_from_its_cursor_and_counts_what_the_kernel_took(
         names += [name for name, _, _ in got]
         start = got[-1][2]
     assert names == [f"f{i:03}".encode() for i in range(25)]
-    assert a.view.refs[h] == 2 + 25, "each entry the kernel took is a lookup; refusals are not"
+    assert a.view.trees.refs[h] == 2 + 25, \
+        "each entry the kernel took is a lookup; refusals are not"
     run(lambda: fs.forget([(top, 1), (d, 1)] + [(d + 1 + i, 1) for i in range(25)]))
-    assert h not in a.view.refs and h in a.view.idle
+    assert h not in a.view.trees.refs and h in a.view.trees.idle
 
 
 def test_root_readdir_across_paths_added_and_retired(mounted: tuple[Archive, NarFS],
