@@ -63,8 +63,10 @@ def narfs(tmp_path: Path) -> Narfs:
 #   command in a string (a subprocess argument or a script), or a narfs command that runs Nix;
 # - `fuse`: its module imports tests/mounting.py (directly or through another test module) or
 #   names fusermount.
-# Files named t0_*/t1_* are the pure layers (S3QL's naming: the name says what a file needs); one
-# that comes out needing Nix or FUSE is a collection error, not a silently slower layer.
+# A file's name says what its tests may need (S3QL's t0…t6): t0_ the suite itself, t1_ pure
+# layers, t2_ the mount's model and t3_ the FUSE operations in-process (no kernel), t4_ Nix,
+# t5_ FUSE, t6_ both (or a whole machine). A test that needs more than its file's name allows
+# is a collection error, not a silently slower layer; test_* files are not checked.
 
 MARK_NIX, MARK_FUSE = "nix", "fuse"
 NIX_FIXTURES = {"nixstore"}
@@ -77,7 +79,8 @@ FUSE_COMMANDS = {"fusermount", "fusermount3"}
 # What tests import from tests/nixtools.py or conftest that runs no Nix; anything else does.
 NIX_FREE_HELPERS = {"MARK_FUSE", "MARK_NIX", "Narfs", "module_needs", "on_a_terminal",
                     "rich_tree"}
-PURE_PREFIXES = ("t0_", "t1_", "t2_", "t3_")
+ALLOWED = {"t0_": set(), "t1_": set(), "t2_": set(), "t3_": set(), "t4_": {MARK_NIX},
+           "t5_": {MARK_FUSE}, "t6_": {MARK_NIX, MARK_FUSE}}
 _WORDS = re.compile(r"[\s;|&()`'\"{}\[\]]+")
 
 
@@ -139,9 +142,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         needs = set(module_needs(item.path))
         if NIX_FIXTURES & set(getattr(item, "fixturenames", ())):
             needs.add(MARK_NIX)
-        if module.startswith(PURE_PREFIXES) and needs:
-            raise pytest.UsageError(f"{item.nodeid}: a {module[:2]} file is pure but this test "
-                                    f"needs {' and '.join(sorted(needs))}; move it to a "
-                                    "test_* file")
+        allowed = ALLOWED.get(module[:3])
+        if allowed is not None and needs - allowed:
+            fits = next(p for p, a in ALLOWED.items() if needs <= a)
+            raise pytest.UsageError(f"{item.nodeid}: a {module[:2]} file may need "
+                                    f"{' and '.join(sorted(allowed)) or 'neither Nix nor FUSE'}"
+                                    f" but this test needs {' and '.join(sorted(needs))}; move "
+                                    f"it to a {fits}* file")
         for mark in sorted(needs):
             item.add_marker(mark)
