@@ -62,7 +62,8 @@ def narfs(tmp_path: Path) -> Narfs:
 #   imports from) imports a Nix-running helper from nixtools/conftest or nixeval, names a Nix
 #   command in a string (a subprocess argument or a script), or a narfs command that runs Nix;
 # - `fuse`: its module imports tests/mounting.py (directly or through another test module) or
-#   names fusermount.
+#   names fusermount;
+# - both: it is marked `machine` (it builds a whole machine and runs Nix and a mount in it).
 # A file's name says what its tests may need (S3QL's t0…t6): t0_ the suite itself, t1_ pure
 # layers, t2_ the mount's model and t3_ the FUSE operations in-process (no kernel), t4_ Nix,
 # t5_ FUSE, t6_ both (or a whole machine). A test that needs more than its file's name allows
@@ -142,6 +143,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         needs = set(module_needs(item.path))
         if NIX_FIXTURES & set(getattr(item, "fixturenames", ())):
             needs.add(MARK_NIX)
+        if item.get_closest_marker("machine"):
+            needs |= {MARK_NIX, MARK_FUSE}
         allowed = ALLOWED.get(module[:3])
         if allowed is not None and needs - allowed:
             fits = next(p for p, a in ALLOWED.items() if needs <= a)
