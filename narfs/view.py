@@ -363,6 +363,8 @@ class TreeCache:
 
     def _park(self, h: str) -> None:
         """Park an unreferenced tree; drop the oldest beyond IDLE_NODES."""
+        if h in self.idle:  # a forget beyond the count: parked already, counted once
+            return
         n = len(self.loaded[h])
         self.idle[h] = n
         self.idle_nodes += n

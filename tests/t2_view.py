@@ -93,6 +93,8 @@ def test_lookups_and_accepted_listing_entries_are_counted_and_forgotten(
     v.forget([(top.inode, 1), (got[1][1].inode, 1), (got[2][1].inode, 1)])
     assert h not in v.trees.refs and h in v.trees.idle, "unreferenced: parked in the idle LRU"
     assert v.trees.idle_nodes == len(v.trees.loaded[h])
+    v.forget([(top.inode, 1)])  # more than the kernel was given: changes nothing
+    assert v.trees.idle_nodes == len(v.trees.loaded[h]) and h not in v.trees.refs
     run(lambda: v.lookup(ROOT_INODE, archive.base(h)))
     assert v.trees.refs[h] == 1 and h not in v.trees.idle and v.trees.idle_nodes == 0
     v.forget([(ROOT_INODE, 5), (BYNAME_INODE, 1), (1 << 60, 1)])  # not counted, unknown: no-op
