@@ -137,6 +137,17 @@ def _direct_needs(path: Path) -> tuple[frozenset[str], tuple[Path, ...]]:
     return frozenset(needs), tuple(imported)
 
 
+def misplaced(module: str, needs: set[str]) -> str | None:
+    """Why a test that needs `needs` does not belong in test module `module`, if it does not."""
+    allowed = ALLOWED.get(module[:3])
+    if allowed is None or needs <= allowed:
+        return None
+    fits = next(prefix for prefix, ok in ALLOWED.items() if needs <= ok)
+    may = " and ".join(sorted(allowed)) or "neither Nix nor FUSE"
+    return (f"a {module[:2]} file may need {may} but this test needs "
+            f"{' and '.join(sorted(needs))}; move it to a {fits}* file")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.stem
@@ -145,12 +156,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             needs.add(MARK_NIX)
         if item.get_closest_marker("machine"):
             needs |= {MARK_NIX, MARK_FUSE}
-        allowed = ALLOWED.get(module[:3])
-        if allowed is not None and needs - allowed:
-            fits = next(p for p, a in ALLOWED.items() if needs <= a)
-            raise pytest.UsageError(f"{item.nodeid}: a {module[:2]} file may need "
-                                    f"{' and '.join(sorted(allowed)) or 'neither Nix nor FUSE'}"
-                                    f" but this test needs {' and '.join(sorted(needs))}; move "
-                                    f"it to a {fits}* file")
+        problem = misplaced(module, needs)
+        if problem:
+            raise pytest.UsageError(f"{item.nodeid}: {problem}")
         for mark in sorted(needs):
             item.add_marker(mark)

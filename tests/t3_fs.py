@@ -112,6 +112,8 @@ def test_errors_become_their_errnos(mounted: tuple[Archive, NarFS],
         assert errno_of(lambda: fs.open(link, os.O_RDONLY)) == errno.EINVAL
         assert errno_of(lambda: fs.open(topfile, os.O_WRONLY)) == errno.EROFS
     assert errno_of(lambda: fs.flush(1)) == errno.ENOSYS
+    # No extended attributes: ENOSYS once, and the kernel stops asking (three per `ls -l` file).
+    assert errno_of(lambda: fs.getxattr(topfile, b"security.selinux", None)) == errno.ENOSYS
 
     async def crash(*args: object) -> None:
         raise RuntimeError("a bug")
