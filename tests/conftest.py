@@ -78,7 +78,7 @@ NIX_COMMANDS = {"nix", "nix-build", "nix-collect-garbage", "nix-copy-closure", "
 NIX_RUNNING_NARFS_COMMANDS = {"archive", "restore", "verify", "watch"}
 FUSE_COMMANDS = {"fusermount", "fusermount3"}
 # What tests import from tests/nixtools.py or conftest that runs no Nix; anything else does.
-NIX_FREE_HELPERS = {"MARK_FUSE", "MARK_NIX", "Narfs", "module_needs", "on_a_terminal",
+NIX_FREE_HELPERS = {"MARK_FUSE", "MARK_NIX", "Narfs", "misplaced", "module_needs", "on_a_terminal",
                     "rich_tree"}
 ALLOWED = {"t0_": set(), "t1_": set(), "t2_": set(), "t3_": set(), "t4_": {MARK_NIX},
            "t5_": {MARK_FUSE}, "t6_": {MARK_NIX, MARK_FUSE}}
