@@ -50,7 +50,7 @@ def test_module_needs(tmp_path: Path, source: str, needs: set[str]) -> None:
 def test_this_suite_is_marked(request: pytest.FixtureRequest) -> None:
     """The pure layers of this suite stay pure; a mounting module and a Nix module are marked."""
     tests = Path(__file__).parent
-    for pure in ("t1_reader.py", "t1_tree.py", "test_mount_tree.py"):
+    for pure in ("t1_reader.py", "t1_tree.py", "test_mount_tree.py", "t2_view.py", "t3_fs.py"):
         assert module_needs(tests / pure) == set(), pure
     assert MARK_FUSE in module_needs(tests / "test_mount.py")
     assert MARK_NIX in module_needs(tests / "test_archive_cli.py")
