@@ -259,9 +259,9 @@ class NarFS(pyfuse3.Operations):
             data = await self.reader.read(entry, offset + off, min(size, length - off))
         except (NarfsError, OSError) as e:  # name the path: the reader knows only its NAR
             raise CorruptError(f"{STORE_DIR}/{entry.name}: {e}") from None
-        if self.fast:
+        if self.fast and self.live:  # live: a FUSE session to hand the files to
             files = self.view.prefetch_candidates(key, entry, inode)
-            if files and self.live:
+            if files:
                 self.prefetched += await trio.to_thread.run_sync(_store_files, files,
                                                                  abandon_on_cancel=True)
                 if len(self.read_inodes) < MAX_READ_INODES:  # `expire` drops them too

@@ -68,6 +68,7 @@ def test_root_and_by_name_show_every_path(archive: Archive) -> None:
     assert names == {LATEST, version_name(1000, old),
                      version_name(archive.view.paths[new].archived, new)}
     latest = run(lambda: archive.view.lookup(tool_dir, LATEST))
+    assert latest.mtime_ns == int(archive.view.paths[new].archived * 1e9), "the newest"
     assert run(lambda: archive.view.readlink(latest.inode)) == b"../../" + archive.base(new)
     version = run(lambda: archive.view.lookup(tool_dir, version_name(1000, old)))
     assert run(lambda: archive.view.readlink(version.inode)) == b"../../" + archive.base(old)

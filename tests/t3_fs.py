@@ -304,6 +304,10 @@ def test_fast_reads_hand_listed_neighbours_to_the_page_cache(tmp_path: Path,
         entry = a.catalog.get(h)
         assert entry is not None
         run(lambda: a.reader.read(entry, 0, entry.nar_size))
+        fs.live = False  # no FUSE session (before init, after close): nothing to fill
+        run(lambda: fs.read(inodes[1], 0, 40))
+        assert kernel.stored == []
+        fs.live = True
         run(lambda: fs.read(inodes[1], 0, 40))
         assert sorted(kernel.stored) == [(inodes[2], b"C" * 40), (inodes[3], b"D" * 40)]
         assert fs.prefetched == 2 and fs.stats()["prefetched"] == 2
