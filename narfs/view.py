@@ -489,13 +489,15 @@ class ArchiveView:
         and listings of the root, `.by-name` and the changed names' directories and their
         `latest` targets (`inodes`), cached until told."""
         added, removed = await self.db(self.catalog.sync, only)
+        news = await self.db(lambda: [(h, self.catalog.get(h)) for h in added])
+        # No checkpoint from here to the return: no request is answered from a half-applied
+        # refresh, and the caller tells the kernel before any is answered from the new one.
         changes = Changes(len(added), len(removed))
         touched: set[str] = set()  # names whose versions changed
         for h in removed:
             if h in self.paths:
                 touched.add(self.paths[h].name)
                 changes.gone += self._remove(h)
-        news = await self.db(lambda: [(h, self.catalog.get(h)) for h in added])
         bulk = len(news) > BULK  # sort once rather than insert 100,000 times into a list
         for h, entry in news:
             if entry is None:
