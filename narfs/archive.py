@@ -25,7 +25,6 @@ import ctypes
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -34,16 +33,16 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import listing, nix32, store
-from .cache import TMP_PREFIX, Cache, describe_os_error, fsync_dir
+from . import listing, nix32, nixquery
+from .cache import Cache, describe_os_error, fsync_dir, new_temporary, remove_file
 from .config import Settings
 from .errors import NarfsError
 from .nar import NarSerialiser
 from .narinfo import NarInfo
+from .nixversions import PathInfo
 from .progress import Progress, human_size, plural
 from .signing import SecretKey, load_secret_key
-from .store import PathInfo
-from .storepath import hash_part, name_part
+from .storepath import base_name, hash_part, name_part
 from .zstdseek import SeekableWriter
 
 log = logging.getLogger(__name__)
@@ -165,7 +164,7 @@ class Archiver:
 
     async def archive(self, paths: list[str], progress: bool = True) -> Result:
         """Archive the closures of `paths` (valid store paths) and report what happened."""
-        return await self.archive_infos(await store.closure_infos(paths), progress)
+        return await self.archive_infos(await nixquery.closure_infos(paths), progress)
 
     async def archive_infos(self, infos: dict[str, PathInfo], progress: bool = True) -> Result:
         """Archive every path of `infos` (a closure) that the cache lacks."""
@@ -253,7 +252,7 @@ class Archiver:
                         continue
                     os.rename(w.narinfo_tmp, cache.narinfo_path(w.entry.hash))
                     result.archived.append(w.entry)
-                    log.info("archived %s (%s, ratio %.2f)", w.info.path[11:],
+                    log.info("archived %s (%s, ratio %.2f)", base_name(w.info.path),
                              human_size(w.info.nar_size),
                              (w.entry.file_size or 0) / max(w.info.nar_size, 1))
             fsync_dir(cache.root)
@@ -273,15 +272,15 @@ class Archiver:
                 return ref
         return None
 
-    def _temporary(self, directory: str, data: bytes) -> str:
-        """A new temporary beside its final name holding `data`; not synced (see _commit)."""
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
+    @staticmethod
+    def _temporary(final: str, data: bytes) -> str:
+        """A new temporary beside `final` holding `data`; not synced (see _commit)."""
+        fd, tmp = new_temporary(*os.path.split(final))
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                os.fchmod(f.fileno(), 0o644)
         except BaseException:
-            _unlink(tmp)
+            remove_file(tmp)
             raise
         return tmp
 
@@ -296,11 +295,11 @@ class Archiver:
         s = self.settings
         if self.stop.is_set():
             raise NarfsError("interrupted: narfs is stopping")
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".nar.zst", dir=cache.nar_dir)
-        written = _Written(info, tmp)
+        # Named once written (its name is its compressed bytes' hash): a temporary of nar/.
+        fd, nar_tmp = new_temporary(cache.nar_dir, "nar")
+        listing_tmp = narinfo_tmp = ""
         try:
             with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o644)
                 parallel = info.nar_size > s.frame_size and s.threads > 1
                 writer = SeekableWriter(f, s.frame_size, s.zstd_level,
                                         self.executor if parallel else None, s.threads)
@@ -335,7 +334,8 @@ class Archiver:
             file_hash = nix32.encode(writer.sha256.digest())
             assert ser.listing is not None
             ls = listing.render(ser.listing)  # None: too deep for a `.ls` (read from the NAR)
-            written.listing_tmp = self._temporary(cache.root, ls) if ls is not None else ""
+            listing_tmp = (self._temporary(cache.listing_path(hash_part(info.path)), ls)
+                           if ls is not None else "")
             entry = NarInfo(
                 store_path=info.path,
                 url=f"nar/{file_hash}.nar.zst",
@@ -351,12 +351,11 @@ class Archiver:
             )
             if self.key is not None:
                 entry.sign(self.key)
-            written.narinfo_tmp = self._temporary(cache.root, entry.render().encode())
-            written.entry = entry
+            narinfo_tmp = self._temporary(cache.narinfo_path(entry.hash), entry.render().encode())
         except BaseException:
-            written.discard()
+            _remove_temporaries(nar_tmp, listing_tmp, narinfo_tmp)
             raise
-        return written
+        return _Written(info, entry, nar_tmp, listing_tmp, narinfo_tmp)
 
 
 @dataclass
@@ -364,22 +363,19 @@ class _Written:
     """One path after step 1: its temporaries and the narinfo they will be published as."""
 
     info: PathInfo
+    entry: NarInfo
     nar_tmp: str
-    listing_tmp: str = ""
-    narinfo_tmp: str = ""
-    entry: NarInfo = None  # type: ignore[assignment]
+    listing_tmp: str  # "" when the path has no `.ls`
+    narinfo_tmp: str
 
     def discard(self) -> None:
-        for tmp in (self.nar_tmp, self.listing_tmp, self.narinfo_tmp):
-            if tmp:
-                _unlink(tmp)
+        _remove_temporaries(self.nar_tmp, self.listing_tmp, self.narinfo_tmp)
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def _remove_temporaries(*paths: str) -> None:
+    for tmp in paths:
+        if tmp:
+            remove_file(tmp)
 
 
 def _batches(infos: list[PathInfo]) -> Iterator[list[PathInfo]]:

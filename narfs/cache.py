@@ -1,8 +1,13 @@
 """The cache directory: a plain Nix binary cache, its layout, and the locks writers share.
 
 Layout (what Nix reads):  nix-cache-info, <hash>.narinfo, <hash>.ls, nar/<filehash>.nar.<ext>
-narfs's own derived data: .narfs/ (catalog, hot tier); temporaries: .narfs-tmp-* in the directory
-of the file they become.
+narfs's own derived data: .narfs/ (catalog, tree files, hot tier).
+
+Temporaries: every file narfs writes and then renames into place is made by `new_temporary` (or
+`temporary`/`write_atomic` on top of it), as `.narfs-tmp-<final name>-<random>` in the directory
+of the file it becomes: one naming scheme, so `Cache.remove_temporaries` finds whatever a crash
+left, wherever narfs writes (the cache, nar/, .narfs/, .narfs/trees/; the hot tier clears its
+own, see reader.py).
 
 Commit order (DESIGN contract 3) is kept by archive.py, per batch: temporaries, syncfs, NARs and
 `.ls` renamed and their directories fsynced, narinfos last, then an fsync of the directory. A
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import logging
 import os
 import re
@@ -47,6 +53,64 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def size_of(path: str) -> int:
+    """The bytes a file holds on disk by its length (not following a symlink); 0 when absent."""
+    try:
+        return os.lstat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def remove_file(path: str) -> int:
+    """Unlink `path` (never what a symlink there points at); the bytes it held, 0 when it was
+    already gone (another process removing it first is no error)."""
+    try:
+        size = os.lstat(path).st_size
+        os.unlink(path)
+    except FileNotFoundError:
+        return 0
+    return size
+
+
+def new_temporary(directory: str, name: str) -> tuple[int, str]:
+    """A new empty temporary in `directory` that is to become `name` there: a descriptor open
+    for reading and writing (O_EXCL, never through a symlink) and its path. Mode 0644, like
+    every file of a binary cache."""
+    fd, path = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}-", dir=directory)
+    try:
+        os.fchmod(fd, 0o644)
+    except BaseException:
+        os.close(fd)
+        remove_file(path)
+        raise
+    return fd, path
+
+
+@contextmanager
+def temporary(final: str, sync: bool = True) -> Iterator[BinaryIO]:
+    """A temporary file beside `final`; on a clean exit it is fsynced (unless `sync` is False:
+    derived data a crash may lose) and renamed over `final`; on an error it is removed."""
+    fd, tmp = new_temporary(*os.path.split(final))
+    f = os.fdopen(fd, "wb")
+    try:
+        yield f
+        f.flush()
+        if sync:
+            os.fsync(f.fileno())
+        f.close()
+        os.rename(tmp, final)
+    except BaseException:
+        f.close()
+        remove_file(tmp)
+        raise
+
+
+def write_atomic(final: str, data: bytes, sync: bool = True) -> None:
+    """`final` holds `data` or what it held before, never a part (a temporary, then rename)."""
+    with temporary(final, sync) as f:
+        f.write(data)
 
 
 # What opening a file the cache should hold as a regular file says when it is something else.
@@ -180,13 +244,10 @@ class Cache:
 
     # --- reading (untrusted) --------------------------------------------------------------
 
-    def read_small(self, path: str, limit: int) -> bytes:
-        return read_small(path, limit)
-
     def read_narinfo(self, h: str) -> NarInfo:
         path = self.narinfo_path(h)
         try:
-            return narinfo.parse(self.read_small(path, narinfo.MAX_SIZE), expect_hash=h)
+            return narinfo.parse(read_small(path, narinfo.MAX_SIZE), expect_hash=h)
         except CorruptError as e:
             raise CorruptError(f"{path}: {e}") from None
 
@@ -194,7 +255,7 @@ class Cache:
         """The `.ls` root node, or None when the cache has no listing for this path."""
         path = self.listing_path(h)
         try:
-            data = self.read_small(path, listing.MAX_SIZE)
+            data = read_small(path, listing.MAX_SIZE)
         except FileNotFoundError:
             return None
         try:
@@ -208,7 +269,7 @@ class Cache:
         names: dict[str, int] = {}
         for h in self.hashes():
             try:
-                data = self.read_small(self.narinfo_path(h), narinfo.MAX_SIZE)
+                data = read_small(self.narinfo_path(h), narinfo.MAX_SIZE)
             except (CorruptError, OSError):
                 continue
             for name in {m.decode(errors="replace") for m in _SIG_NAME.findall(data)}:
@@ -220,7 +281,7 @@ class Cache:
         the rest: used only to tell "signed by a key you don't hold" from "does not verify",
         never to trust a signature."""
         try:
-            data = self.read_small(os.path.join(self.root, ".narfs", KEYS_FILE), 1 << 20)
+            data = read_small(os.path.join(self.root, ".narfs", KEYS_FILE), 1 << 20)
         except (CorruptError, OSError):
             return []
         keys = []
@@ -249,7 +310,7 @@ class Cache:
         finally:
             os.close(fd)
 
-    def open_nar(self, info: NarRef) -> BinaryIO:
+    def open_nar(self, info: NarRef) -> io.BufferedReader:
         """The NAR file a narinfo names, opened through `nar/` without following a symlink in
         either place (a symlinked `nar/` would lead reads outside the cache), and without
         blocking on a FIFO."""
@@ -290,7 +351,7 @@ class Cache:
             raise NarfsError(f"{self.root}: exists and is not a directory; choose another --cache")
         try:
             os.makedirs(self.nar_dir, mode=0o755, exist_ok=True)
-            self.write_atomic(info, cache_info_text(priority).encode())
+            write_atomic(info, cache_info_text(priority).encode())
         except OSError as e:
             raise NarfsError(describe_os_error(e, self.root)) from None
         return True
@@ -305,31 +366,6 @@ class Cache:
         except OSError:
             return False  # not a directory, unreadable: check() says which
         return self.init() if new else False
-
-    @contextmanager
-    def temporary(self, final: str) -> Iterator[BinaryIO]:
-        """A temporary file beside `final`; on a clean exit it is fsynced and renamed over it."""
-        d, base = os.path.split(final)
-        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{base}-", dir=d)
-        f = os.fdopen(fd, "wb")
-        try:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, final)
-        except BaseException:
-            f.close()
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-
-    def write_atomic(self, final: str, data: bytes) -> None:
-        with self.temporary(final) as f:
-            f.write(data)
 
     def sync_nar_dir(self) -> None:
         fsync_dir(self.nar_dir)
@@ -430,9 +466,11 @@ class Cache:
     def remove_temporaries(self) -> list[str]:
         """Delete what an interrupted writer left behind; callers hold the exclusive lock."""
         removed = []
-        # .narfs/ too (watch.json is written through a temporary); never through a symlink.
+        # .narfs/ too (watch.json is written through a temporary) and the mount's tree files;
+        # never through a symlink. A mount holds no writer lock: one writing a tree file now
+        # loses that file (best effort, built again), never anything it serves.
         state = os.path.join(self.root, ".narfs")
-        for d in (self.root, self.nar_dir, state):
+        for d in (self.root, self.nar_dir, state, os.path.join(state, "trees")):
             try:
                 if not stat.S_ISDIR(os.lstat(d).st_mode):
                     continue
@@ -442,11 +480,8 @@ class Cache:
             for name in names:
                 if name.startswith(TMP_PREFIX):
                     path = os.path.join(d, name)
-                    try:
-                        os.unlink(path)
-                        removed.append(path)
-                    except FileNotFoundError:
-                        pass
+                    remove_file(path)  # nobody else removes them: we hold the lock
+                    removed.append(path)
         for path in removed:
             log.info("removed leftover temporary %s", path)
         return removed

@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TypeGuard
 
 from sqlitedict import SqliteDict
 
@@ -102,7 +103,7 @@ def _time(value: object) -> float:
         else 0.0
 
 
-def _top_ok(top: object) -> bool:
+def _top_ok(top: object) -> TypeGuard[list]:
     """The mount's short form of a path's top node: [kind, size, nlink] or [LNK, 0, target]."""
     return (isinstance(top, list) and len(top) == 3 and top[0] in (0, 1, 2, 3)
             and type(top[0]) is int and type(top[1]) is int and top[1] >= 0
@@ -365,3 +366,42 @@ class Catalog:
     def last_access(self, entry: Entry) -> float:
         """The latest of archive time and recorded accesses."""
         return max(entry.archived, _time(self.access.get(entry.hash)))
+
+
+# --- how commands open it -------------------------------------------------------------------
+
+def open_catalog(cache: Cache, sync: bool = True) -> Catalog | None:
+    """The cache's catalog, in step with the directory unless `sync` is False (recording
+    accesses needs no scan); None when this user cannot write it (commands that only read then
+    fall back to the narinfos themselves)."""
+    state = os.path.join(cache.root, ".narfs")
+    if not os.access(state if os.path.isdir(state) else cache.root, os.W_OK):
+        return None
+    catalog = Catalog(cache)
+    if sync:
+        catalog.sync()
+    return catalog
+
+
+def scan_entries(cache: Cache) -> Iterator[Entry]:
+    """Entries read straight from the narinfos (no catalog): unreadable ones are logged."""
+    for h in cache.hashes():
+        try:
+            info = cache.read_narinfo(h)
+            st = os.stat(cache.narinfo_path(h))
+        except (CorruptError, OSError) as e:
+            log.warning("%s", e)
+            continue
+        yield Entry.of(info, st)
+
+
+def entries_with_access(cache: Cache) -> list[tuple[Entry, float]]:
+    """Every archived entry and its last access; archive times stand in for accesses when this
+    user cannot write the catalog."""
+    catalog = open_catalog(cache)
+    if catalog is None:
+        log.info("%s: catalog not writable by this user; reading narinfos (no access times)",
+                 cache.root)
+        return [(e, e.archived) for e in scan_entries(cache)]
+    with catalog:
+        return [(e, catalog.last_access(e)) for e in catalog.entries()]

@@ -19,11 +19,12 @@ from typing import ClassVar, NoReturn
 
 import trio
 
-from . import __version__, config, signing, store
+from . import __version__, config, nixquery, signing
 from .archive import Archiver
 from .cache import Cache
 from .config import Settings
 from .errors import NarfsError
+from .progress import when
 from .storepath import user_store_path
 
 log = logging.getLogger("narfs")
@@ -38,9 +39,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "restore": ("narfs.restore", "main"),
     "gc": ("narfs.gc", "main"),
     "verify": ("narfs.verify", "main"),
-    "quarantine": ("narfs.quarantine", "main"),
-    "status": ("narfs.report", "status_main"),
-    "ls": ("narfs.report", "ls_main"),
+    "quarantine": ("narfs.cli", "cmd_quarantine"),
+    "status": ("narfs.status", "main"),
+    "ls": ("narfs.ls", "main"),
     "doctor": ("narfs.doctor", "main"),
 }
 
@@ -269,7 +270,7 @@ async def _archive(args: argparse.Namespace, settings: Settings) -> int:
     paths = list(dict.fromkeys(user_store_path(p) for p in args.paths))
     if sys.stderr.isatty():  # the progress bar says it; per-path lines are for logs
         logging.getLogger("narfs.archive").setLevel(logging.WARNING)
-    invalid = await store.invalid_paths(paths)
+    invalid = await nixquery.invalid_paths(paths)
     if invalid:
         raise NarfsError(f"{invalid[0]}: not a valid path in the Nix store; build or "
                          f"substitute it first ({len(invalid)} invalid in all)")
@@ -279,7 +280,7 @@ async def _archive(args: argparse.Namespace, settings: Settings) -> int:
         archiver = Archiver.from_settings(settings, executor)
         with archiver.cache.writer():
             if args.all:
-                result = await archiver.archive_infos(await store.all_infos())
+                result = await archiver.archive_infos(await nixquery.all_infos())
             else:
                 result = await archiver.archive(paths)
     print(result.summary())
@@ -290,6 +291,27 @@ async def _archive(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
     return trio.run(_archive, args, settings)
+
+
+def cmd_quarantine(args: argparse.Namespace, settings: Settings) -> int:
+    from . import quarantine  # imported only when run, like every command's module
+    cache = Cache(settings.cache_dir)
+    cache.check()
+    if not args.restore:
+        entries = quarantine.held(cache)
+        for e in entries:
+            print(f"{e.store_path}: {e.why} (quarantined {when(e.since)})")
+        hint = (f"; `{quarantine.RESTORE_HINT}` or `narfs quarantine --restore PATH` puts them "
+                "back" if entries else "")
+        print(f"{len(entries)} entries in {cache.root}/.narfs/{quarantine.DIRNAME}{hint}")
+        return 0
+    with cache.writer():
+        chosen = quarantine.select(quarantine.held(cache), args.restore)
+        lines, left = quarantine.restore(cache, chosen)
+    for line in lines:
+        print(line)
+    print(f"{len(chosen) - left} restored, {left} still in the quarantine")
+    return 1 if left else 0
 
 
 def resolve(command: str) -> Callable[[argparse.Namespace, Settings], int]:

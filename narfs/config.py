@@ -8,7 +8,9 @@ import shutil
 import sysconfig
 import tomllib
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
+from . import signing
 from .errors import NarfsError
 
 DEFAULT_CONFIG = "/etc/narfs/narfs.toml"
@@ -83,17 +85,19 @@ def load(overrides: dict[str, object] | None = None, must_exist: bool = True) ->
     except PermissionError:
         raise NarfsError(f"{path}: config file not readable; run as root or fix its "
                          "permissions") from None
-    settings = Settings()
+    # Any: each value is checked against its field's type just below, at run time.
+    checked: dict[str, Any] = {}
     for key, value in values.items():
         if key not in _TYPES:
             raise NarfsError(f"{path}: unknown setting {key!r}; known: {', '.join(_TYPES)}")
         want = {"str": str, "int": int, "bool": bool}[str(_TYPES[key])]
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise NarfsError(f"{path}: setting {key} must be a {want.__name__}")
-        settings = replace(settings, **{key: value})
+        checked[key] = value
+    settings = replace(Settings(), **checked)
     if "roots_dir" in values or _ROOTS_LINE.search(text):
         _check_roots_line(path, text, values.get("roots_dir"))
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    given: dict[str, Any] = {k: v for k, v in (overrides or {}).items() if v is not None}
     settings = replace(settings, **given)
     if settings.fuse_mode not in ("auto", "fast", "stock"):
         raise NarfsError(f"{path}: fuse_mode must be auto, fast or stock")
@@ -130,3 +134,17 @@ def hook_path() -> str:
     """The narfs-hook installed beside this narfs (its venv's bin), else the one on PATH."""
     beside = os.path.join(sysconfig.get_path("scripts"), "narfs-hook")
     return beside if os.path.exists(beside) else shutil.which("narfs-hook") or beside
+
+
+def trusted_key(settings: Settings) -> signing.PublicKey | None:
+    """The key restore, verify and doctor trust: `public_key`, else the secret key's public
+    half; None when the settings name neither."""
+    if settings.public_key:
+        return signing.parse_public_key(settings.public_key, "setting public_key")
+    if settings.secret_key_file:
+        try:
+            return signing.load_secret_key(settings.secret_key_file).public
+        except NarfsError as e:
+            raise NarfsError(f"{e} (or set public_key in the config: checking signatures "
+                             "needs only the public key)") from None
+    return None

@@ -19,14 +19,13 @@ from collections.abc import Callable, Iterator
 
 from . import nixversions
 from .cache import Cache
-from .config import Settings, config_path, hook_path
+from .config import Settings, config_path, hook_path, trusted_key
 from .errors import NarfsError
-from .mounts import fuse_problem, narfs_mounts
+from .mounttable import fuse_problem, narfs_mounts
 from .nixversions import NixVersion
-from .progress import human_size, plural
-from .report import ago, pid_is_watch, pins_waiting, watch_state
-from .restore import trusted_key
+from .progress import ago, human_size, plural
 from .storepath import GC_ROOTS_DIR
+from .watchstate import pid_is_watch, pins_waiting, watch_state
 
 OK, INFO, WARN, FAIL = "ok", "--", "WARN", "FAIL"
 Line = tuple[str, str, str]  # level, what was found, the fix ("" when none is needed)

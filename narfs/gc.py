@@ -11,27 +11,23 @@ references on ties. Whatever is retired is therefore a prefix of that order, so 
 path's references are kept, and at each instant of the removal (narinfos first, referrers
 first) the published narinfos form complete closures.
 
-Removal order for one batch: every narinfo is un-published first (Nix stops seeing the entries),
-then listings, then the NAR files no remaining narinfo names (two narinfos may share one NAR).
+The removal itself (narinfos first, then listings and unused NARs) is retire.py's.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import time
-from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .cache import Cache
+from .cache import Cache, size_of
 from .catalog import Catalog, Entry
 from .config import Settings
 from .errors import CorruptError, NarfsError
-from .progress import human_size, plural
-from .report import when
+from .progress import human_size, plural, when
+from .retire import referrers_first, retire
 from .storepath import STORE_DIR, hash_part
 
 log = logging.getLogger(__name__)
@@ -42,7 +38,6 @@ _AGE_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365
 AGE_FORMS = "365d, 12h, 90min, 2w, 1y (units s, min, h, d, w, y)"
 MAX_AGE = 1000 * 365 * 86400  # older than any Nix store: a bigger age is a typo
 MAX_SIZE = 1 << 60  # an exbibyte: a bigger size is a typo
-_URL_LINE = re.compile(rb"^URL: (nar/[A-Za-z0-9._+-]{1,255})$", re.M)
 
 
 def _shown(text: str) -> str:
@@ -89,31 +84,6 @@ def parse_size(text: str) -> int:
 
 # --- order ----------------------------------------------------------------------------------
 
-def referrers_first(refs: dict[str, list[str]]) -> list[str]:
-    """Hashes ordered so that every path comes before the paths it references (Kahn's
-    algorithm over `refs`: hash → referenced hashes; references outside `refs` ignored).
-    A cycle (impossible in a store, but the input is untrusted) is appended as it stands."""
-    indegree = dict.fromkeys(refs, 0)
-    for h, rs in refs.items():
-        for r in set(rs):
-            if r in indegree and r != h:
-                indegree[r] += 1
-    queue = deque(sorted(h for h, n in indegree.items() if n == 0))
-    order = []
-    while queue:
-        h = queue.popleft()
-        order.append(h)
-        for r in sorted(set(refs[h])):
-            if r in indegree and r != h:
-                indegree[r] -= 1
-                if indegree[r] == 0:
-                    queue.append(r)
-    if len(order) < len(refs):
-        placed = set(order)
-        order += sorted(h for h in refs if h not in placed)
-    return order
-
-
 def effective_access(entries: dict[str, Entry], access: dict[str, float]
                      ) -> list[tuple[str, float]]:
     """(hash, effective access) in retirement order: oldest first, referrers before references
@@ -138,47 +108,6 @@ def effective_access(entries: dict[str, Entry], access: dict[str, float]
     return sorted(((h, eff[h]) for h in order), key=lambda x: (x[1], position[x[0]]))
 
 
-# --- removal --------------------------------------------------------------------------------
-
-@dataclass
-class Freed:
-    narinfos: int = 0
-    nar_files: int = 0
-    bytes: int = 0
-
-
-def _size(path: str) -> int:
-    try:
-        return os.lstat(path).st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _unlink(path: str) -> int:
-    try:
-        size = os.lstat(path).st_size
-        os.unlink(path)
-    except FileNotFoundError:
-        return 0
-    return size
-
-
-def urls_in_use(cache: Cache, catalog: Catalog) -> set[str]:
-    """NAR URLs the published narinfos name, read from the narinfos themselves: the catalog is
-    derived data, and a URL it got wrong must not cost another entry its NAR. A narinfo that
-    does not parse still protects the NAR its URL line names. (The catalog is synced too, so
-    it drops what was retired.)"""
-    catalog.sync()
-    urls = set()
-    for h in cache.hashes():
-        try:
-            data = cache.read_small(cache.narinfo_path(h), 1 << 20)
-        except (CorruptError, OSError):
-            continue
-        urls.update(m.decode() for m in _URL_LINE.findall(data))
-    return urls
-
-
 def true_url(cache: Cache, h: str) -> str | None:
     """The NAR URL `h`'s narinfo names (None if it does not parse): what gc deletes is
     decided by the narinfo, never by the catalog's copy of it."""
@@ -186,33 +115,6 @@ def true_url(cache: Cache, h: str) -> str | None:
         return cache.read_narinfo(h).url
     except (CorruptError, OSError):
         return None
-
-
-def retire(cache: Cache, catalog: Catalog, doomed: Iterable[tuple[str, str | None]]) -> Freed:
-    """Remove entries given as (hash, NAR URL or None) in a closure-safe order (referrers
-    first): un-publish every narinfo, then drop listings and the NARs nothing names any more."""
-    doomed = list(doomed)
-    freed = Freed()
-    with cache.publish_lock(exclusive=True):
-        _retire(cache, catalog, doomed, freed)
-    return freed
-
-
-def _retire(cache: Cache, catalog: Catalog, doomed: list[tuple[str, str | None]],
-            freed: Freed) -> None:
-    for h, _ in doomed:
-        freed.bytes += _size(cache.narinfo_path(h))
-        cache.unpublish(h)
-        freed.narinfos += 1
-    for h, _ in doomed:
-        freed.bytes += _unlink(cache.listing_path(h))
-    keep = urls_in_use(cache, catalog)
-    for url in sorted({u for _, u in doomed if u is not None} - keep):
-        n = _unlink(cache.nar_path(url))
-        freed.nar_files += n > 0
-        freed.bytes += n
-    if os.path.isdir(cache.nar_dir):
-        cache.sync_nar_dir()
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -277,9 +179,9 @@ def _gc(cache: Cache, older_than: float | None, max_size: int | None, dry_run: b
         catalog.sync()
         entries = {e.hash: e for e in catalog.entries()}
         access = {h: catalog.last_access(e) for h, e in entries.items()}
-        disk = {h: _size(cache.narinfo_path(h)) + _size(cache.listing_path(h))
+        disk = {h: size_of(cache.narinfo_path(h)) + size_of(cache.listing_path(h))
                 for h in entries}
-        nar_disk = {e.url: _size(cache.nar_path(e.url)) for e in entries.values()}
+        nar_disk = {e.url: size_of(cache.nar_path(e.url)) for e in entries.values()}
         chosen, before, after = plan(entries, access, disk, nar_disk, older_than, max_size, now)
         # --max-size says how much may go; an age alone can say far more than was meant.
         refuse = not dry_run and not yes and max_size is None and bool(chosen) \

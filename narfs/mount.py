@@ -12,7 +12,7 @@
   every POLL seconds when inotify is unavailable).
 - Mode (fs.py): fast when pyfuse3 carries narfs's patch (or `fuse_mode = "fast"` demands it),
   stock otherwise or when `fuse_mode = "stock"`. The log says which, and so does `narfs status`
-  through `<cache>/.narfs/mount-<pid>.json` (mounts.py), removed at unmount.
+  through `<cache>/.narfs/mount-<pid>.json` (mounttable.py), removed at unmount.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ import pyfuse3
 import trio
 
 from .backend import LocalBackend
-from .cache import Cache
+from .cache import Cache, write_atomic
 from .catalog import Catalog
 from .config import Settings
 from .errors import NarfsError
 from .fs import NarFS, fast_capable
-from .mounts import fuse_problem, narfs_mounts, remove_stale_states, state_name, state_text
+from .mounttable import fuse_problem, narfs_mounts, remove_stale_states, state_name, state_text
 from .notify import Notifier
 from .progress import plural
 from .reader import HotTier, Reader
@@ -299,7 +299,7 @@ def _write_state(cache: Cache, path: str, mountpoint: str, mode: str) -> None:
     """For `narfs status`; best effort: a mount serves the same without it."""
     remove_stale_states(os.path.dirname(path))
     try:
-        cache.write_atomic(path, state_text(mountpoint, mode))
+        write_atomic(path, state_text(mountpoint, mode))
     except OSError as e:
         log.warning("%s: not written (%s); narfs status will not show the mode", path, e)
 

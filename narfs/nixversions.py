@@ -257,7 +257,7 @@ def restore_depth_limit(v: NixVersion) -> int | None:
 def depth_refusal(v: NixVersion | None, deepest: int) -> str | None:
     """Why this Nix cannot import a NAR whose deepest node is `deepest` levels down, or None."""
     limit = restore_depth_limit(v) if v is not None else None
-    if limit is None or deepest < limit:
+    if v is None or limit is None or deepest < limit:
         return None
     return (f"nests {deepest} directories deep and Nix {'.'.join(map(str, v.release))} refuses "
             f"NARs nested {limit} or deeper, so it cannot go back into /nix/store through this "

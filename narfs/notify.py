@@ -17,7 +17,7 @@ class Notifier:
     """
 
     def __init__(self, address: str | None) -> None:
-        self.address = address
+        self.address = address or ""
         self.sock: socket.socket | None = None
         if address:
             if address.startswith("@"):

@@ -1,9 +1,11 @@
-"""Progress for long work: a bar on a terminal, nothing extra in logs (journald gets lines)."""
+"""Progress for long work (a bar on a terminal, nothing extra in logs: journald gets lines), and
+the forms counts, sizes and times take in what narfs prints."""
 
 from __future__ import annotations
 
 import sys
 import threading
+import time
 
 from tqdm import tqdm
 
@@ -43,3 +45,18 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def when(t: float | None) -> str:
+    """A moment as the commands print it (local time, to the minute); `-` for none."""
+    if not t:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def ago(t: float, now: float | None = None) -> str:
+    s = max(0.0, (now or time.time()) - t)
+    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= n:
+            return f"{s / n:.0f} {unit} ago"
+    return f"{s:.0f} s ago"

@@ -4,7 +4,7 @@ An entry whose NAR still matches its NarHash is never deleted (DESIGN contract 3
 signature does not verify, its closure is incomplete or its narinfo disagrees with its NAR
 file, `--repair` moves it to `.narfs/quarantine/<hash>/`: `narinfo`, `ls` (when the cache had
 one), `nar` and `why`. They are hard links made before the entry is un-published, so no copy is
-made and at no instant is the only copy gone. `narfs quarantine` lists what is held,
+made and at no instant is the only copy gone. `narfs quarantine` (cli.py) lists what is held,
 `narfs quarantine --restore TARGET...|all` publishes it again, references first: an entry
 whose references are not in the cache stays until they are.
 
@@ -15,7 +15,6 @@ checked again before it is published.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import logging
@@ -26,12 +25,10 @@ import time
 from dataclasses import dataclass
 
 from . import narinfo
-from .cache import Cache, fsync_dir, read_small
-from .config import Settings
+from .cache import Cache, fsync_dir, read_small, write_atomic
 from .errors import CorruptError, NarfsError
-from .gc import referrers_first
 from .narinfo import NarInfo
-from .report import when
+from .retire import referrers_first
 from .storepath import STORE_DIR, hash_part, is_hash
 
 log = logging.getLogger(__name__)
@@ -149,14 +146,14 @@ def held(cache: Cache) -> list[Held]:
     return out
 
 
-def _select(entries: list[Held], targets: list[str]) -> list[Held]:
+def select(entries: list[Held], targets: list[str]) -> list[Held]:
     if targets == ["all"]:
         return entries
     chosen = []
     for t in targets:
         t = t.rstrip("/")
         found = [e for e in entries
-                 if t in (e.hash, e.store_path, e.store_path[len(STORE_DIR) + 1:])
+                 if t in (e.hash, e.store_path, os.path.basename(e.store_path))
                  or (t.startswith(f"{STORE_DIR}/") and hash_part(t) == e.hash)]
         if not found:
             raise NarfsError(f"{t}: not in the quarantine; `narfs quarantine` lists what is")
@@ -234,29 +231,9 @@ def _publish(cache: Cache, qfd: int, info: NarInfo) -> str:
                         follow_symlinks=False)
                 cache.sync_nar_dir()
             if ls is not None:
-                cache.write_atomic(cache.listing_path(h), ls)
-            cache.write_atomic(cache.narinfo_path(h), data)
+                write_atomic(cache.listing_path(h), ls)
+            write_atomic(cache.narinfo_path(h), data)
             fsync_dir(cache.root)
     finally:
         os.close(efd)
     return f"restored {info.store_path}"
-
-
-def main(args: argparse.Namespace, settings: Settings) -> int:
-    cache = Cache(settings.cache_dir)
-    cache.check()
-    if not args.restore:
-        entries = held(cache)
-        for e in entries:
-            print(f"{e.store_path}: {e.why} (quarantined {when(e.since)})")
-        print(f"{len(entries)} entries in {cache.root}/.narfs/{DIRNAME}"
-              + (f"; `{RESTORE_HINT}` or `narfs quarantine --restore PATH` puts them back"
-                 if entries else ""))
-        return 0
-    with cache.writer():
-        chosen = _select(held(cache), args.restore)
-        lines, left = restore(cache, chosen)
-    for line in lines:
-        print(line)
-    print(f"{len(chosen) - left} restored, {left} still in the quarantine")
-    return 1 if left else 0

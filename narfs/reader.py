@@ -1,5 +1,6 @@
 """The mount's read path: bytes at an offset of a NAR, as cheaply as its format allows.
 
+NARs come from a Backend (backend.py) as NarFiles, read only through their pread.
 - Seekable zstd (what narfs writes): only the frames covering the bytes are decompressed; the
   decompressed frames live in a FrameCache bounded in bytes (settings.frame_cache_mb).
 - Uncompressed NARs are read in place.
@@ -7,6 +8,12 @@
   random access: the HotTier holds such a NAR decompressed once under `<cache>/.narfs/hot/`,
   checked against its NarHash, bounded in bytes (settings.hot_tier_mb) and evicted
   least-recently-used; reads are then plain preads at narOffset.
+
+Reads cost what they ask for, within bounds named by the configuration: a zstd NAR is read frame
+by frame only when its frames fit in the frame cache (else every small read would decompress a
+whole frame again) and its seek table fits in its share of memory, frame_cache_mb / max_open
+(zstdseek.TABLE_BYTES_PER_FRAME a frame: at most frame_cache_mb for the tables of all open
+NARs, plus those kept open by a read in flight). Any other zstd NAR goes through the hot tier.
 
 Every NAR is untrusted: a damaged frame, a seek table that lies, a NAR shorter or longer than its
 narinfo says, raise CorruptError, which the filesystem turns into EIO for that read only.
@@ -17,11 +24,13 @@ closed only after its last read, bounded caches):
 - Only the trio thread touches Reader._sources, Reader._inflight, the FrameCache and
   Source.users/retired; they have no lock.
 - Worker threads run the `*_sync` methods (preads only: no shared file position), which use
-  the Cache, HotTier (its own lock) and Stats.add (its own lock), and nothing else of the Reader.
+  the Backend and its NarFiles (thread-safe by the protocol), HotTier (its own lock) and
+  Stats.add (its own lock), and of the Reader only its fixed bounds (frames.limit,
+  max_table_frames).
 - Stretches without a checkpoint are relied on: in read() and listing(), from `source()`
   returning to `src.users += 1` (else the source could be evicted and closed in between); in
-  source() and _frame(), from `_once` returning to storing its value (waiters wake then, and
-  must find it).
+  source() and _frame(), from `_once` returning to storing its value, and in _frames(), from
+  setting its flights done to putting their frames (waiters wake then, and must find them).
 Checklist for a change here: no `await` inside those stretches; a new blocking call goes to a
 worker thread; a new shared structure is either trio-thread only or locked; a new cache has a
 bound and a test of it in tests/t1_reader.py.
@@ -46,17 +55,21 @@ import zstandard
 
 from . import nar, nix32, zstdseek
 from .backend import Backend, LocalFile, NarFile
+from .cache import TMP_PREFIX, new_temporary, remove_file
 from .catalog import Entry
 from .errors import CorruptError
 from .narstream import decompressed_chunks, parse_checked
-from .zstdseek import SeekTable
+from .zstdseek import TABLE_BYTES_PER_FRAME, SeekTable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HOT_SUFFIX = ".nar"
-HOT_TMP = ".tmp-"
 STALE_TMP = 3600  # a hot-tier temporary older than this belongs to no live fill
+# Frames smaller than this (but the last) make a NAR go through the hot tier: a read of 128 KiB
+# then spans at most ~2000 frames, where a table of empty or one-byte frames made it 100,000s
+# (seconds of the trio thread). narfs writes 4 KiB frames at least, Nix 2.35 16 MiB ones.
+MIN_FRAME = 64
 
 
 @dataclass
@@ -67,6 +80,8 @@ class Stats:
     frame_bytes_read: int = 0  # compressed bytes read to decompress frames
     frame_hits: int = 0
     nar_parses: int = 0
+    bytes_decompressed: int = 0  # by frames and hot-tier fills (listings' parses not counted)
+    table_bytes: int = 0  # not a counter: what the seek tables of open NARs hold now
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()  # worker threads count too
@@ -104,7 +119,13 @@ class _At:
 
 
 class FrameCache:
-    """Decompressed frames, least-recently-used first out, at most `limit` bytes in all."""
+    """Decompressed frames, least-recently-used first out, at most `limit` bytes in all.
+
+    Each frame is charged its bytes plus ENTRY_OVERHEAD, what holding it costs besides (the
+    bytes object, its key, the dict's entry): a seek table of one-byte frames must not hold
+    two hundred times the bound in bookkeeping."""
+
+    ENTRY_OVERHEAD = 256
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -117,14 +138,18 @@ class FrameCache:
             self._frames.move_to_end(key)
         return data
 
+    def fits(self, size: int) -> bool:
+        """Whether a frame of `size` bytes can be kept at all."""
+        return size + self.ENTRY_OVERHEAD <= self.limit
+
     def put(self, key: tuple, data: bytes) -> None:
-        if len(data) > self.limit or key in self._frames:
+        if not self.fits(len(data)) or key in self._frames:
             return
         self._frames[key] = data
-        self.size += len(data)
+        self.size += len(data) + self.ENTRY_OVERHEAD
         while self.size > self.limit:
             _, old = self._frames.popitem(last=False)
-            self.size -= len(old)
+            self.size -= len(old) + self.ENTRY_OVERHEAD
 
 
 class HotTier:
@@ -151,9 +176,9 @@ class HotTier:
                     st = e.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                if e.name.startswith(HOT_TMP):
+                if e.name.startswith(TMP_PREFIX):
                     if now - st.st_mtime > STALE_TMP:
-                        _unlink(e.path)
+                        remove_file(e.path)
                 elif e.name.endswith(HOT_SUFFIX) and e.is_file(follow_symlinks=False):
                     found.append((st.st_mtime, e.name, st.st_size))
         for _, name, size in sorted(found):
@@ -202,9 +227,7 @@ class HotTier:
 
     def _fill(self, path: str, nar_hash: str, nar_size: int,
               produce: Callable[[Callable[[bytes], None]], None]) -> int:
-        tmp = os.path.join(self.dir, f"{HOT_TMP}{os.getpid()}-{threading.get_ident()}-"
-                                     f"{os.path.basename(path)}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd, tmp = new_temporary(self.dir, os.path.basename(path))
         try:
             sha = hashlib.sha256()
             written = 0
@@ -230,7 +253,7 @@ class HotTier:
             os.rename(tmp, path)
         except BaseException:
             os.close(fd)
-            _unlink(tmp)
+            remove_file(tmp)
             raise
         return fd
 
@@ -241,15 +264,8 @@ class HotTier:
         while len(self._files) > keep and self.size + needed > self.limit:
             name, size = self._files.popitem(last=False)
             self.size -= size
-            _unlink(os.path.join(self.dir, name))
+            remove_file(os.path.join(self.dir, name))
             log.debug("hot tier: evicted %s (%d bytes)", name, size)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class Source:
@@ -257,22 +273,38 @@ class Source:
     in the hot tier. `users` counts reads in flight, so eviction from the open-source LRU
     closes the file only once no worker thread can still be reading it."""
 
-    def __init__(self, key: tuple, file: NarFile, nar_size: int,
-                 table: SeekTable | None) -> None:
+    def __init__(self, key: tuple, file: NarFile, nar_size: int, table: SeekTable | None,
+                 stats: Stats) -> None:
         self.key = key
         self.file = file
         self.closed = False
+        self.stats = stats
+        if table is not None:
+            stats.add(table_bytes=table.nbytes)
         self.nar_size = nar_size
         self.table = table
         self.users = 0
         self.retired = False
 
-    def frame_sync(self, index: int, stats: Stats) -> bytes:
+    def frames_sync(self, indices: list[int]) -> tuple[list[bytes], CorruptError | None]:
+        """Frames `indices` decompressed in turn, up to the first damaged one (with its error):
+        one worker-thread call for all the frames a read misses."""
         assert self.table is not None
-        frame = self.table.frames[index]
-        data = zstdseek.read_frame(_At(self.file), frame, _dctx())
-        stats.add(frames_decompressed=1, frame_bytes_read=frame.comp_size)
-        return data
+        f, dctx = _At(self.file), _dctx()
+        out: list[bytes] = []
+        comp = dec = 0
+        try:
+            for i in indices:
+                frame = self.table.frames[i]
+                out.append(zstdseek.read_frame(f, frame, dctx))
+                comp += frame.comp_size
+                dec += frame.size
+        except CorruptError as e:
+            return out, e
+        finally:
+            self.stats.add(frames_decompressed=len(out), frame_bytes_read=comp,
+                           bytes_decompressed=dec)
+        return out, None
 
     def pread_sync(self, offset: int, size: int) -> bytes:
         data = self.file.pread(offset, size)
@@ -286,14 +318,18 @@ class Source:
         if self.users == 0 and not self.closed:
             self.file.close()
             self.closed = True
+            if self.table is not None:
+                self.stats.add(table_bytes=-self.table.nbytes)
 
 
 class _Flight:
-    """One make in progress: waiters wait for `done`, then find the value or share `error`."""
+    """One make in progress (of one key, or a batch of frames): waiters wait for `done`, then
+    find the value or share `error`, if it is their `key`'s (None: any key's)."""
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.error: str | None = None
+        self.key: tuple | None = None
 
 
 _local = threading.local()
@@ -317,6 +353,10 @@ class Reader:
         self.frames = FrameCache(frame_cache_bytes)
         self.limiter = limiter
         self.max_open = max_open
+        # Each open NAR's seek table holds at most an equal share of the frame cache's bound,
+        # so the tables of all open NARs together hold at most as much again as the frames.
+        self.max_table_frames = max(frame_cache_bytes // max_open // TABLE_BYTES_PER_FRAME - 1,
+                                    0)
         self.stats = Stats()
         self._sources: OrderedDict[tuple, Source] = OrderedDict()
         self._inflight: dict[tuple, _Flight] = {}
@@ -328,35 +368,62 @@ class Reader:
     # --- opening ------------------------------------------------------------------------
 
     def _open_sync(self, entry: Entry) -> Source:
+        """The NAR opened for reads at any offset. Seekable when the memory bounds can hold
+        it: a seek table within this NAR's share of them and frames no larger than the frame
+        cache (a larger frame would be decompressed whole again for every small read, as it
+        cannot stay). Anything else is decompressed once, as a stream, into the hot tier:
+        bounded on disk, cut off past NarSize, checked against NarHash, then read by pread."""
         key = self.key(entry)
         f = self.backend.open_nar(entry)
         try:
             if entry.compression == "zstd":
-                # narfs's seekable NARs carry a seek table; Nix 2.35's independent frames can
-                # be indexed from their headers (nixversions); single-frame NARs cannot.
-                table = (zstdseek.read_table(_At(f), f.size)
-                         or zstdseek.index_frames(_At(f), f.size))
-                if table is not None:
-                    if table.size != entry.nar_size:
-                        raise CorruptError(f"seek table covers {table.size} bytes, NarSize "
-                                           f"says {entry.nar_size}")
-                    return Source(key, f, entry.nar_size, table)
+                table = self._table_sync(f, entry)
+                if table is not None and not self.frames.fits(table.max_frame):
+                    log.info("%s: frames of up to %d bytes, more than the frame cache holds; "
+                             "reading it through the hot tier", entry.url, table.max_frame)
+                elif table is not None and table.min_frame < MIN_FRAME:
+                    log.info("%s: frames of %d bytes, too small to read one by one; reading "
+                             "it through the hot tier", entry.url, table.min_frame)
+                elif table is not None:
+                    return Source(key, f, entry.nar_size, table, self.stats)
             if entry.compression == "none":
                 if f.size != entry.nar_size:
                     raise CorruptError(f"uncompressed NAR is {f.size} bytes, NarSize says "
                                        f"{entry.nar_size}")
-                return Source(key, f, entry.nar_size, None)
+                return Source(key, f, entry.nar_size, None, self.stats)
 
             def produce(write: Callable[[bytes], None]) -> None:
                 for chunk in decompressed_chunks(_At(f), entry.compression):
+                    self.stats.add(bytes_decompressed=len(chunk))
                     write(chunk)
 
             hot = LocalFile(self.hot.open_sync(entry.nar_hash, entry.nar_size, produce))
             f.close()
-            return Source(key, hot, entry.nar_size, None)
+            return Source(key, hot, entry.nar_size, None, self.stats)
         except BaseException:
             f.close()
             raise
+
+    def _table_sync(self, f: NarFile, entry: Entry) -> SeekTable | None:
+        """The NAR's frames: narfs's seekable NARs carry a seek table; Nix 2.35's independent
+        frames can be indexed from their headers (nixversions); single-frame NARs cannot.
+        None too when the table has more frames than this NAR's share of memory holds."""
+        try:
+            table = (zstdseek.read_table(_At(f), f.size, self.max_table_frames)
+                     or zstdseek.index_frames(_At(f), f.size, self.max_table_frames))
+        except zstdseek.TooManyFrames as e:
+            size = e.size  # checked whole all the same: a lying table is still corrupt
+            log.info("%s: seek table of %d frames, more than a NAR's share of memory; "
+                     "reading it through the hot tier", entry.url, e.frames)
+            table = None
+        else:
+            if table is None:
+                return None
+            size = table.size
+        if size != entry.nar_size:
+            raise CorruptError(f"seek table covers {size} bytes, NarSize says "
+                               f"{entry.nar_size}")
+        return table
 
     async def _once(self, key: tuple, get: Callable[[], T | None], make: Callable[[], T]) -> T:
         """The value `get()` finds, else `make()`'s (run in a thread), never two makes of the
@@ -370,7 +437,7 @@ class Reader:
             if flight is None:
                 break
             await flight.done.wait()
-            if flight.error is not None:
+            if flight.error is not None and flight.key in (None, key):
                 raise CorruptError(flight.error)
         flight = self._inflight[key] = _Flight()
         try:
@@ -413,9 +480,9 @@ class Reader:
                 return await trio.to_thread.run_sync(src.pread_sync, offset, size,
                                                      limiter=self.limiter)
             parts = []
-            for i in src.table.covering(offset, size):
+            indices = src.table.covering(offset, size)
+            for i, data in zip(indices, await self._frames(src, indices), strict=True):
                 frame = src.table.frames[i]
-                data = await self._frame(src, i)
                 lo = max(offset - frame.offset, 0)
                 hi = min(offset + size - frame.offset, frame.size)
                 parts.append(data[lo:hi] if (lo, hi) != (0, frame.size) else data)
@@ -441,15 +508,57 @@ class Reader:
             parts.append(data[lo:min(offset + size - frame.offset, frame.size)])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    async def _frames(self, src: Source, indices: range) -> list[bytes]:
+        """Frames `indices` of `src`: from the frame cache, else decompressed, all those
+        missing in one worker-thread call (a read over thousands of tiny frames pays one thread
+        hop, not one per frame), and none by two reads at once: a frame another read is
+        decompressing is waited for, and shares its CorruptError."""
+        found: dict[int, bytes] = {}
+        mine: list[int] = []
+        theirs: list[int] = []
+        for i in indices:
+            data = self.frames.get((*src.key, i))
+            if data is not None:
+                found[i] = data
+            elif (*src.key, i) in self._inflight:
+                theirs.append(i)
+            else:
+                mine.append(i)
+        self.stats.add(frame_hits=len(found))
+        if mine:
+            flight = _Flight()  # one for the batch: only the damaged frame's waiters fail
+            for i in mine:
+                self._inflight[(*src.key, i)] = flight
+            error = None
+            try:
+                out, error = await trio.to_thread.run_sync(src.frames_sync, mine,
+                                                           limiter=self.limiter)
+                if error is not None:
+                    flight.error, flight.key = str(error), (*src.key, mine[len(out)])
+            finally:
+                for i in mine:
+                    del self._inflight[(*src.key, i)]
+                flight.done.set()
+            # No checkpoint from here to the puts: woken waiters find their frames cached
+            # (unless this read alone outgrows the cache; then they decompress them again).
+            for i, data in zip(mine, out, strict=False):
+                self.frames.put((*src.key, i), data)
+                found[i] = data
+            if error is not None:
+                raise error
+        for i in theirs:
+            found[i] = await self._frame(src, i)
+        return [found[i] for i in indices]
+
     async def _frame(self, src: Source, index: int) -> bytes:
+        """One frame another read was decompressing (see _frames)."""
         key = (*src.key, index)
-        data = self.frames.get(key)
-        if data is not None:
-            self.stats.frame_hits += 1
-            return data
 
         def make() -> bytes:
-            return src.frame_sync(index, self.stats)
+            out, error = src.frames_sync([index])
+            if error is not None:
+                raise error
+            return out[0]
 
         data = await self._once(key, lambda: self.frames.get(key), make)
         self.frames.put(key, data)

@@ -35,42 +35,26 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import nar, nixversions, signing, store
+from . import nar, nixquery, nixversions
 from .cache import TMP_PREFIX, Cache
-from .config import Settings
+from .catalog import entries_with_access, open_catalog
+from .config import Settings, trusted_key
 from .errors import CorruptError, NarfsError
-from .mounts import mount_containing
+from .mounttable import mount_containing
 from .narinfo import NarInfo
 from .narstream import decompressed_chunks, parse_checked
-from .progress import Progress, human_size, plural
-from .report import entries_with_access, open_catalog, when
+from .progress import Progress, human_size, plural, when
 from .signing import PublicKey
-from .storepath import STORE_DIR, hash_part, is_base_name, is_hash, user_store_path
+from .storepath import STORE_DIR, hash_part, is_base_name, is_hash, name_part, user_store_path
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 PATH_COST = 256 << 10  # what one path costs Nix beyond its bytes (registration, locks), in bytes
 MAX_BATCH = 2000  # paths per `nix copy` command line
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 BY_NAME = ".by-name"  # the mount's by-name view (fs.py)
 NIX_DB = "/nix/var/nix/db"
 DAEMON_SOCKET = "/nix/var/nix/daemon-socket/socket"
-
-
-# --- keys -----------------------------------------------------------------------------------
-
-def trusted_key(settings: Settings) -> PublicKey | None:
-    """The key restore and verify trust: `public_key`, else the secret key's public half."""
-    if settings.public_key:
-        return signing.parse_public_key(settings.public_key, "setting public_key")
-    if settings.secret_key_file:
-        try:
-            return signing.load_secret_key(settings.secret_key_file).public
-        except NarfsError as e:
-            raise NarfsError(f"{e} (or set public_key in the config: checking signatures "
-                             "needs only the public key)") from None
-    return None
 
 
 # --- targets --------------------------------------------------------------------------------
@@ -94,9 +78,9 @@ def close_names(name: str, names: set[str]) -> list[str]:
 
 def _by_name(name: str, cache: Cache) -> str:
     entries = [e for e, _ in entries_with_access(cache)]
-    rows = [(e.archived, e.name, e.hash) for e in entries if e.name[33:] == name]
+    rows = [(e.archived, e.name, e.hash) for e in entries if name_part(e.name) == name]
     if not rows:
-        maybe = close_names(name, {e.name[33:] for e in entries})
+        maybe = close_names(name, {name_part(e.name) for e in entries})
         if maybe:
             raise NarfsError(f"{name}: no archived path has this name in {cache.root}; did you "
                              f"mean {' or '.join(maybe)}?")
@@ -215,7 +199,7 @@ async def plan(cache: Cache, hashes: list[str]) -> Plan:
     names = [*infos, *absent]
     invalid: set[str] = set()
     for i in range(0, len(names), 5000):
-        invalid.update(await store.invalid_paths(names[i:i + 5000]))
+        invalid.update(await nixquery.invalid_paths(names[i:i + 5000]))
     for ref, referrer in absent.items():
         if ref in invalid:
             raise NarfsError(f"{ref}: referenced by {referrer} but neither in the cache nor in "
@@ -308,7 +292,7 @@ class Copier:
         return self.infos[path].nar_size + PATH_COST
 
     def command(self, batch: list[str]) -> list[str]:
-        cmd = [*store.NIX, "copy", "--from", f"file://{self.cache.root}", "--no-recursive",
+        cmd = [*nixquery.NIX, "copy", "--from", f"file://{self.cache.root}", "--no-recursive",
                "--log-format", "internal-json"]
         if self.key is None:
             cmd.append("--no-check-sigs")
@@ -378,7 +362,7 @@ class Copier:
                             self.ready.append(q)
                 launch()
         if self.errors:  # part of a failed batch may have gone in: ask the store
-            invalid = set(await store.invalid_paths(list(self.infos)))
+            invalid = set(await nixquery.invalid_paths(list(self.infos)))
             restored = len(self.infos) - len(invalid)
             raise NarfsError(f"{self.errors[0]} ({restored} of {plural(len(self.infos), 'path')} "
                              "restored before it: they are valid store paths)")
@@ -404,7 +388,7 @@ class Copier:
             elif action == "stop" and doc.get("id") in started:
                 path = started.pop(doc["id"])
                 if path in self.infos:
-                    self.bar.advance(self.infos[path].nar_size, path[44:])
+                    self.bar.advance(self.infos[path].nar_size, name_part(path))
             elif action == "msg" and doc.get("level", 9) <= 0:
                 messages.append(_ANSI.sub("", str(doc.get("msg", ""))))
 
@@ -579,7 +563,7 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
     if not args.dry_run:
         await check_nars(cache, p.fetch, settings.threads, nar_bytes)
     if args.dry_run:
-        for path in sorted(p.fetch, key=lambda s: s[44:]):
+        for path in sorted(p.fetch, key=name_part):
             print(f"would restore {path} ({human_size(p.fetch[path].nar_size)})")
         print(f"would restore {plural(len(p.fetch), 'path')}: {human_size(nar_bytes)} unpacked, "
               f"{human_size(file_bytes)} read from {cache.root}; {p.present} of the closure "
@@ -603,7 +587,7 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
               f"{plural(len(p.closure) - len(p.tops), 'path')} of its closure are already in "
               "the store")
     if args.add_root:
-        out = await store.run(["nix-store", "--add-root", os.path.abspath(args.add_root),
+        out = await nixquery.run(["nix-store", "--add-root", os.path.abspath(args.add_root),
                                "--realise", *p.tops])
         for root, top in zip(out.decode().split(), p.tops, strict=False):
             print(f"GC root {root} → {top}")
@@ -612,7 +596,7 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
     for t in targets:
         if t.out_link is not None:
             path = read_info(cache, t.hash).store_path
-            await store.run(["nix-store", "--add-root", t.out_link, "--realise", path])
+            await nixquery.run(["nix-store", "--add-root", t.out_link, "--realise", path])
             print(f"GC root {t.out_link} → {path}")
     catalog = open_catalog(cache, sync=False)
     if catalog is not None:

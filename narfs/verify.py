@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import logging
 import os
 import stat
@@ -39,24 +40,30 @@ from typing import BinaryIO
 import trio
 import zstandard
 
-from . import listing, nar, nix32, nixversions, quarantine, store, zstdseek
-from .cache import CACHE_INFO, TMP_PREFIX, Cache, cache_info_text, fsync_dir, kind_of
-from .catalog import Catalog, Entry
-from .config import Settings
+from . import listing, nar, nix32, nixquery, nixversions, quarantine, zstdseek
+from .cache import (
+    CACHE_INFO,
+    TMP_PREFIX,
+    Cache,
+    cache_info_text,
+    fsync_dir,
+    kind_of,
+    read_small,
+    write_atomic,
+)
+from .catalog import Catalog, Entry, open_catalog
+from .config import Settings, trusted_key
 from .errors import CorruptError, NarfsError
-from .gc import referrers_first, retire
 from .narinfo import NarInfo
 from .narstream import NarStream, decompressed_chunks
 from .progress import Progress, human_size, plural
-from .report import open_catalog
-from .restore import trusted_key
+from .retire import referrers_first, retire
 from .signing import PublicKey, SecretKey, load_secret_key
 from .storepath import STORE_DIR, hash_part, is_hash
 from .tree import MAX_TREE_FILE, Tree
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 KNOWN_DIRS = {"nar", ".narfs", "log", "realisations", "debuginfo"}  # the last three: Nix's
 STATE_DIRS = {"trees", "hot", "quarantine"}  # in .narfs/; everything else there is a file
 RECENT = 3600  # with a writer active, unreferenced files younger than this may be in flight
@@ -107,12 +114,12 @@ def _frames(f: BinaryIO, table: zstdseek.SeekTable) -> Iterator[bytes]:
         yield zstdseek.read_frame(f, frame, dctx)
 
 
-def _file_hash(f: BinaryIO) -> str:
+def _file_hash(f: io.BufferedReader) -> str:
     sha = hashlib.sha256()
-    buf = bytearray(CHUNK)
+    buf = bytearray(nar.CHUNK)
     view = memoryview(buf)
     f.seek(0)
-    while n := f.readinto(buf):  # type: ignore[attr-defined]
+    while n := f.readinto(buf):
         sha.update(view[:n])
     return nix32.format_sha256(sha.digest())
 
@@ -184,7 +191,7 @@ def check_entry(cache: Cache, key: PublicKey | None, h: str,
                 chunks = decompressed_chunks(f, info.compression)
             stream = NarStream(chunks, info.nar_size)
             builder = nar.ListingBuilder()
-            nar.parse(stream, builder, info.nar_size)  # type: ignore[arg-type]
+            nar.parse(stream, builder, info.nar_size)
             stream.drain()
         except CorruptError as e:
             c.add(BROKEN, f"data damaged: NAR {info.url} is damaged: {e}")
@@ -247,7 +254,7 @@ def scan(cache: Cache, writer_active: bool, now: float) -> Scan:
         path = os.path.join(cache.root, name)
         if name == CACHE_INFO:
             try:
-                text = cache.read_small(path, 4096).decode(errors="replace")
+                text = read_small(path, 4096).decode(errors="replace")
             except (OSError, CorruptError) as e:
                 text = ""
                 log.debug("%s: %s", path, e)
@@ -310,6 +317,9 @@ def check_trees(cache: Cache, s: Scan, checked: list[Checked]) -> None:
     by_hash = {c.hash: c for c in checked}
     for name in sorted(os.listdir(trees)):
         path = os.path.join(trees, name)
+        if name.startswith(TMP_PREFIX):  # the mount writes tree files through temporaries
+            s.stray(path, "temporary file left by an interrupted writer")
+            continue
         c = by_hash.get(name[:-5]) if name.endswith(".tree") else None
         if c is None or c.info is None:
             s.stray(path, "tree file of no archived path")
@@ -317,7 +327,7 @@ def check_trees(cache: Cache, s: Scan, checked: list[Checked]) -> None:
         if c.listing is None:
             continue  # the entry itself is named
         try:
-            data = cache.read_small(path, MAX_TREE_FILE)
+            data = read_small(path, MAX_TREE_FILE)
             want = Tree.build(c.hash, 0, c.listing, c.info.nar_size).dumps(c.info.nar_hash)
         except (OSError, NarfsError) as e:
             s.stray(path, f"tree file unreadable: {e}")
@@ -508,7 +518,7 @@ async def repair(cache: Cache, catalog: Catalog, report: Report) -> tuple[list[s
         valid = set()
         names = [p for p in lost if p.startswith(STORE_DIR)]
         if names:
-            invalid = set(await store.invalid_paths(names))
+            invalid = set(await nixquery.invalid_paths(names))
             valid = {p for p in names if p not in invalid}
         for h, _ in doomed:
             path = path_of[h]
@@ -553,10 +563,10 @@ async def repair(cache: Cache, catalog: Catalog, report: Report) -> tuple[list[s
                 lines.append(f"removed {cache.listing_path(c.hash)}: its tree is too deep "
                              "for a listing")
                 continue
-            cache.write_atomic(cache.listing_path(c.hash), ls)
+            write_atomic(cache.listing_path(c.hash), ls)
             lines.append(f"rewrote {cache.listing_path(c.hash)} from its NAR")
     if any(p.kind == CACHEINFO for p in report.problems):
-        cache.write_atomic(os.path.join(cache.root, CACHE_INFO), cache_info_text().encode())
+        write_atomic(os.path.join(cache.root, CACHE_INFO), cache_info_text().encode())
         lines.append(f"rewrote {os.path.join(cache.root, CACHE_INFO)}")
     rebuild_catalog(catalog)
     lines.append(f"rebuilt the catalog ({len(catalog.paths)} entries, access times kept)")
@@ -596,7 +606,7 @@ def adopt(cache: Cache, secret: SecretKey, report: Report, names: list[str]) -> 
         with cache.publish_lock(exclusive=False):
             if not cache.has(c.hash):  # retired meanwhile
                 continue
-            cache.write_atomic(cache.narinfo_path(c.hash), info.render().encode())
+            write_atomic(cache.narinfo_path(c.hash), info.render().encode())
         adopted.add(c.hash)
         lines.append(f"adopted {info.store_path}: signed by {secret.name}")
     if adopted:
@@ -641,13 +651,13 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"repair: {line}")
             return 1 if left else 0
     active = cache.writer_active()
-    catalog = open_catalog(cache)
+    shared = open_catalog(cache)  # None: not writable by this user
     try:
-        report = trio.run(verify, cache, key, settings.threads, active, catalog)
+        report = trio.run(verify, cache, key, settings.threads, active, shared)
     finally:
-        if catalog is not None:
-            catalog.close()
-    if catalog is None:
+        if shared is not None:
+            shared.close()
+    if shared is None:
         print("narfs verify: the catalog is not writable by this user: not checked")
     _print(report, cache)
     return 1 if [p for p in report.problems if p.kind not in SAID] else 0

@@ -3,7 +3,8 @@
 The layers, each testable without the ones above it:
 - `Notifier` (notify.py): sd_notify(3) datagrams (READY, STATUS, STOPPING) to $NOTIFY_SOCKET.
 - `RootsDir`: the roots dir, kept existing, and an inotify watch saying which names to look at.
-- `classify`: what one entry of the roots dir is: a pin holding a store path, or bad input.
+- `classify` (watchstate.py): what one entry of the roots dir is: a pin holding a store
+  path, or bad input.
 - `Service`: the jobs that archive each pinned path's closure with retry, the cache it writes
   into, and the state file `narfs status` reads.
 
@@ -39,7 +40,6 @@ import logging
 import math
 import os
 import signal
-import stat
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,18 +48,18 @@ from dataclasses import dataclass, field
 import trio
 from inotify_simple import INotify, flags
 
-from . import config, store
+from . import config, nixquery
 from .archive import Archiver
-from .cache import TMP_PREFIX, Cache, describe_os_error
+from .cache import TMP_PREFIX, Cache, describe_os_error, remove_file, write_atomic
 from .config import Settings
 from .errors import NarfsError
 from .notify import Notifier
 from .progress import human_size, plural
-from .storepath import GC_ROOTS_DIR, STORE_DIR, hash_part, store_path_of
+from .storepath import GC_ROOTS_DIR, base_name, hash_part, store_path_of
+from .watchstate import STATE_FILE, RootsEntry, classify_all
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "watch.json"
 LOCK_FILE = "watch.lock"
 RETRY_FIRST = 5.0  # a failed path is retried after 5 s, 10 s, 20 s, ... up to RETRY_MAX
 RETRY_MAX = 600.0
@@ -85,49 +85,7 @@ def already_running(cache: Cache) -> AlreadyRunning:
                           "into this cache; stop it first (systemctl stop narfs-watch)")
 
 
-# --- sd_notify ----------------------------------------------------------------------------------
-
-
 # --- the roots dir ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One name in the roots dir, as found: a pin (`path` set) or bad input (`problem` set)."""
-
-    name: str
-    path: str | None = None
-    problem: str | None = None
-    ident: tuple[int, str] = (0, "")  # inode and target: bad input is reported once per ident
-    mtime: float = 0.0
-
-
-def classify(roots: str, name: str) -> Entry | None:
-    """What `roots/name` is now; None when it is gone. Blocking: lstat and readlink."""
-    full = os.path.join(roots, name)
-    try:
-        st = os.lstat(full)
-        target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else None
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        return Entry(name, problem=f"cannot read it ({e.strerror}); left alone")
-    if target is None:
-        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
-                "a regular file" if stat.S_ISREG(st.st_mode) else "not a file or link")
-        return Entry(name, ident=(st.st_ino, ""), mtime=st.st_mtime, problem=(
-            f"not a symlink ({kind}); narfs pins are symlinks into {STORE_DIR}; left alone, "
-            "remove it by hand"))
-    path = store_path_of(target, roots)
-    if path is None:
-        return Entry(name, ident=(st.st_ino, target), mtime=st.st_mtime, problem=(
-            f"points to {target}, which is not a path in {STORE_DIR}; left alone, remove "
-            "it by hand"))
-    return Entry(name, path=path, ident=(st.st_ino, target), mtime=st.st_mtime)
-
-
-def classify_all(roots: str, names: Iterable[str]) -> list[tuple[str, Entry | None]]:
-    return [(name, classify(roots, name)) for name in names]
 
 
 class RootsDir:
@@ -223,7 +181,7 @@ class Service:
         self.archiver: Archiver | None = None
         self.cache_ready = trio.Event()
         self.parallel = trio.CapacityLimiter(max(1, settings.parallel_paths))
-        self.pins: dict[str, Entry] = {}  # name → a valid pin not yet removed
+        self.pins: dict[str, RootsEntry] = {}  # name → a valid pin not yet removed
         self.jobs: dict[str, Job] = {}  # store path → the job archiving it
         self.writing: dict[str, trio.Event] = {}  # store path → set when its writer is done
         self.reported: dict[str, tuple[int, str]] = {}  # bad entry name → ident reported
@@ -314,8 +272,7 @@ class Service:
             state_dir = os.path.dirname(self.cache.state_path(STATE_FILE))
             for name in os.listdir(state_dir):
                 if name.startswith(f"{TMP_PREFIX}{STATE_FILE}-"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(state_dir, name))
+                    remove_file(os.path.join(state_dir, name))
             archiver = Archiver.from_settings(self.settings, self.executor)
             self._held = stack.pop_all()
         return archiver
@@ -352,7 +309,7 @@ class Service:
             self._update(name, entry)
         self.changed()
 
-    def _update(self, name: str, entry: Entry | None) -> None:
+    def _update(self, name: str, entry: RootsEntry | None) -> None:
         old = self.pins.get(name)
         if old is not None and (entry is None or entry.path != old.path):
             del self.pins[name]
@@ -429,9 +386,9 @@ class Service:
         `path`. Raises NarfsError (or OSError) when any path of the closure is not archived."""
         # Validity is asked only when path-info fails: one Nix call (~13 ms) per pin, not two.
         try:
-            infos = await store.closure_infos([path])
+            infos = await nixquery.closure_infos([path])
         except NarfsError:
-            if await store.invalid_paths([path]):
+            if await nixquery.invalid_paths([path]):
                 return False
             raise
         if path not in infos:
@@ -490,7 +447,7 @@ class Service:
         job.pins.clear()
         self.unpinned += removed
         if removed:
-            log.info("unpinned %s", job.path[len(STORE_DIR) + 1:])
+            log.info("unpinned %s", base_name(job.path))
 
     # --- state file and STATUS= -----------------------------------------------------------
 
@@ -534,7 +491,7 @@ class Service:
             return ""
         path, (done, total) = now[0]
         more = f" and {plural(len(now) - 1, 'more path')}" if len(now) > 1 else ""
-        return (f"archiving {path[len(STORE_DIR) + 1:]} ({100 * done // max(total, 1)}% of "
+        return (f"archiving {base_name(path)} ({100 * done // max(total, 1)}% of "
                 f"{human_size(total)}){more}; ")
 
     async def write_state(self) -> None:
@@ -544,7 +501,7 @@ class Service:
         data = (json.dumps(self.snapshot(), indent=1) + "\n").encode()
         try:
             await trio.to_thread.run_sync(
-                self.cache.write_atomic, self.cache.state_path(STATE_FILE), data)
+                write_atomic, self.cache.state_path(STATE_FILE), data)
         except OSError as e:  # a full or read-only cache: archiving reports that already
             log.debug("cannot write %s: %s", STATE_FILE, e)
 

@@ -10,11 +10,15 @@ import bisect
 import hashlib
 import io
 import struct
+import sys
 import threading
+from array import array
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
+from itertools import accumulate
+from typing import BinaryIO, overload
 
 import zstandard
 
@@ -36,14 +40,98 @@ class Frame:
     size: int
 
 
-class SeekTable:
-    """The frames of a seekable file, with lookups by decompressed offset."""
+TABLE_BYTES_PER_FRAME = 20  # what a SeekTable holds per frame: u64 + u32 + u64
+_TABLE_CHUNK = 1 << 16  # table entries read and checked at a time (~1 MiB of memory)
 
-    def __init__(self, frames: list[Frame]) -> None:
+
+class TooManyFrames(Exception):
+    """A seek table that is valid (checked whole, as read_table checks any table) but has more
+    frames than the caller can hold: the file is to be read as a stream instead."""
+
+    def __init__(self, frames: int, size: int) -> None:
+        super().__init__(f"seek table of {frames} frames")
         self.frames = frames
-        self._starts = [f.offset for f in frames]
-        self.size = frames[-1].offset + frames[-1].size if frames else 0
-        self.comp_size = frames[-1].comp_offset + frames[-1].comp_size if frames else 0
+        self.size = size  # the decompressed size the table covers
+
+
+class FrameList(Sequence[Frame]):
+    """A SeekTable's frames, made on demand from its arrays (no Python object per frame)."""
+
+    def __init__(self, table: SeekTable) -> None:
+        self._t = table
+
+    def __len__(self) -> int:
+        return len(self._t._comp_sizes)
+
+    @overload
+    def __getitem__(self, i: int) -> Frame: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Frame]: ...
+
+    def __getitem__(self, i: int | slice) -> Frame | list[Frame]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        t = self._t
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return Frame(t._comp_offsets[i], t._comp_sizes[i], t._starts[i],
+                     t._starts[i + 1] - t._starts[i])
+
+    def __iter__(self) -> Iterator[Frame]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+class SeekTable:
+    """The frames of a seekable file, with lookups by decompressed offset.
+
+    Compact: three arrays (each frame's compressed offset and size, and the decompressed start
+    of every frame plus the end), TABLE_BYTES_PER_FRAME bytes a frame where a list of Frame
+    objects took ten times that; `nbytes` is what it holds, for the reader's bound.
+    """
+
+    def __init__(self, frames: Iterable[Frame] = ()) -> None:
+        comp_offsets, comp_sizes, starts = array("Q"), array("I"), array("Q")
+        end = 0
+        sizes = []
+        for f in frames:
+            comp_offsets.append(f.comp_offset)
+            comp_sizes.append(f.comp_size)
+            starts.append(f.offset)
+            end = f.offset + f.size
+            sizes.append(f.size)
+        starts.append(end)
+        self._set(comp_offsets, comp_sizes, starts, max(sizes, default=0),
+                  min(sizes[:-1], default=MAX_FRAME))
+
+    @classmethod
+    def _of(cls, comp_offsets: array, comp_sizes: array, starts: array,
+            max_frame: int, min_frame: int) -> SeekTable:
+        table = cls.__new__(cls)
+        table._set(comp_offsets, comp_sizes, starts, max_frame, min_frame)
+        return table
+
+    def _set(self, comp_offsets: array, comp_sizes: array, starts: array,
+             max_frame: int, min_frame: int) -> None:
+        self._comp_offsets = comp_offsets
+        self._comp_sizes = comp_sizes
+        self._starts = starts  # one more than the frames: the last is the stream's size
+        self.size: int = starts[-1]
+        self.comp_size: int = comp_offsets[-1] + comp_sizes[-1] if comp_sizes else 0
+        self.max_frame = max_frame  # the largest frame's decompressed size
+        # The smallest but the last's (MAX_FRAME when there is no other): how many frames one
+        # read may have to decompress.
+        self.min_frame = min_frame
+        self.nbytes = sum(a.itemsize * len(a) for a in (comp_offsets, comp_sizes, starts))
+
+    @property
+    def frames(self) -> FrameList:
+        # Made on each use: a FrameList kept here would be a cycle, and a dropped table of
+        # megabytes would wait for the cyclic garbage collector.
+        return FrameList(self)
 
     def covering(self, offset: int, length: int) -> range:
         """Indices of the frames holding bytes [offset, offset+length)."""
@@ -61,10 +149,14 @@ def encode_table(sizes: list[tuple[int, int]]) -> bytes:
     return struct.pack("<II", SKIPPABLE_MAGIC, len(body)) + body
 
 
-def read_table(f: SeekableReadable, file_size: int) -> SeekTable | None:
+def read_table(f: SeekableReadable, file_size: int,
+               max_frames: int | None = None) -> SeekTable | None:
     """The seek table at the end of `f`, or None when the file has none (plain zstd).
 
     Every number is checked against the file before use: a lying table raises CorruptError.
+    The entries are read and checked a chunk at a time, so a table of millions of frames costs
+    only what the returned SeekTable holds; one of more than `max_frames` frames is checked
+    all the same, then TooManyFrames is raised instead of holding it.
     """
     if file_size < FOOTER.size + 8:
         return None
@@ -83,38 +175,64 @@ def read_table(f: SeekableReadable, file_size: int) -> SeekTable | None:
     magic, size = struct.unpack("<II", f.read(8))
     if magic != SKIPPABLE_MAGIC or size != body:
         raise CorruptError("seek table frame header does not match its footer")
-    raw = f.read(nframes * entry)
-    frames = []
-    comp = dec = 0
-    for i in range(nframes):
-        c, d = struct.unpack_from("<II", raw, i * entry)
-        if d > MAX_FRAME or c == 0:
-            raise CorruptError(f"seek table frame {i} has impossible sizes ({c}, {d})")
-        frames.append(Frame(comp, c, dec, d))
-        comp += c
-        dec += d
+    hold = max_frames is None or nframes <= max_frames
+    held = nframes if hold else 0  # sized once: arrays grown by appending over-allocate
+    comp_offsets, comp_sizes = array("Q", bytes(8 * held)), array("I", bytes(4 * held))
+    starts = array("Q", bytes(8 * held + 8))
+    comp = dec = max_frame = 0
+    min_frame = MAX_FRAME
+    step = entry // 4
+    for first in range(0, nframes, _TABLE_CHUNK):
+        n = min(_TABLE_CHUNK, nframes - first)
+        raw = f.read(n * entry)
+        if len(raw) != n * entry:
+            raise CorruptError("seek table is truncated")
+        words = array("I", raw)
+        if sys.byteorder != "little":
+            words.byteswap()
+        cs, ds = words[0::step], words[1::step]
+        if 0 in cs or max(ds) > MAX_FRAME:
+            i = next(i for i in range(n) if cs[i] == 0 or ds[i] > MAX_FRAME)
+            raise CorruptError(f"seek table frame {first + i} has impossible sizes "
+                               f"({cs[i]}, {ds[i]})")
+        if hold:
+            comp_offsets[first:first + n] = array("Q", accumulate(cs[:-1], initial=comp))
+            comp_sizes[first:first + n] = cs
+            starts[first:first + n] = array("Q", accumulate(ds[:-1], initial=dec))
+        comp += sum(cs)
+        dec += sum(ds)
+        max_frame = max(max_frame, max(ds))
+        but_last = ds if first + n < nframes else ds[:-1]
+        min_frame = min(min_frame, min(but_last, default=MAX_FRAME))
     if comp != start:
         raise CorruptError(f"seek table frames cover {comp} bytes, the data is {start}")
-    return SeekTable(frames)
+    if not hold:
+        raise TooManyFrames(nframes, dec)
+    starts[nframes] = dec
+    return SeekTable._of(comp_offsets, comp_sizes, starts, max_frame, min_frame)
 
 
 ZSTD_MAGIC = 0xFD2FB528
 SKIPPABLE_MASK = 0xFFFFFFF0  # skippable frames: magic 0x184D2A50 to 0x184D2A5F
 MAX_INDEXED_FRAME = 64 << 20  # larger frames go through the hot tier: one read, one frame
 MAX_INDEXED_FRAMES = 1 << 20
+MAX_COMP_FRAME = (1 << 32) - 1  # a seek table's u32: no frame of MAX_INDEXED_FRAME bytes is near
 _BLOCK_HEADER = 3
 
 
-def index_frames(f: SeekableReadable, file_size: int) -> SeekTable | None:
+def index_frames(f: SeekableReadable, file_size: int,
+                 max_frames: int = MAX_INDEXED_FRAMES) -> SeekTable | None:
     """A seek table read off the frame headers of a zstd file made of independent frames that
     each declare their decompressed size, as Nix 2.35 writes NARs (16 MiB frames, no seek
-    table); None when a frame does not declare its size or is too large to read one at a time.
+    table); None when a frame does not declare its size or is too large to read one at a time,
+    or when there are more than `max_frames` frames.
 
     Frame and block headers are walked without decompressing anything: a few small reads per
     128 KiB block, once per opened NAR. Every size is checked against the file.
     """
-    frames: list[Frame] = []
-    pos = dec = 0
+    comp_offsets, comp_sizes, starts = array("Q"), array("I"), array("Q")
+    pos = dec = max_frame = 0
+    min_frame = last = MAX_FRAME
     while pos < file_size:
         f.seek(pos)
         head = f.read(18)  # the largest frame header
@@ -133,7 +251,7 @@ def index_frames(f: SeekableReadable, file_size: int) -> SeekTable | None:
             raise CorruptError(f"zstd frame header at {pos} is damaged: {e}") from None
         size = params.content_size
         if size == zstandard.CONTENTSIZE_UNKNOWN or size > MAX_INDEXED_FRAME \
-                or len(frames) >= MAX_INDEXED_FRAMES:
+                or len(comp_sizes) >= max_frames:
             return None
         while True:  # blocks: 3-byte header (last, type, size); an RLE block holds one byte
             f.seek(end)
@@ -150,13 +268,21 @@ def index_frames(f: SeekableReadable, file_size: int) -> SeekTable | None:
             if header & 1:
                 break
         end += 4 if params.has_checksum else 0
+        if end - pos > MAX_COMP_FRAME:
+            raise CorruptError(f"zstd frame at {pos} is {end - pos} bytes, more than any frame "
+                               f"of {size} bytes compresses to")
+        max_frame = max(max_frame, size)
         if size:
-            frames.append(Frame(pos, end - pos, dec, size))
+            min_frame, last = min(min_frame, last), size
+            comp_offsets.append(pos)
+            comp_sizes.append(end - pos)
+            starts.append(dec)
         dec += size
         pos = end
     if pos != file_size:
         raise CorruptError("zstd stream runs past the end of the file")
-    return SeekTable(frames)
+    starts.append(dec)
+    return SeekTable._of(comp_offsets, comp_sizes, starts, max_frame, min_frame)
 
 
 def read_frame(f: SeekableReadable, frame: Frame,

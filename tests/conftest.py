@@ -21,6 +21,9 @@ os.environ.pop("NARFS_CONFIG", None)
 
 # Benchmarks and the fuzz harness are scripts (tests/bench/run.py, tests/fuzz/), not tests.
 collect_ignore = ["bench", "fuzz"]
+# A test fails when narfs logs an ERROR it does not expect (tests/pytest_checklogs.py);
+# pytester runs that plugin's own test.
+pytest_plugins = ["pytest_checklogs", "pytester"]
 __all__ = ["Narfs", "nix_copy_from", "run"]
 
 

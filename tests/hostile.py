@@ -12,14 +12,17 @@ import io
 import os
 import struct
 import uuid
+from array import array
 from collections.abc import Callable
 from pathlib import Path
+
+import zstandard
 
 from narfs import listing, nix32
 from narfs.nar import ListingBuilder, encode_str, parse
 from narfs.narinfo import NarInfo
 from narfs.signing import SecretKey
-from narfs.zstdseek import SeekableWriter
+from narfs.zstdseek import FOOTER, SEEKABLE_MAGIC, SKIPPABLE_MAGIC, SeekableWriter
 
 S = encode_str
 
@@ -95,6 +98,23 @@ def _compress(data: bytes, frame: int = 64) -> bytes:
     w.write(data)
     w.close()
     return out.getvalue()
+
+
+def seekable_by_hand(data: bytes, frame: int) -> bytes:
+    """Seekable zstd of `data` in `frame`-byte frames, each distinct frame compressed once: a
+    table of a million frames of repetitive data in a second or two."""
+    cctx = zstandard.ZstdCompressor()
+    memo: dict[bytes, bytes] = {}
+    parts, sizes = [], array("I")
+    for i in range(0, len(data), frame):
+        chunk = data[i:i + frame]
+        comp = memo.get(chunk)
+        if comp is None:
+            comp = memo[chunk] = cctx.compress(chunk)
+        parts.append(comp)
+        sizes.extend((len(comp), len(chunk)))
+    body = sizes.tobytes() + FOOTER.pack(len(parts), 0, SEEKABLE_MAGIC)
+    return b"".join(parts) + struct.pack("<II", SKIPPABLE_MAGIC, len(body)) + body
 
 
 def _listing_for(data: bytes) -> bytes | None:

@@ -17,21 +17,23 @@ import random
 import struct
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 import zstandard
 
-from hostile import GOOD_TREE
+from hostile import GOOD_TREE, seekable_by_hand
 from narfs import nix32, reader, zstdseek
 from narfs.backend import LocalBackend
-from narfs.cache import Cache
+from narfs.cache import TMP_PREFIX, Cache
 from narfs.catalog import Entry
 from narfs.errors import CorruptError
 from narfs.nar import listing_of
-from narfs.reader import HOT_TMP, STALE_TMP, FrameCache, HotTier, Reader
+from narfs.reader import STALE_TMP, FrameCache, HotTier, Reader
 from narfs.zstdseek import SeekableWriter
 
 FRAME = 64  # small frames: a few hundred bytes span several
@@ -98,18 +100,21 @@ def fd_open(fd: int) -> bool:
 # --- FrameCache ------------------------------------------------------------------------------
 
 
+COST = 30 + FrameCache.ENTRY_OVERHEAD  # what a 30-byte frame is charged
+
+
 def test_frame_cache_stays_within_its_bound_and_drops_the_oldest_first() -> None:
-    fc = FrameCache(100)
+    fc = FrameCache(3 * COST + 10)
     for i in range(10):
         fc.put(("n", i), bytes([i]) * 30)
-        assert fc.size <= 100
-        assert fc.size == sum(len(v) for v in fc._frames.values())
+        assert fc.size <= fc.limit
+        assert fc.size == sum(len(v) + fc.ENTRY_OVERHEAD for v in fc._frames.values())
     assert list(fc._frames) == [("n", 7), ("n", 8), ("n", 9)]
     assert fc.get(("n", 6)) is None and fc.get(("n", 9)) == b"\x09" * 30
 
 
 def test_frame_cache_keeps_what_was_used_last() -> None:
-    fc = FrameCache(90)
+    fc = FrameCache(3 * COST)
     for k in "abc":
         fc.put((k,), k.encode() * 30)
     assert fc.get(("a",)) == b"a" * 30  # a is now the newest
@@ -119,13 +124,27 @@ def test_frame_cache_keeps_what_was_used_last() -> None:
 
 
 def test_frame_cache_refuses_a_frame_larger_than_itself_and_counts_a_key_once() -> None:
-    fc = FrameCache(100)
+    fc = FrameCache(2 * COST)
     fc.put(("small",), b"s" * 60)
-    fc.put(("huge",), b"h" * 101)
+    fc.put(("huge",), b"h" * (2 * COST - fc.ENTRY_OVERHEAD + 1))
     assert fc.get(("huge",)) is None and fc.get(("small",)) == b"s" * 60, \
         "a frame that cannot fit must not flush the cache"
     fc.put(("small",), b"s" * 60)
-    assert fc.size == 60
+    assert fc.size == 60 + fc.ENTRY_OVERHEAD
+
+
+def test_tiny_frames_are_charged_what_holding_them_costs() -> None:
+    fc = FrameCache(1 << 20)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(100_000):
+            fc.put(("some-nar", "nar/x.nar.zst", "sha256:x", i), bytes([i & 0xFF]))
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert fc.size <= fc.limit
+    assert held <= fc.limit, f"{held} bytes held for a bound of {fc.limit}"
 
 
 # --- HotTier ---------------------------------------------------------------------------------
@@ -197,8 +216,8 @@ def test_hot_tier_restart_scan(tmp_path: Path) -> None:
     now = time.time()
     for age, name in zip((10, 30, 20), names, strict=True):  # LRU order: 1, 2, 0
         os.utime(tmp_path / name, (now - age, now - age))
-    stale = tmp_path / f"{HOT_TMP}1-2-stale.nar"
-    live = tmp_path / f"{HOT_TMP}3-4-live.nar"
+    stale = tmp_path / f"{TMP_PREFIX}1-2-stale.nar"
+    live = tmp_path / f"{TMP_PREFIX}3-4-live.nar"
     for t in (stale, live):
         t.write_bytes(b"partial")
     os.utime(stale, (now - STALE_TMP - 60, now - STALE_TMP - 60))
@@ -456,7 +475,84 @@ def test_a_failed_load_is_shared_by_its_waiters_and_retried_later(
     trio.run(main)
     assert len(errors) == 5, "every reader of the damaged frame gets the error"
     assert attempts == [0, FRAME * 2, 0], "concurrent readers share one attempt"
-    assert not r._inflight and r.frames.size == FRAME
+    assert not r._inflight and r.frames.size == FRAME + r.frames.ENTRY_OVERHEAD
+
+
+def test_a_read_over_many_frames_decompresses_them_in_one_worker_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(FRAME * 20)
+    entry = put(tmp_path, data)
+    r = make_reader(tmp_path, tokens=8)
+    calls: list[list[int]] = []
+    real = reader.Source.frames_sync
+
+    def counted(self: reader.Source, indices: list[int]) -> tuple:
+        calls.append(list(indices))
+        return real(self, indices)
+
+    monkeypatch.setattr(reader.Source, "frames_sync", counted)
+
+    async def main() -> None:
+        assert await r.read(entry, 10, FRAME * 5) == data[10:10 + FRAME * 5]
+        async with trio.open_nursery() as n:  # overlapping reads share frames 5 and 6
+            n.start_soon(r.read, entry, FRAME * 5, FRAME * 4)
+            n.start_soon(r.read, entry, FRAME * 5, FRAME * 2)
+
+    trio.run(main)
+    assert calls[0] == list(range(6)), "one thread hop for the read's six frames"
+    assert sorted(i for c in calls for i in c) == list(range(9)), "each frame decompressed once"
+    assert r.stats.frames_decompressed == 9
+
+
+def test_only_the_damaged_frame_of_a_batch_fails_its_waiters(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(FRAME * 3)
+    blob = bytearray(seekable(data))
+    table = zstdseek.read_table(io.BytesIO(bytes(blob)), len(blob))
+    assert table is not None
+    blob[table.frames[1].comp_offset + 6] ^= 0xFF  # frame 1's compressed bytes
+    entry = put(tmp_path, data, blob=bytes(blob))
+    r = make_reader(tmp_path, tokens=8)
+    entered, release = threading.Event(), threading.Event()
+    real = zstdseek.read_frame
+
+    def gated(f, frame, dctx=None):  # the batch's first frame waits until the test says so
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(10), "the test never released the batch"
+        return real(f, frame, dctx)
+
+    monkeypatch.setattr(reader.zstdseek, "read_frame", gated)
+
+    async def main() -> None:
+        got: dict[str, object] = {}
+
+        async def batch() -> None:
+            try:
+                await r.read(entry, 0, FRAME * 3)
+            except CorruptError as e:
+                got["batch"] = e
+
+        async def waiter(name: str, offset: int) -> None:
+            try:
+                got[name] = await r.read(entry, offset, 4)
+            except CorruptError as e:
+                got[name] = e
+
+        async with trio.open_nursery() as n:
+            n.start_soon(batch)
+            assert await trio.to_thread.run_sync(entered.wait, 10)
+            n.start_soon(waiter, "frame 1", FRAME + 1)
+            n.start_soon(waiter, "frame 2", FRAME * 2 + 1)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+        assert isinstance(got["batch"], CorruptError)
+        assert isinstance(got["frame 1"], CorruptError), "the damaged frame's waiter shares it"
+        assert got["frame 2"] == data[FRAME * 2 + 1:FRAME * 2 + 5], \
+            "a frame the batch never reached is decompressed by its own reader"
+
+    trio.run(main)
+    assert not r._inflight
 
 
 # --- Reader: lying inputs ----------------------------------------------------------------------
@@ -489,22 +585,24 @@ def grow(rows: list[list[int]]) -> None:
 @pytest.mark.parametrize("lie", [swap_sizes, shift_comp])
 def test_a_lying_seek_table_costs_the_frames_it_lies_about(tmp_path: Path,
                                                           lie: Callable) -> None:
-    data = os.urandom(FRAME * 4)
-    entry = put(tmp_path, data, blob=table_lie(seekable(data), lie))
+    f = 2 * FRAME  # the lie moves 7 bytes: every frame but the last stays over MIN_FRAME
+    data = os.urandom(f * 3)
+    entry = put(tmp_path, data, blob=table_lie(seekable(data, f), lie))
     r = make_reader(tmp_path)
 
     async def main() -> None:
         # Frame 0 itself is intact when only its compressed length lies (zstd stops at the
         # frame's end): its bytes may be served, but never wrong ones.
-        for offset in (0, FRAME + 1):
+        for offset in (0, f + 1):
             try:
                 assert await r.read(entry, offset, 4) == data[offset:offset + 4]
             except CorruptError:
                 continue
             assert lie is shift_comp and offset == 0
         with pytest.raises(CorruptError):
-            await r.read(entry, FRAME + 1, 4)
-        assert await r.read(entry, FRAME * 3, FRAME) == data[FRAME * 3:]
+            await r.read(entry, f + 1, 4)
+        assert await r.read(entry, f * 2, f) == data[f * 2:]
+        assert r.hot.fills == 0, "read frame by frame"
 
     trio.run(main)
 
@@ -628,3 +726,140 @@ def test_an_idle_evicted_source_is_closed_at_once_and_close_closes_all(tmp_path:
     r.close()
     assert not r._sources and all(s.closed for s in opened)
     assert not any(map(fd_open, fds))
+
+
+# --- Reader: reads cost what they ask for (issue 11) --------------------------------------------
+
+
+def small_reads(r: Reader, entry: Entry, data: bytes, count: int, size: int) -> None:
+    rng = random.Random(count)
+
+    async def main() -> None:
+        for _ in range(count):
+            offset = rng.randrange(len(data))
+            assert await r.read(entry, offset, size) == data[offset:offset + size]
+
+    trio.run(main)
+
+
+def test_a_frame_larger_than_the_frame_cache_is_decompressed_once(tmp_path: Path) -> None:
+    data = os.urandom(64 << 10)
+    entry = put(tmp_path, data, blob=seekable(data, frame=len(data)))  # one 64 KiB frame
+    r = make_reader(tmp_path, frame_cache=16 << 10)
+    small_reads(r, entry, data, 1000, 512)
+    assert r.stats.bytes_decompressed == len(data), \
+        "the frame cannot stay in the frame cache: it is decompressed once, into the hot tier"
+    assert r.stats.frames_decompressed == 0 and r.hot.fills == 1 and r.frames.size == 0
+    r.close()
+
+
+def test_frames_the_frame_cache_holds_are_read_one_at_a_time(tmp_path: Path) -> None:
+    data = os.urandom(64 << 10)
+    entry = put(tmp_path, data, blob=seekable(data, frame=8 << 10))
+    r = make_reader(tmp_path, frame_cache=16 << 10)
+    small_reads(r, entry, data, 200, 512)
+    assert r.hot.fills == 0 and r.stats.frames_decompressed >= 8
+    assert r.frames.size <= 16 << 10
+    r.close()
+
+
+@pytest.mark.parametrize("frames, seekable_", [(3000, True), (4000, False)])
+def test_a_seek_table_is_held_compactly_within_its_share_of_memory(
+        tmp_path: Path, frames: int, seekable_: bool) -> None:
+    data = os.urandom(frames * FRAME)
+    entry = put(tmp_path, data)
+    # 4 MiB of frame cache, 64 open NARs: 64 KiB of table each, 3276 frames.
+    r = make_reader(tmp_path, frame_cache=4 << 20)
+    small_reads(r, entry, data, 50, 7)
+    if seekable_:
+        assert r.stats.table_bytes == zstdseek.TABLE_BYTES_PER_FRAME * frames + 8
+        assert r.hot.fills == 0
+    else:
+        assert r.stats.table_bytes == 0 and r.hot.fills == 1
+    assert r.stats.table_bytes <= (4 << 20) // r.max_open
+    r.close()
+    assert r.stats.table_bytes == 0, "a closed NAR's table is let go"
+
+
+@pytest.mark.parametrize("tiny", ["one-byte", "empty"])
+def test_a_table_of_tiny_frames_goes_through_the_hot_tier(tmp_path: Path, tiny: str) -> None:
+    n = 20_000  # a table well within its share of the frame cache
+    if tiny == "one-byte":
+        data = os.urandom(n)
+        blob = seekable_by_hand(data, 1)
+    else:  # empty frames between two real ones: a read across them covers them all
+        data = os.urandom(2 * FRAME)
+        halves = [zstandard.ZstdCompressor().compress(data[i:i + FRAME]) for i in (0, FRAME)]
+        empty = zstandard.ZstdCompressor().compress(b"")
+        blob = halves[0] + empty * n + halves[1] + zstdseek.encode_table(
+            [(len(halves[0]), FRAME), *[(len(empty), 0)] * n, (len(halves[1]), FRAME)])
+    entry = put(tmp_path, data, blob=blob)
+    r = make_reader(tmp_path, frame_cache=64 << 20)
+
+    async def main() -> None:
+        assert await r.read(entry, 0, len(data)) == data
+
+    trio.run(main)
+    assert r.stats.frames_decompressed == 0 and r.hot.fills == 1, \
+        "a read must not decompress thousands of frames for a few bytes each"
+    r.close()
+
+
+MILLION = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def million(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
+    data = os.urandom(MILLION)
+    return data, seekable_by_hand(data, 1)
+
+
+def test_a_seek_table_of_a_million_frames_is_checked_but_never_held(
+        tmp_path: Path, million: tuple[bytes, bytes]) -> None:
+    data, blob = million
+    entry = put(tmp_path, data, blob=blob)
+    r = make_reader(tmp_path, frame_cache=1 << 20)
+    tracemalloc.start()
+    try:
+        small_reads(r, entry, data, 100, 64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The bound: the table's share of the frame cache (here 16 KiB, 819 frames: not enough, so
+    # the NAR is read once into the hot tier) plus one chunk of table entries being checked.
+    # A list of Frame objects took ~180 MiB here; compact arrays without a bound 20 MiB.
+    assert peak < 8 << 20, peak
+    assert r.stats.table_bytes == 0 and r.hot.fills == 1
+    assert r.stats.bytes_decompressed == len(data)
+    r.close()
+
+
+def table_entry(blob: bytes, i: int, c: int | None = None, d: int | None = None) -> bytes:
+    n = struct.unpack_from("<I", blob, len(blob) - 9)[0]
+    at = len(blob) - 9 - (n - i) * 8
+    old_c, old_d = struct.unpack_from("<II", blob, at)
+    return blob[:at] + struct.pack("<II", old_c if c is None else c,
+                                   old_d if d is None else d) + blob[at + 8:]
+
+
+@pytest.mark.parametrize("lie", ["size", "compressed-size", "impossible", "claims-more"])
+def test_a_lying_table_of_a_million_frames_is_corrupt(
+        tmp_path: Path, million: tuple[bytes, bytes], lie: str) -> None:
+    data, blob = million
+    blob = {
+        "size": lambda: table_entry(blob, 700_000, d=2),  # sums to NarSize + 1
+        "compressed-size": lambda: table_entry(blob, 300_000, c=11),  # past the data
+        "impossible": lambda: table_entry(blob, 900_000, c=0),
+        "claims-more": lambda: blob[:-9] + zstdseek.FOOTER.pack(
+            MILLION * 4, 0, zstdseek.SEEKABLE_MAGIC),
+    }[lie]()
+    entry = put(tmp_path, data, blob=blob)
+    for frame_cache in (1 << 20, 64 << 20):  # not held, and held
+        r = make_reader(tmp_path, frame_cache=frame_cache)
+
+        async def main(r: Reader) -> None:
+            with pytest.raises(CorruptError):
+                await r.read(entry, 0, 4)
+
+        trio.run(main, r)
+        assert r.stats.table_bytes == 0 and r.hot.fills == 0 and not os.listdir(r.hot.dir)

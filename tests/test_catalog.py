@@ -86,3 +86,34 @@ def test_leftover_state_temporaries_go_never_through_a_symlink(tmp_path: Path) -
         with cache.writer():
             pass
     assert decoy.exists()
+
+
+def test_every_temporary_narfs_leaves_is_cleared(tmp_path: Path) -> None:
+    """Each place narfs writes through a temporary (the cache, nar/, .narfs/, the mount's tree
+    files in .narfs/trees/) gets its temporaries from one helper with one naming scheme, so the
+    first writer after a crash finds them all; a failed write leaves none and keeps the old
+    file."""
+    import pytest
+
+    from narfs.cache import new_temporary, temporary
+
+    cache = Cache(str(tmp_path / "cache"))
+    cache.init()
+    trees = cache.state_path("trees")
+    os.mkdir(trees)
+    dirs = [cache.root, cache.nar_dir, cache.state_dir(), trees]
+    crashed = []
+    for d in dirs:
+        fd, path = new_temporary(d, "final")
+        os.close(fd)  # a writer killed before its rename
+        crashed.append(path)
+    with cache.writer():
+        pass
+    assert [p for p in crashed if os.path.lexists(p)] == []
+
+    final = Path(trees) / "x.tree"
+    final.write_bytes(b"old")
+    with pytest.raises(OSError), temporary(str(final), sync=False) as f:
+        f.write(b"half")
+        raise OSError("disk full")
+    assert final.read_bytes() == b"old" and sorted(os.listdir(trees)) == ["x.tree"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from narfs import fs, mount, mounts
+from narfs import fs, mount, mounttable
 from narfs.errors import NarfsError
 
 
@@ -34,18 +34,18 @@ def test_status_reads_each_mounts_mode_from_untrusted_state_files(tmp_path: Path
     FIFOs and lying contents are skipped without hanging; dead processes' files are removed."""
     d = tmp_path / ".narfs"
     d.mkdir()
-    (d / mounts.state_name(os.getpid())).write_bytes(mounts.state_text("/mnt/a", "fast"))
-    assert mounts.mode_of(str(d), "/mnt/a") == "fast"
-    assert mounts.mode_of(str(d), "/mnt/b") is None
+    (d / mounttable.state_name(os.getpid())).write_bytes(mounttable.state_text("/mnt/a", "fast"))
+    assert mounttable.mode_of(str(d), "/mnt/a") == "fast"
+    assert mounttable.mode_of(str(d), "/mnt/b") is None
     dead = 2**22 + 12345  # above pid_max's default ceiling: no such process
-    (d / mounts.state_name(dead)).write_text(json.dumps(
+    (d / mounttable.state_name(dead)).write_text(json.dumps(
         {"pid": dead, "mountpoint": "/mnt/b", "mode": "stock"}))
-    (d / "mount-1.json").symlink_to(d / mounts.state_name(os.getpid()))  # pid 1 is alive
+    (d / "mount-1.json").symlink_to(d / mounttable.state_name(os.getpid()))  # pid 1 is alive
     os.mkfifo(d / "mount-2.json")
     (d / "mount-3.json").write_text(json.dumps({"pid": os.getpid(), "mountpoint": "/mnt/c",
                                                 "mode": "fast"}))  # names another pid
-    assert mounts.mode_of(str(d), "/mnt/b") is None
-    assert mounts.mode_of(str(d), "/mnt/c") is None
-    mounts.remove_stale_states(str(d))
-    assert not (d / mounts.state_name(dead)).exists()
-    assert (d / mounts.state_name(os.getpid())).exists()
+    assert mounttable.mode_of(str(d), "/mnt/b") is None
+    assert mounttable.mode_of(str(d), "/mnt/c") is None
+    mounttable.remove_stale_states(str(d))
+    assert not (d / mounttable.state_name(dead)).exists()
+    assert (d / mounttable.state_name(os.getpid())).exists()

@@ -14,10 +14,12 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from mounting import Mount, mounted
 
 from conftest import Narfs
+from hostile import seekable_by_hand
 from narfs import listing, nar, nix32
 from narfs.nar import encode_str
 from narfs.narinfo import NarInfo
@@ -67,9 +69,12 @@ class Writer:
 
     def publish(self, name: str, raw: bytes, compression: str = "none",
                 ls: dict | None = None, url: str | None = None, frame: int = 16 << 10,
-                damage: object = None) -> tuple[str, Path]:
+                damage: object = None, blob: bytes | None = None) -> tuple[str, Path]:
+        """`blob`: the NAR file's bytes, when made by hand (compressed as `compression`)."""
         h = nix32.encode(os.urandom(20))
-        if compression == "zstd":
+        if blob is not None:
+            data = blob
+        elif compression == "zstd":
             out = io.BytesIO()
             w = SeekableWriter(out, frame, 3)
             w.write(raw)
@@ -219,3 +224,95 @@ def test_unsafe_names_leave_the_path_out(hostile: tuple[Mount, dict[str, str]],
     assert e.value.errno == 5
     assert f"{names[kind]}: left out of the mount" in m.log()
     still_fine(m, names)
+
+
+# --- Issue 11: reads cost what they ask for -----------------------------------------------------
+
+FRAME_CACHE_MB = 1  # the configuration's smallest: a NAR's share of it for its seek table 16 KiB
+BIG = os.urandom(4 << 20)
+BIG_NAR = make_nar(directory([(b"big", regular(BIG))]))
+# A million 64-byte frames (MIN_FRAME: small, not too small), of 256 kinds to compress fast.
+_POOL = [os.urandom(64) for _ in range(256)]
+MANY = b"".join(map(_POOL.__getitem__, os.urandom(1 << 20)))
+MANY_NAR = make_nar(directory([(b"many", regular(MANY))]))
+
+
+def lie_at_the_end(blob: bytes) -> bytes:
+    """One more decompressed byte in the last frame's table entry: the table no longer sums to
+    NarSize (found only by reading the whole table)."""
+    b = bytearray(blob)
+    c, d = struct.unpack_from("<II", b, len(b) - 17)
+    struct.pack_into("<II", b, len(b) - 17, c, d + 1)
+    return bytes(b)
+
+
+@pytest.fixture(scope="module")
+def costly(tmp_path_factory: pytest.TempPathFactory, fuse_mode: str
+           ) -> Iterator[tuple[Mount, dict[str, str]]]:
+    n = Narfs(tmp_path_factory.mktemp("narfs"))
+    n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
+    n.config.write_text(n.config.read_text() + f"frame_cache_mb = {FRAME_CACHE_MB}\n")
+    w = Writer(n.cache)
+    many = seekable_by_hand(MANY_NAR, 64)
+    names = {
+        # One 4 MiB frame: four times the frame cache.
+        "huge-frame": w.publish("huge-frame", BIG_NAR, "zstd", nar.listing_of(io.BytesIO(BIG_NAR)),
+                                frame=8 << 20)[0],
+        "million-frames": w.publish("million-frames", MANY_NAR, "zstd",
+                                    nar.listing_of(io.BytesIO(MANY_NAR)), blob=many)[0],
+        "million-lies": w.publish("million-lies", MANY_NAR, "zstd",
+                                  nar.listing_of(io.BytesIO(MANY_NAR)),
+                                  blob=lie_at_the_end(many))[0],
+    }
+    with mounted(n, tmp_path_factory.mktemp("mnt") / "mnt") as m:
+        yield m, names
+
+
+def small_reads(path: Path, want: bytes, count: int) -> None:
+    """`count` 4 KiB reads spread over the file, each of pages the kernel has not cached."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        step = len(want) // count // 4096 * 4096
+        for i in range(count):
+            assert os.pread(fd, 4096, i * step) == want[i * step:i * step + 4096], i
+    finally:
+        os.close(fd)
+
+
+def test_a_frame_larger_than_the_frame_cache_is_decompressed_once(
+        costly: tuple[Mount, dict[str, str]]) -> None:
+    m, names = costly
+    before = m.stats()
+    small_reads(m / names["huge-frame"] / "big", BIG, 200)
+    after = m.stats()
+    # Without the hot tier each read (or readahead) decompressed the whole 4 MiB frame again.
+    assert after["bytes_decompressed"] - before["bytes_decompressed"] <= len(BIG_NAR), after
+    assert after["frames_decompressed"] == before["frames_decompressed"], after
+    assert after["hot_fills"] - before["hot_fills"] == 1, after
+    assert m.alive()
+
+
+def test_a_million_frame_seek_table_stays_within_the_memory_bound(
+        costly: tuple[Mount, dict[str, str]]) -> None:
+    m, names = costly
+    proc = psutil.Process(m.proc.pid)
+    rss = proc.memory_info().rss
+    before = m.stats()
+    small_reads(m / names["million-frames"] / "many", MANY, 100)
+    after = m.stats()
+    grown = proc.memory_info().rss - rss
+    # A list of a million Frame objects was ~180 MiB; the bound is the NAR's share of the frame
+    # cache for its table, and the table is checked a chunk (~1 MiB) at a time.
+    assert after["table_bytes"] <= (FRAME_CACHE_MB << 20) // 64, after
+    assert grown < 64 << 20, grown
+    assert after["bytes_decompressed"] - before["bytes_decompressed"] <= len(MANY_NAR), after
+    assert after["hot_fills"] - before["hot_fills"] == 1, after
+
+
+def test_a_million_frame_seek_table_that_lies_is_still_refused(
+        costly: tuple[Mount, dict[str, str]]) -> None:
+    m, names = costly
+    expect_eio(m / names["million-lies"] / "many")
+    line = next(ln for ln in m.log().splitlines() if names["million-lies"] in ln)
+    assert "seek table" in line, line
+    assert m.alive()

@@ -13,7 +13,7 @@ from pathlib import Path
 from mounting import is_mounted, unmount
 
 from conftest import Narfs
-from narfs.mounts import FUSE_DEVICE
+from narfs.mounttable import FUSE_DEVICE
 from nixtools import nobody_narfs, one_line_error
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from narfs.cache import Cache
 from narfs.catalog import Catalog
-from narfs.mounts import narfs_mounts
+from narfs.mounttable import narfs_mounts
 from narfs.narinfo import parse as parse_narinfo
 from narfs.progress import human_size
 from narfs.storepath import hash_part
@@ -75,6 +75,11 @@ def test_status_totals_pins_watch_and_errors(narfs: Narfs, nixstore: NixStore,
         pin = roots / f"pin-{i}"
         pin.symlink_to(target)
         os.utime(pin, (old + i * 60, old + i * 60), follow_symlinks=False)
+    # Not pins, as narfs watch sees them (watchstate.classify): not counted, however old.
+    (roots / "notes.txt").write_text("a person's file\n")
+    (roots / "outside").symlink_to(tmp_path)
+    for bad in ("notes.txt", "outside"):
+        os.utime(roots / bad, (old - 60, old - 60), follow_symlinks=False)
 
     out = narfs("status").stdout
     assert f"archived:     2 paths, {human_size(nar)} NAR → {human_size(comp)} compressed " \

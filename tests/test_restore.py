@@ -18,7 +18,7 @@ import zstandard
 
 from hostile import nar, node_dir, node_file, node_link
 from narfs import nix32
-from narfs.cache import Cache
+from narfs.cache import Cache, write_atomic
 from narfs.catalog import Catalog
 from narfs.narinfo import NarInfo
 from narfs.signing import load_secret_key
@@ -224,13 +224,13 @@ def _hostile_entry(narfs: Narfs, data: bytes, compression: str = "zstd") -> str:
     body = zstandard.ZstdCompressor().compress(data) if compression == "zstd" else data
     file_hash = nix32.encode(hashlib.sha256(body).digest())
     url = f"nar/{file_hash}.nar{'.zst' if compression == 'zstd' else ''}"
-    cache.write_atomic(cache.nar_path(url), body)
+    write_atomic(cache.nar_path(url), body)
     info = NarInfo(store_path=f"/nix/store/{h}-hostile", url=url, compression=compression,
                    file_hash=f"sha256:{file_hash}", file_size=len(body),
                    nar_hash=nix32.format_sha256(hashlib.sha256(data).digest()),
                    nar_size=len(data))
     info.sign(load_secret_key(str(narfs.key)))
-    cache.write_atomic(cache.narinfo_path(hash_part(info.store_path)), info.render().encode())
+    write_atomic(cache.narinfo_path(hash_part(info.store_path)), info.render().encode())
     return info.store_path
 
 
@@ -268,7 +268,7 @@ def test_to_refuses_hostile_nars_and_writes_nothing_outside(narfs: Narfs,
     info = cache.read_narinfo(hash_part(path))
     info.nar_hash = nix32.format_sha256(b"\1" * 32)
     info.sign(load_secret_key(str(narfs.key)))
-    cache.write_atomic(cache.narinfo_path(hash_part(info.store_path)), info.render().encode())
+    write_atomic(cache.narinfo_path(hash_part(info.store_path)), info.render().encode())
     res = narfs("restore", "--to", str(parent / "out"), path, check=False)
     assert res.returncode == 1 and "the narinfo says" in res.stderr, res.stderr
     assert sorted(os.listdir(parent)) == ["already-here"]

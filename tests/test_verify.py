@@ -173,3 +173,20 @@ def test_with_a_writer_active_repair_refuses_and_fresh_files_are_not_judged(
     res = narfs("verify", check=False)  # no writer: both are leftovers now
     assert res.returncode == 1
     assert lines_naming(res.stdout, str(tmp)) and lines_naming(res.stdout, str(fresh))
+
+
+def test_a_tree_temporary_left_by_a_killed_mount_is_named_as_one(narfs: Narfs) -> None:
+    """The mount writes tree files through the cache's temporaries; one a crash left in
+    .narfs/trees is called what it is (not "a tree file of no archived path") and repaired."""
+    from narfs.cache import new_temporary
+
+    trees = narfs.cache / ".narfs" / "trees"
+    trees.mkdir(parents=True)
+    fd, tmp = new_temporary(str(trees), f"{'0' * 32}.tree")
+    os.close(fd)
+    res = narfs("verify", check=False)
+    assert res.returncode == 1
+    assert [ln for ln in lines_naming(res.stdout, tmp)
+            if "temporary file left by an interrupted writer" in ln], res.stdout
+    assert f"repair: removed {tmp}" in narfs("verify", "--repair").stdout
+    assert not os.path.exists(tmp)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from dataclasses import dataclass
+
+from .cache import read_small
+from .errors import CorruptError
 
 FSTYPE = "fuse.narfs"
 FSNAME_PREFIX = "narfs:"
@@ -56,18 +58,9 @@ def mode_of(state_dir: str, mountpoint: str) -> str | None:
         if not (name.startswith(STATE_PREFIX) and name.endswith(".json")):
             continue
         try:
-            fd = os.open(os.path.join(state_dir, name),
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
+            doc = json.loads(read_small(os.path.join(state_dir, name), MAX_STATE))
+        except (OSError, CorruptError, ValueError):
             continue
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                continue
-            doc = json.loads(os.read(fd, MAX_STATE))
-        except (OSError, ValueError):
-            continue
-        finally:
-            os.close(fd)
         if not isinstance(doc, dict) or doc.get("mountpoint") != mountpoint:
             continue
         pid, mode = doc.get("pid"), doc.get("mode")
