@@ -27,7 +27,11 @@ Nix and the host
 the mount (a FUSE filesystem over the cache)
     backend       where a mount's bytes come from (LocalBackend: the cache directory)
     reader        the read path: bytes at an offset of a NAR (frame cache, hot tier)
-    fs            the filesystem: lookup, readdir, read through pyfuse3
+    view          the mount's model, no FUSE: the paths shown, .by-name, listings by cursor,
+                  trees loaded and kept (TreeCache: lookup counts, idle LRU), access records,
+                  prefetch candidates
+    fs            the pyfuse3 adapter over the view: attributes, errnos, file handles, fast
+                  and stock mode, the kernel's notify calls
 the archiver
     archive       store closures into the cache (NAR, listing, signed narinfo; commit order)
 commands (cli.COMMANDS runs each; none imports another)

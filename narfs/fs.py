@@ -36,7 +36,7 @@ would make a large listing ten times slower than the local disk.
 Every handler turns unexpected exceptions into EIO with a log line: pyfuse3 only catches
 FUSEError, and anything else would end the mount. Every request that reaches a handler is counted
 per operation (`stats()["requests"]`), so tests can show what the kernel still asks. Threads:
-developer-notes/concurrency.md.
+docs/concurrency.md.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ the kernel holds its pages locked until that read is answered.
 
 Threads: everything here runs on the trio thread, except the blocking work it hands to worker
 threads (sqlite under `db_limiter`, one at a time; listings, tree files and tree building under
-the reader's limiter). See developer-notes/concurrency.md.
+the reader's limiter). See docs/concurrency.md.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 import trio
 
-from .cache import read_small
+from .cache import read_small, write_atomic
 from .catalog import Entry
 from .errors import CorruptError, NarfsError
 from .progress import plural
@@ -334,19 +334,14 @@ class TreeCache:
 
     @staticmethod
     def _write_tree(path: str, tree: Tree, entry: Entry) -> None:
-        """Best effort: the tree file only saves time, so failing to write it is no error."""
-        tmp = f"{path}.tmp-{os.getpid()}"
+        """Best effort: the tree file only saves time, so failing to write it is no error.
+        Through the cache's temporaries (a crash's leftover is one `verify` names), unsynced:
+        derived data a crash may lose."""
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(tree.dumps(entry.nar_hash))
-            os.rename(tmp, path)
+            write_atomic(path, tree.dumps(entry.nar_hash), sync=False)
         except OSError as e:
             log.debug("%s: not written (%s)", path, e)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
     def prune(self) -> None:
         """Delete tree files of paths no longer archived (blocking: run in a thread)."""
