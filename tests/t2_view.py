@@ -17,7 +17,15 @@ import trio
 from hostile import GOOD_TREE, nar, node_file
 from inprocess import Archive, collect, files, path_inode, run
 from narfs import view as view_mod
-from narfs.tree import BYNAME_DIR, BYNAME_INODE, BYNAME_LINK, INDEX_BITS, ROOT_INODE, name_slot
+from narfs.tree import (
+    BYNAME_DIR,
+    BYNAME_INODE,
+    BYNAME_LINK,
+    INDEX_BITS,
+    ROOT_INODE,
+    Tree,
+    name_slot,
+)
 from narfs.view import (
     BYNAME,
     LATEST,
@@ -247,6 +255,30 @@ def test_trees_come_from_the_ls_then_the_nar_and_big_ones_from_a_tree_file(
         assert again.reader.stats.nar_parses == 0 and with_ls in again.view.trees.loaded
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_a_tree_file_that_is_not_a_file_is_never_read(archive: Archive, tmp_path: Path,
+                                                      kind: str) -> None:
+    """.narfs/trees is untrusted too: a FIFO there must not hang a worker (and so the unmount),
+    and a symlink must not be followed, even to a tree that would pass every check."""
+    h = archive.add(files(2))
+    run(archive.view.refresh)
+    v = archive.view
+    planted = Path(v.trees.dir) / f"{h}.tree"
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(planted)
+    else:
+        entry = archive.catalog.get(h)
+        assert entry is not None
+        other = Tree.build(h, v.paths[h].slot, {"type": "directory", "entries": {
+            "planted": {"type": "regular", "size": 1, "narOffset": 0}}}, entry.nar_size)
+        (tmp_path / "outside.tree").write_bytes(other.dumps(entry.nar_hash))
+        planted.symlink_to(tmp_path / "outside.tree")
+    run(lambda: v.lookup(path_inode(h), b"d"))  # built from the listing, at once
+    with pytest.raises(NotFound):
+        run(lambda: v.lookup(path_inode(h), b"planted"))
 
 
 @pytest.mark.expect_log_errors("left out of the mount: NAR truncated")
