@@ -27,9 +27,10 @@ Nix and the host
 the mount (a FUSE filesystem over the cache)
     backend       where a mount's bytes come from (LocalBackend: the cache directory)
     reader        the read path: bytes at an offset of a NAR (frame cache, hot tier)
+    treecache     the trees of a mount's paths, loaded (tree file, catalog, .ls, NAR) and
+                  kept: lookup counts, the idle LRU; what the model uses of catalog and backend
     view          the mount's model, no FUSE: the paths shown, .by-name, listings by cursor,
-                  trees loaded and kept (TreeCache: lookup counts, idle LRU), access records,
-                  prefetch candidates
+                  access records, prefetch candidates
     fs            the pyfuse3 adapter over the view: attributes, errnos, file handles, fast
                   and stock mode, the kernel's notify calls
 the archiver

@@ -1,10 +1,10 @@
 """The mount's view of the archive: which paths it shows, where, and their trees. No FUSE here.
 
 fs.py puts this view on the kernel's side of a mount (pyfuse3); tests drive it directly. It
-holds the set of archived paths, the `.by-name` directories, each path's tree (tree.py) loaded
-and cached, the kernel's lookup counts, the paths read since the last flush, and what a read
-may hand the kernel next (prefetch). Errors are its own (`NotFound`, `NotADirectory`, ...):
-the adapter maps them to errnos.
+holds the set of archived paths, the `.by-name` directories, the paths read since the last
+flush, and what a read may hand the kernel next (prefetch); each path's tree is loaded and kept
+by its TreeCache (treecache.py), with the kernel's lookup counts. Errors are its own
+(`NotFound`, `NotADirectory`, ...): the adapter maps them to errnos.
 
 Layout of a mount:
 
@@ -18,17 +18,14 @@ Inodes are derived from store path hashes (see tree.py), so they survive remount
 immutable; only the root and `.by-name` change, as paths are archived or retired. `refresh`
 applies those changes and returns what the kernel must forget (`Changes`).
 
-Trees (`TreeCache`) come from the first usable source of: the tree file
-(`<trees_dir>/<hash>.tree`, written for big paths), the catalog's listing, the cache's `.ls`,
-the NAR itself. A source that fails validation is logged and the next one tried; when all fail
-the path is `broken` (left out of the root listing, `Broken` on use) until its narinfo changes.
+A path whose tree cannot be had (treecache.py: tree file, catalog, `.ls`, NAR) is `broken`:
+left out of the root listing, `Broken` on use, until its narinfo changes.
 
 Lookup counts: every node handed to the kernel (`lookup`, an entry `listdir`'s `reply` accepted)
 adds one to its path's count, `forget` subtracts; a path's tree may be dropped once its count
-is zero (it is rebuilt, with the same inode numbers, when next needed; what the view derived
-from it, such as which of its directories the kernel has listed, goes with it). Trees with a
-zero count wait in an LRU bounded by IDLE_NODES nodes. By-name and root inodes are computed,
-so they are not counted.
+is zero (see treecache.py; what the view derived from it, such as which of its directories the
+kernel has listed, goes with it). By-name and root inodes are computed, so they are not
+counted.
 
 Directory listings are cursor-based (`listdir(inode, cursor, reply)`): a cursor is slot + 1 in
 the dynamic directories, whose entries are kept sorted by slot, and child position + 1 in store
@@ -57,16 +54,14 @@ import functools
 import logging
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import trio
 
-from .cache import read_small, write_atomic
 from .catalog import Entry
-from .errors import CorruptError, NarfsError
+from .errors import NarfsError
 from .progress import plural
 from .reader import Reader
 from .storepath import HASH_LEN, is_hash
@@ -79,47 +74,22 @@ from .tree import (
     INDEX_BITS,
     INDEX_MASK,
     LNK,
-    MAX_TREE_FILE,
     REG,
     ROOT_INODE,
     Slots,
     Tree,
 )
+from .treecache import Listings, NoListing, NoSuchPath, PathSet, TreeCache
 
 log = logging.getLogger(__name__)
 
-IDLE_NODES = 500_000  # nodes of trees the kernel no longer references, kept for reuse
 TOPS_BATCH = 256
 BULK = 1000
-TREE_FILE_MIN = 1000  # nodes: smaller trees build from their listing in a millisecond anyway
 BYNAME = b".by-name"
 LATEST = b"latest"
 STORE_MTIME_NS = 1_000_000_000  # Nix sets every mtime in the store to 1
 
 T = TypeVar("T")
-
-
-# --- what the view is given --------------------------------------------------------------
-
-
-class PathSet(Protocol):
-    """What the view uses of the catalog (narfs.catalog.Catalog), exactly: a remote path set
-    can stand in for it. All blocking: called in a worker thread under `db_limiter`."""
-
-    def index(self) -> tuple[list[tuple[str, str, float]], dict[str, list]]: ...
-    def get(self, h: str) -> Entry | None: ...
-    def listing(self, h: str) -> dict | None: ...
-    def put_listing(self, h: str, root: dict, top: list | None = None) -> None: ...
-    def put_listings(self, items: Iterable[tuple[str, dict | None, list | None]]) -> None: ...
-    def sync(self, only: Iterable[str] | None = None) -> tuple[list[str], list[str]]: ...
-    def touch(self, hashes: Iterable[str], when: float | None = None) -> None: ...
-
-
-class Listings(Protocol):
-    """What the view uses of where bytes come from (narfs.backend.Backend), exactly."""
-
-    def read_listing(self, h: str, nar_size: int | None = None) -> dict | None: ...
-    def newest(self, versions: list[tuple[float, str]]) -> tuple[float, str]: ...
 
 
 # --- what it answers -----------------------------------------------------------------------
@@ -215,192 +185,6 @@ class NameDir:
 def tree_node(tree: Tree, index: int) -> Node:
     return Node(tree.inode(index), tree.kinds[index], tree.sizes[index], tree.nlinks[index],
                 counted=tree.hash)
-
-
-class TreeCache:
-    """The loaded trees of the archived paths, by hash: where they come from (the module doc;
-    one load per path at a time), the paths whose listing cannot be had (`broken`), the
-    kernel's lookup count per path (`refs`), and the LRU of trees no count holds, bounded by
-    IDLE_NODES nodes. `paths` is the view's, read only."""
-
-    def __init__(self, paths: dict[str, Archived], listings: Listings, catalog: PathSet,
-                 reader: Reader, db: Callable[..., Awaitable[Any]], directory: str,
-                 on_drop: Callable[[str], None]) -> None:
-        self.paths = paths
-        self.listings = listings
-        self.catalog = catalog
-        self.reader = reader
-        self.db = db  # a catalog call in a worker thread, under the view's db limiter
-        self.dir = directory  # compact trees of big paths (tree.py); checked by the caller
-        self.on_drop = on_drop  # the view forgets what it derived from a dropped tree
-        self.loaded: dict[str, Tree] = {}
-        self.entries: dict[str, Entry] = {}  # catalog entries of the paths whose tree is loaded
-        self.refs: dict[str, int] = {}  # kernel lookup count per path, summed over its nodes
-        self.idle: OrderedDict[str, int] = OrderedDict()  # unreferenced trees → node count
-        self.idle_nodes = 0
-        self.broken: dict[str, str] = {}  # paths whose listing cannot be had → why
-        self._loading: dict[str, trio.Event] = {}
-
-    async def get(self, h: str) -> Tree:
-        """The tree of path `h`, loaded if need be (see the module doc for its sources)."""
-        while True:
-            tree = self.loaded.get(h)
-            if tree is not None:
-                if h in self.idle:
-                    self.idle.move_to_end(h)
-                return tree
-            if h in self.broken:
-                raise Broken(h)
-            event = self._loading.get(h)
-            if event is None:
-                break
-            await event.wait()
-        event = self._loading[h] = trio.Event()
-        try:
-            tree = await self._load(h)
-        finally:
-            del self._loading[h]
-            event.set()
-        return tree
-
-    async def _load(self, h: str) -> Tree:
-        p = self.paths.get(h)
-        entry = await self.db(self.catalog.get, h)
-        if p is None or entry is None:
-            raise NotFound(h)
-        reason = "no listing"
-        tree = None
-        tree_file = os.path.join(self.dir, f"{h}.tree")
-        for source in ("tree", "catalog", "ls", "nar"):
-            try:
-                if source == "tree":
-                    tree = await trio.to_thread.run_sync(self._read_tree, tree_file, h, p.slot,
-                                                         entry, limiter=self.reader.limiter)
-                    if tree is not None:
-                        break
-                    continue
-                if source == "catalog":
-                    root = await self.db(self.catalog.listing, h)
-                elif source == "ls":
-                    root = await trio.to_thread.run_sync(
-                        self.listings.read_listing, h, entry.nar_size,
-                        limiter=self.reader.limiter)
-                else:
-                    root = await self.reader.listing(entry)
-                if root is None:
-                    continue
-                tree = await trio.to_thread.run_sync(Tree.build, h, p.slot, root, entry.nar_size,
-                                                     limiter=self.reader.limiter)
-            except (NarfsError, OSError) as e:
-                reason = str(e)
-                if source != "nar":
-                    log.warning("%s: %s listing unusable (%s); trying the next source",
-                                p.base, source, e)
-                continue
-            if source != "catalog":
-                await self.db(self.catalog.put_listing, h, root, tree.top())
-            if len(tree) >= TREE_FILE_MIN:
-                await trio.to_thread.run_sync(self._write_tree, tree_file, tree, entry,
-                                              limiter=self.reader.limiter)
-            break
-        if tree is None:
-            self.broken[h] = reason
-            log.error("%s: left out of the mount: %s", p.base, reason)
-            raise Broken(h)
-        if self.paths.get(h) is p:  # not retired while loading
-            p.top = tree.top()
-        self.loaded[h] = tree
-        self.entries[h] = entry
-        if self.refs.get(h, 0) == 0:
-            self._park(h)
-        return tree
-
-    @staticmethod
-    def _read_tree(path: str, h: str, slot: int, entry: Entry) -> Tree | None:
-        # read_small: a symlink, FIFO or device put in a tree file's place is refused, never
-        # followed or waited on (a FIFO used to hang a worker thread, and so the unmount).
-        try:
-            data = read_small(path, MAX_TREE_FILE)
-        except FileNotFoundError:
-            return None
-        except (CorruptError, OSError) as e:
-            log.warning("%s: %s; building the tree again", path, e)
-            return None
-        try:
-            return Tree.loads(h, slot, data, entry.nar_hash)
-        except CorruptError as e:
-            log.warning("%s: %s; building the tree again", path, e)
-            return None
-
-    @staticmethod
-    def _write_tree(path: str, tree: Tree, entry: Entry) -> None:
-        """Best effort: the tree file only saves time, so failing to write it is no error.
-        Through the cache's temporaries (a crash's leftover is one `verify` names), unsynced:
-        derived data a crash may lose."""
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_atomic(path, tree.dumps(entry.nar_hash), sync=False)
-        except OSError as e:
-            log.debug("%s: not written (%s)", path, e)
-
-    def prune(self) -> None:
-        """Delete tree files of paths no longer archived (blocking: run in a thread)."""
-        try:
-            names = os.listdir(self.dir)
-        except OSError:
-            return
-        for name in names:
-            if name[:HASH_LEN] not in self.paths:
-                try:
-                    os.unlink(os.path.join(self.dir, name))
-                except OSError:
-                    pass
-
-    def _park(self, h: str) -> None:
-        """Park an unreferenced tree; drop the oldest beyond IDLE_NODES."""
-        if h in self.idle:  # a forget beyond the count: parked already, counted once
-            return
-        n = len(self.loaded[h])
-        self.idle[h] = n
-        self.idle_nodes += n
-        while self.idle_nodes > IDLE_NODES and len(self.idle) > 1:
-            old, _ = next(iter(self.idle.items()))
-            self.drop(old)
-
-    # --- lookup counts ------------------------------------------------------------------
-
-    def ref(self, h: str) -> None:
-        count = self.refs.get(h, 0)
-        if count == 0 and h in self.idle:
-            self.idle_nodes -= self.idle.pop(h)
-        self.refs[h] = count + 1
-
-    def unref(self, h: str, n: int) -> None:
-        """The kernel forgot `n` lookups of path `h`'s nodes: at zero, park its tree, or drop
-        it when the path was retired meanwhile."""
-        left = self.refs.get(h, 0) - n
-        if left > 0:
-            self.refs[h] = left
-            return
-        self.refs.pop(h, None)
-        if h in self.loaded and h in self.paths:
-            self._park(h)
-        else:
-            self.drop(h)
-
-    def retire(self, h: str) -> None:
-        """Path `h` left the archive: its tree goes now, or when the kernel forgets it."""
-        self.entries.pop(h, None)
-        self.broken.pop(h, None)
-        if self.refs.get(h, 0) == 0:
-            self.drop(h)
-
-    def drop(self, h: str) -> None:
-        self.loaded.pop(h, None)
-        self.entries.pop(h, None)
-        if h in self.idle:
-            self.idle_nodes -= self.idle.pop(h)
-        self.on_drop(h)
 
 
 class ArchiveView:
@@ -567,7 +351,12 @@ class ArchiveView:
         return tops
 
     async def tree(self, h: str) -> Tree:
-        return await self.trees.get(h)
+        try:
+            return await self.trees.get(h)
+        except NoSuchPath:
+            raise NotFound(h) from None
+        except NoListing:
+            raise Broken(h) from None
 
     # --- lookup counts ------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import trio
 
 from hostile import GOOD_TREE, nar, node_file
 from inprocess import Archive, collect, files, path_inode, run
+from narfs import treecache
 from narfs import view as view_mod
 from narfs.tree import (
     BYNAME_DIR,
@@ -159,7 +160,7 @@ def test_idle_trees_stay_within_their_bound(archive: Archive,
     run(archive.view.refresh)
     v = archive.view
     size = len(run(lambda: v.tree(hashes[0])))
-    monkeypatch.setattr(view_mod, "IDLE_NODES", 3 * size)
+    monkeypatch.setattr(treecache, "IDLE_NODES", 3 * size)
     kept = run(lambda: v.lookup(ROOT_INODE, archive.base(hashes[5])))  # referenced: not idle
     for h in hashes[:5]:
         run(lambda h=h: v.getattr(path_inode(h)))  # loads the tree, hands out nothing
@@ -176,7 +177,7 @@ def test_idle_trees_stay_within_their_bound(archive: Archive,
 
 def test_one_idle_tree_is_kept_however_big(archive: Archive,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(view_mod, "IDLE_NODES", 1)
+    monkeypatch.setattr(treecache, "IDLE_NODES", 1)
     h = archive.add(files(10))
     run(archive.view.refresh)
     run(lambda: archive.view.getattr(path_inode(h)))
@@ -231,7 +232,7 @@ def test_a_retired_path_in_use_keeps_its_tree_until_forgotten(archive: Archive) 
 
 def test_trees_come_from_the_ls_then_the_nar_and_big_ones_from_a_tree_file(
         archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(view_mod, "TREE_FILE_MIN", 10)
+    monkeypatch.setattr(treecache, "TREE_FILE_MIN", 10)
     with_ls = archive.add(files(20), "a")
     without = archive.add(files(2), "b")
     (archive.root / f"{without}.ls").unlink()
@@ -378,7 +379,7 @@ def test_a_dropped_tree_forgets_which_directories_the_kernel_had_listed(
         f0 = run(lambda: v.lookup(d.inode, b"f000")).inode
         key, entry, _, _ = run(lambda: v.file(f0))
         run(lambda: a.reader.read(entry, 0, entry.nar_size))
-        monkeypatch.setattr(view_mod, "IDLE_NODES", len(v.trees.loaded[h]))
+        monkeypatch.setattr(treecache, "IDLE_NODES", len(v.trees.loaded[h]))
         v.forget([(d.inode, v.trees.refs[h])])  # the kernel forgets all of it: parked
         run(lambda: v.getattr(path_inode(other)))  # parked after it: the bound drops it
         assert h not in v.trees.loaded
@@ -412,7 +413,7 @@ def test_a_catalog_stand_in_is_enough(tmp_path: Path) -> None:
             self.inner = inner
 
         def __getattr__(self, name: str) -> object:
-            assert name in view_mod.PathSet.__dict__, f"the view used catalog.{name}"
+            assert name in treecache.PathSet.__dict__, f"the view used catalog.{name}"
             return getattr(self.inner, name)
 
     try:
