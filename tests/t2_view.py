@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from hostile import GOOD_TREE, nar, node_file
+from hostile import GOOD_TREE, nar, node_file, node_link
 from inprocess import Archive, collect, files, path_inode, run
 from narfs import treecache
 from narfs import view as view_mod
@@ -82,6 +82,22 @@ def test_root_and_by_name_show_every_path(archive: Archive) -> None:
     version = run(lambda: archive.view.lookup(tool_dir, version_name(1000, old)))
     assert run(lambda: archive.view.readlink(version.inode)) == b"../../" + archive.base(old)
     assert version.mtime_ns == 1000 * 10**9 and version.dynamic
+
+
+def test_root_entries_say_what_their_trees_say(archive: Archive) -> None:
+    """The root listing answers from the paths' tops (catalog, `.ls`) without loading trees;
+    what it says must be what the tree says once loaded."""
+    hashes = [archive.add(files(3), "dir"), archive.add(nar(node_file(b"12345", True)), "exe"),
+              archive.add(nar(node_link("tärget".encode())), "link")]
+    run(archive.view.refresh)
+    run(archive.view.fill_tops)
+    got, reply = collect()
+    run(lambda: archive.view.listdir(ROOT_INODE, 0, reply))
+    assert archive.view.trees.loaded == {}, "tops only: no tree loaded for a listing"
+    tops = {node.inode: node for name, node, _ in got if name != BYNAME}
+    assert len(tops) == 3
+    for h in hashes:
+        assert tops[path_inode(h)] == run(lambda h=h: archive.view.getattr(path_inode(h)))
 
 
 def test_lookups_and_accepted_listing_entries_are_counted_and_forgotten(
