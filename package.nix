@@ -54,6 +54,7 @@ python3Packages.buildPythonApplication {
     pynacl
     inotify-simple
     tqdm
+    urllib3
   ]);
 
   # narfs runs nix, nix-store and fusermount3. Appended, not prepended: the system's own Nix

@@ -13,7 +13,10 @@ formats (pure: bytes in, values out; everything read is untrusted)
     tree          store paths as inode trees (numbering, compact trees of big paths)
 the cache directory and narfs's derived data
     cache         layout, locks, reading untrusted files, the one temporary-then-rename helper
+    frameauth     signed frame hashes (<hash>.auth): what a remote mount checks every frame and
+                  listing against
     catalog       the catalog (.narfs/catalog.sqlite) and how commands open it
+    pathindex     the published index of archived paths (narfs-index.zst) remote mounts poll
     retire        removing entries closure-safe (gc, verify --repair)
     quarantine    entries verify --repair took out without deleting them
     watchstate    what narfs watch leaves for others: watch.json, the pins waiting
@@ -26,6 +29,9 @@ Nix and the host
                   sizes and times print
 the mount (a FUSE filesystem over the cache)
     backend       where a mount's bytes come from (LocalBackend: the cache directory)
+    http          HTTP ranges from an untrusted server (urllib3: one pool, timeouts, retries)
+    remote        the HTTP backend: a partial mirror of a remote cache, checked against
+                  trusted keys and signed frame hashes
     reader        the read path: bytes at an offset of a NAR (frame cache, hot tier)
     treecache     the trees of a mount's paths, loaded (tree file, catalog, .ls, NAR) and
                   kept: lookup counts, the idle LRU; what the model uses of catalog and backend

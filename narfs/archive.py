@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import listing, nix32, nixquery
+from . import frameauth, listing, nix32, nixquery, pathindex
 from .cache import Cache, describe_os_error, fsync_dir, new_temporary, remove_file
 from .config import Settings
 from .errors import NarfsError
@@ -256,6 +256,9 @@ class Archiver:
                              human_size(w.info.nar_size),
                              (w.entry.file_size or 0) / max(w.info.nar_size, 1))
             fsync_dir(cache.root)
+            frameauth.publish(cache, self.key, [w.entry for w in ready
+                                                if w.entry in result.archived])
+            pathindex.publish(cache)
         except OSError as e:
             for w in ready:
                 w.discard()

@@ -19,7 +19,7 @@ from typing import ClassVar, NoReturn
 
 import trio
 
-from . import __version__, config, nixquery, signing
+from . import __version__, config, nixquery, pathindex, signing
 from .archive import Archiver
 from .cache import Cache
 from .config import Settings
@@ -136,8 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast: zero-message opens and cached directories (needs pyfuse3 with "
                    "narfs's patch); stock: what stock pyfuse3 allows; auto (default): fast "
                    "when available")
+    p.add_argument("source", nargs="?", metavar="URL",
+                   help="a remote cache, http(s)://host/path (default: cache_dir, or --cache)")
     p.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
                    help="where to mount (default: mountpoint from the config file)")
+    p.add_argument("--path", dest="paths", action="append", default=[], metavar="STOREPATH",
+                   help="with the URL of a cache that has no narfs path index (written by nix "
+                   "copy, cache.nixos.org): a store path to show (repeatable)")
 
     p = command("umount", "unmount a narfs mount")
     p.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
@@ -198,6 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     cache = Cache(settings.cache_dir)
     created = cache.init()
+    pathindex.publish(cache)  # a new cache is mountable over HTTP before its first archive
     print(f"{'created' if created else 'unchanged'}: binary cache {cache.root}")
     key_file = settings.secret_key_file or config.DEFAULT_KEY
     if os.path.exists(key_file):

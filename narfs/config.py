@@ -38,6 +38,11 @@ class Settings:
     # path in steady use keeps being recorded as accessed for gc (README: what counts as use).
     access_window: int = 3600
     public_key: str = ""  # trusted key for restore/verify; default: derived from the secret key
+    # A remote mount (`narfs mount http://...`): how often it polls the server's path index,
+    # and how long one request may take before the read that needs it fails (EIO).
+    remote_poll: int = 30
+    remote_timeout: int = 10
+    remote_cache_mb: int = 1024  # fetched NAR bytes a remote mount keeps on disk
 
     @property
     def state_dir(self) -> str:
@@ -53,7 +58,8 @@ _TYPES = {f.name: f.type for f in fields(Settings)}
 # What each number may be: beyond these a value is a typo (and some would exhaust memory).
 _RANGES = {"frame_size": (4096, 1 << 30), "zstd_level": (1, 22), "jobs": (0, 1024),
            "frame_cache_mb": (1, 1 << 20), "hot_tier_mb": (0, 1 << 24),
-           "parallel_paths": (1, 1024), "access_window": (1, 1 << 31)}
+           "parallel_paths": (1, 1024), "access_window": (1, 1 << 31),
+           "remote_poll": (1, 86400), "remote_timeout": (1, 600), "remote_cache_mb": (0, 1 << 24)}
 assert _RANGES.keys() == {k for k, t in _TYPES.items() if t == "int"}
 # The one form of the roots_dir line that narfs-hook (sh, no TOML parser) reads too.
 _ROOTS_LINE = re.compile(r"""^[ \t]*roots_dir[ \t]*=[ \t]*(?:"([^"\\\n]*)"|'([^'\n]*)')"""

@@ -8,11 +8,9 @@ problem (FAIL or WARN), so a script or a monitoring timer can run it too. Nothin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +20,7 @@ from .cache import Cache
 from .config import Settings, config_path, hook_path, trusted_key
 from .errors import NarfsError
 from .mounttable import fuse_problem, narfs_mounts
+from .nixquery import nix_settings, nix_version
 from .nixversions import NixVersion
 from .progress import ago, human_size, plural
 from .storepath import GC_ROOTS_DIR
@@ -37,23 +36,6 @@ FREE_MIN_RATIO = 0.05
 STAT_TIMEOUT = 2.0
 
 
-def _nix(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["nix", "--extra-experimental-features", "nix-command", *args],
-                          capture_output=True, text=True, timeout=60)
-
-
-def nix_version() -> NixVersion | str:
-    """The `nix` on PATH, or why it cannot be used."""
-    try:
-        proc = subprocess.run(["nix", "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"nix --version: {e}"
-    try:
-        return nixversions.parse_version((proc.stdout.splitlines() or [""])[0])
-    except NarfsError as e:
-        return str(e)
-
-
 def check_nix(v: NixVersion | str) -> Iterator[Line]:
     oldest = ".".join(map(str, nixversions.OLDEST))
     if isinstance(v, str):
@@ -63,18 +45,6 @@ def check_nix(v: NixVersion | str) -> Iterator[Line]:
             f"upgrade Nix (narfs supports {oldest} and newer, and Lix)"
     else:
         yield OK, f"Nix {'.'.join(map(str, v.release))}{' (Lix)' if v.lix else ''}", ""
-
-
-def nix_settings(v: NixVersion) -> dict[str, object] | None:
-    """Nix's effective settings (nix.conf, includes, $NIX_CONFIG), or None."""
-    try:
-        proc = _nix(*nixversions.config_show_args(v), "--json")
-        doc = json.loads(proc.stdout) if proc.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        return None
-    if not isinstance(doc, dict):
-        return None
-    return {k: v.get("value") if isinstance(v, dict) else v for k, v in doc.items()}
 
 
 def check_nix_conf(settings: Settings, cache: Cache, v: NixVersion | str) -> Iterator[Line]:

@@ -26,11 +26,12 @@ import signal
 import stat
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 import pyfuse3
 import trio
 
-from .backend import LocalBackend
+from .backend import Backend, LocalBackend
 from .cache import Cache, write_atomic
 from .catalog import Catalog
 from .config import Settings
@@ -40,6 +41,7 @@ from .mounttable import fuse_problem, narfs_mounts, remove_stale_states, state_n
 from .notify import Notifier
 from .progress import plural
 from .reader import HotTier, Reader
+from .remote import RemoteBackend, is_url, open_remote
 from .storepath import is_hash
 from .view import ArchiveView
 
@@ -102,23 +104,33 @@ def check_mountpoint(mountpoint: str, nonempty: bool) -> None:
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
+    if args.mountpoint is None:  # one positional: the mount point
+        args.mountpoint, args.source = args.source, None
+    if args.source:
+        settings = replace(settings, cache_dir=args.source)
     options = parse_options(args.options)
     mountpoint = os.path.realpath(args.mountpoint or settings.mountpoint)  # as /proc/mounts
     check_mountpoint(mountpoint, "nonempty" in options)
     problem = fuse_problem()
     if problem:
         raise NarfsError(f"cannot mount {mountpoint}: {problem}")
-    cache = Cache(settings.cache_dir)
+    if args.paths and not is_url(settings.cache_dir):
+        raise NarfsError("--path names store paths of a remote cache: narfs mount "
+                         "--path STOREPATH http(s)://host/path MOUNTPOINT")
+    remote = open_remote(settings.cache_dir, settings, args.paths) \
+        if is_url(settings.cache_dir) else None
+    cache = remote.mirror if remote else Cache(settings.cache_dir)
     cache.check()
-    if not cache.root.isascii():
-        raise NarfsError(f"{cache.root}: FUSE mount options must be ASCII; use a cache path "
-                         "without non-ASCII characters")
+    where = remote.where if remote else cache.root
+    if not where.isascii():
+        raise NarfsError(f"{where}: FUSE mount options must be ASCII; use a cache path or "
+                         "URL without non-ASCII characters")
     allow_other = settings.allow_other or "allow_other" in options
     fast = choose_mode(settings.fuse_mode)
     if args.foreground:
         return serve(cache, settings, mountpoint, allow_other, Notifier.from_environment(),
-                     fast)
-    return _daemonise(cache, settings, mountpoint, allow_other, fast)
+                     fast, remote)
+    return _daemonise(cache, settings, mountpoint, allow_other, fast, remote)
 
 
 def choose_mode(wanted: str) -> bool:
@@ -140,7 +152,7 @@ def describe_mode(fast: bool, wanted: str) -> str:
 
 
 def _daemonise(cache: Cache, settings: Settings, mountpoint: str, allow_other: bool,
-               fast: bool) -> int:
+               fast: bool, remote: RemoteBackend | None) -> int:
     """Fork; return in the parent once the child's mount answers, or with its error line."""
     r, w = os.pipe()
     pid = os.fork()
@@ -150,7 +162,7 @@ def _daemonise(cache: Cache, settings: Settings, mountpoint: str, allow_other: b
             os.close(r)
             os.setsid()
             _detach_stdio(cache)
-            code = serve(cache, settings, mountpoint, allow_other, _PipeReady(w), fast)
+            code = serve(cache, settings, mountpoint, allow_other, _PipeReady(w), fast, remote)
         except NarfsError as e:
             log.error("%s", e)
             _report(w, str(e))
@@ -217,24 +229,29 @@ def _detach_stdio(cache: Cache) -> None:
 
 
 def serve(cache: Cache, settings: Settings, mountpoint: str, allow_other: bool,
-          notifier: Notifier, fast: bool) -> int:
-    """Mount, serve until unmounted or signalled, unmount. Blocking; returns the exit code."""
+          notifier: Notifier, fast: bool, remote: RemoteBackend | None = None) -> int:
+    """Mount, serve until unmounted or signalled, unmount. Blocking; returns the exit code.
+    A remote mount (`remote`) serves its mirror directory `cache` (remote.py)."""
     catalog = Catalog(cache)
     try:
         return trio.run(_serve, cache, catalog, settings, mountpoint, allow_other, notifier,
-                        fast)
+                        fast, remote)
     finally:
         catalog.close()
         notifier.close()
 
 
 async def _serve(cache: Cache, catalog: Catalog, settings: Settings, mountpoint: str,
-                 allow_other: bool, notifier: Notifier, fast: bool) -> int:
+                 allow_other: bool, notifier: Notifier, fast: bool,
+                 remote: RemoteBackend | None) -> int:
     limiter = trio.CapacityLimiter(max(2, settings.threads))
     hot = await trio.to_thread.run_sync(HotTier, cache.state_path("hot"),
                                         settings.hot_tier_mb << 20)
-    reader = Reader(LocalBackend(cache), hot, settings.frame_cache_mb << 20, limiter)
-    view = ArchiveView(reader.backend, catalog, reader, trio.CapacityLimiter(1),
+    if remote is not None:
+        await trio.to_thread.run_sync(remote.start, catalog)
+    backend: Backend = remote or LocalBackend(cache)
+    reader = Reader(backend, hot, settings.frame_cache_mb << 20, limiter)
+    view = ArchiveView(backend, catalog, reader, trio.CapacityLimiter(1),
                        cache.state_path("trees"), prefetch=fast)
     fs = NarFS(view, reader, fast)
     await view.start()
@@ -249,7 +266,7 @@ async def _serve(cache: Cache, catalog: Catalog, settings: Settings, mountpoint:
         # are then delivered to `signals`.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            pyfuse3.init(fs, mountpoint, fuse_options(cache.root, allow_other))
+            pyfuse3.init(fs, mountpoint, fuse_options(backend.where, allow_other))
         except RuntimeError:
             raise NarfsError(f"{mountpoint}: mounting failed (is /dev/fuse available and "
                              "fusermount3 installed? allow_other needs user_allow_other in "
@@ -257,7 +274,7 @@ async def _serve(cache: Cache, catalog: Catalog, settings: Settings, mountpoint:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         fs.live = True
-        log.info("mounted %s on %s", cache.root, mountpoint)
+        log.info("mounted %s on %s", backend.where, mountpoint)
         log.info("%s", describe_mode(fast, settings.fuse_mode))
         state = cache.state_path(state_name(os.getpid()))
         _write_state(cache, state, mountpoint, fs.mode)
@@ -274,6 +291,8 @@ async def _run(fs: NarFS, reader: Reader, notifier: Notifier, signals: AsyncIter
             nursery.start_soon(_announce, mountpoint, notifier)
             nursery.start_soon(_signals, signals, fs, notifier)
             nursery.start_soon(_keep_in_step, fs, root)
+            if isinstance(reader.backend, RemoteBackend):
+                nursery.start_soon(reader.backend.follow)  # its mirror, the root, follows it
             nursery.start_soon(_every, FLUSH_ACCESS, fs.view.flush_access,
                                "recording last access times")
             nursery.start_soon(_every, access_window, fs.expire,

@@ -1,14 +1,17 @@
-"""What narfs asks of Nix: path metadata and validity, in as few calls as possible."""
+"""What narfs asks of Nix: path metadata and validity, in as few calls as possible; the
+version and effective settings of the `nix` on PATH (doctor, remote mounts' trusted keys)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
 
 import trio
 
 from . import nixversions
 from .errors import NarfsError
-from .nixversions import PathInfo
+from .nixversions import NixVersion, PathInfo
 
 log = logging.getLogger(__name__)
 
@@ -54,3 +57,34 @@ async def closure_infos(paths: list[str]) -> dict[str, PathInfo]:
 
 async def all_infos() -> dict[str, PathInfo]:
     return await _path_infos("--all")
+
+
+# --- blocking: for doctor and the remote mount's setup, outside any trio loop -------------
+
+
+def _nix(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*NIX, *args], capture_output=True, text=True, timeout=60)
+
+
+def nix_version() -> NixVersion | str:
+    """The `nix` on PATH, or why it cannot be used."""
+    try:
+        proc = subprocess.run(["nix", "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"nix --version: {e}"
+    try:
+        return nixversions.parse_version((proc.stdout.splitlines() or [""])[0])
+    except NarfsError as e:
+        return str(e)
+
+
+def nix_settings(v: NixVersion) -> dict[str, object] | None:
+    """Nix's effective settings (nix.conf, includes, $NIX_CONFIG), or None."""
+    try:
+        proc = _nix(*nixversions.config_show_args(v), "--json")
+        doc = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    return {k: v.get("value") if isinstance(v, dict) else v for k, v in doc.items()}

@@ -24,7 +24,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from . import narinfo
+from . import narinfo, pathindex
 from .cache import Cache, fsync_dir, read_small, write_atomic
 from .errors import CorruptError, NarfsError
 from .narinfo import NarInfo
@@ -197,6 +197,7 @@ def restore(cache: Cache, entries: list[Held]) -> tuple[list[str], int]:
         os.fsync(qfd)
     finally:
         os.close(qfd)
+        pathindex.publish(cache)
     return lines, left
 
 

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from . import narinfo
+from . import narinfo, pathindex
 from .cache import Cache, read_small, remove_file, size_of
 from .catalog import Catalog
 from .errors import CorruptError
@@ -77,6 +77,7 @@ def retire(cache: Cache, catalog: Catalog, doomed: Iterable[tuple[str, str | Non
     freed = Freed()
     with cache.publish_lock(exclusive=True):
         _retire(cache, catalog, doomed, freed)
+    pathindex.publish(cache)  # remote mounts follow the index: retired paths leave them
     return freed
 
 

@@ -40,7 +40,17 @@ from typing import BinaryIO
 import trio
 import zstandard
 
-from . import listing, nar, nix32, nixquery, nixversions, quarantine, zstdseek
+from . import (
+    frameauth,
+    listing,
+    nar,
+    nix32,
+    nixquery,
+    nixversions,
+    pathindex,
+    quarantine,
+    zstdseek,
+)
 from .cache import (
     CACHE_INFO,
     TMP_PREFIX,
@@ -269,6 +279,10 @@ def scan(cache: Cache, writer_active: bool, now: float) -> Scan:
             s.listings.add(name[:-3])
         elif name in KNOWN_DIRS and os.path.isdir(path) and not os.path.islink(path):
             pass
+        elif name == pathindex.FILENAME and stat.S_ISREG(os.lstat(path).st_mode):
+            pass  # the path index remote mounts read (rewritten by the next change)
+        elif name.endswith(frameauth.SUFFIX) and is_hash(name[:-len(frameauth.SUFFIX)]):
+            pass  # signed frame hashes for remote mounts (the next gc drops orphans)
         elif name in ("nar", ".narfs"):
             mode = os.lstat(path).st_mode
             s.problems.append(Problem(path, f"{kind_of(mode)}, not a directory: narfs reads and "

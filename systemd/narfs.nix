@@ -448,7 +448,16 @@ in
               types { }
               default_type text/x-nix-narinfo;
             '';
+            "= /narfs-index.zst".extraConfig = ''
+              types { }
+              default_type application/zstd;
+              add_header Cache-Control "no-cache";
+            '';
             "~ \"^/[0-9a-df-np-sv-z]{32}\\.ls$\"".extraConfig = ''
+              types { }
+              default_type application/json;
+            '';
+            "~ \"^/[0-9a-df-np-sv-z]{32}\\.auth$\"".extraConfig = ''
               types { }
               default_type application/json;
             '';

@@ -17,18 +17,14 @@ Facts found while writing these (Debian 12, systemd 252, Nix 2.8.0, nginx 1.22):
 
 from __future__ import annotations
 
-import grp
 import json
 import os
-import pwd
 import re
 import shlex
 import shutil
-import socket
 import stat
 import subprocess
 import tempfile
-import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -40,6 +36,7 @@ import pytest
 import trio
 
 from narfs.nixversions import config_show_args, detect
+from nginxserver import serving, world_readable
 from nixeval import evaluate, repo_files
 from nixtools import NIX, Narfs, NixStore, path_infos, run
 
@@ -631,61 +628,17 @@ def test_init_prints_a_nixos_form_the_module_accepts(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- nginx
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker_user() -> str:
-    for name in ("www-data", "nginx", "nobody"):
-        try:
-            pw = pwd.getpwnam(name)
-        except KeyError:
-            continue
-        return f"{name} {grp.getgrgid(pw.pw_gid).gr_name}"
-    return "root root"
-
-
-def nginx_conf(base: Path, cache: Path, port: int) -> Path:
-    server = (SYSTEMD / "nginx-narfs.conf").read_text()
-    server, n1 = re.subn(r"^(\s*)listen 5000;$", rf"\1listen 127.0.0.1:{port};", server,
-                         flags=re.M)
-    server, n2 = re.subn(r"^\s*listen \[::\]:5000;\n", "", server, flags=re.M)
-    server, n3 = re.subn(r"^(\s*)root /var/lib/narfs/cache;$", rf"\1root {cache};", server,
-                         flags=re.M)
-    assert (n1, n2, n3) == (1, 1, 1), "the example's listen/root lines changed shape"
-    conf = base / "nginx.conf"
-    conf.write_text(f"""
-user {worker_user()};
-worker_processes 1;
-daemon off;
-pid {base}/nginx.pid;
-error_log {base}/error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {base}/client_body;
-    proxy_temp_path {base}/proxy;
-{server}
-}}
-""")
-    return conf
-
-
 NARINFO = "0" * 32 + ".narinfo"
 LISTING = "1" * 32 + ".ls"
 NAR = "nar/" + "a" * 52 + ".nar.zst"
+INDEX = "narfs-index.zst"
 
 
 @pytest.fixture(scope="module")
 def served_cache(request: pytest.FixtureRequest) -> Iterator[tuple[str, Path, str]]:
     """nginx serving a cache dir that also holds things it must refuse, plus a
     store path copied in by `nix copy`; yields (base URL, cache dir, store path)."""
-    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
-    if nginx is None:
-        pytest.skip("nginx not installed")
-    base = Path(tempfile.mkdtemp(prefix="narfs-nginx-"))
+    base = Path(tempfile.mkdtemp(prefix="narfs-served-"))
     base.chmod(0o755)  # the worker user must reach the cache dir
     cache = base / "cache"
     (cache / "nar").mkdir(parents=True)
@@ -694,6 +647,7 @@ def served_cache(request: pytest.FixtureRequest) -> Iterator[tuple[str, Path, st
         NARINFO: "StorePath: /nix/store/" + "0" * 32 + "-x\n",
         LISTING: '{"version":1,"root":{"type":"regular","size":0}}',
         NAR: "not really zstd",
+        INDEX: "zstd",
         # narfs's own state and temporaries (narfs/cache.py), and a misplaced key
         ".narfs/catalog.sqlite": "narfs state", ".narfs/catalog.sqlite-wal": "",
         ".narfs/watch.json": "{}", ".narfs/hot/" + "c" * 52 + ".nar": "hot",
@@ -704,41 +658,15 @@ def served_cache(request: pytest.FixtureRequest) -> Iterator[tuple[str, Path, st
         (cache / name).parent.mkdir(parents=True, exist_ok=True)
         (cache / name).write_text(text)
     copied = ""
-    proc: subprocess.Popen[bytes] | None = None
     try:
         if shutil.which("nix"):
             copied = request.getfixturevalue("store_path")
             run([*NIX, "copy", "--to",
                  f"file://{cache}?compression=zstd&write-nar-listing=true", copied])
-        for root, dirs, names in os.walk(cache):
-            for d in dirs:
-                os.chmod(os.path.join(root, d), 0o755)
-            for f in names:
-                os.chmod(os.path.join(root, f), 0o644)
-        port = free_port()
-        conf = nginx_conf(base, cache, port)
-        args = [nginx, "-c", str(conf), "-p", str(base), "-e", str(base / "error.log")]
-        test = run([*args, "-t"], check=False)
-        assert test.returncode == 0, test.stderr
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            assert proc.poll() is None, (base / "error.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nginx did not start listening"
-                time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}", cache, copied
+        world_readable(cache)
+        with serving(cache) as server:
+            yield server.url, cache, copied
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -756,6 +684,7 @@ def fetch(url: str) -> tuple[int, str, bytes]:
     (NARINFO, "text/x-nix-narinfo"),
     (LISTING, "application/json"),
     (NAR, "application/x-nix-nar"),
+    (INDEX, "application/zstd"),
 ])
 def test_nginx_serves_the_cache(
     served_cache: tuple[str, Path, str], path: str, content_type: str

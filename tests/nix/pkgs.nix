@@ -49,6 +49,7 @@ let
     pynacl = pythonPackage "pynacl" { };
     inotify-simple = pythonPackage "inotify-simple" { };
     tqdm = pythonPackage "tqdm" { };
+    urllib3 = pythonPackage "urllib3" { };
   };
 
   pkgs = {

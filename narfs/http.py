@@ -1,0 +1,233 @@
+"""HTTP for remote mounts: whole small files, conditional fetches and byte ranges from an
+untrusted server, with connection reuse, timeouts and bounded retries.
+
+Blocking (urllib3, one pool shared by the worker threads that call it): the read path calls it
+from the reader's worker threads, so a slow server holds a worker, never the trio loop. Every
+request ends within `attempts × (connect + read timeout)` plus the backoff between attempts:
+a dead or hanging server gives an error (EIO for the read that needed it), never a hang.
+
+The server is untrusted: a range answered with anything but exactly the bytes asked for (a 200
+with the whole body, another range, a body shorter or longer than its Content-Length, a total
+size other than the one expected) is an error, never bytes handed on. Whether the bytes are
+the archived ones is for the caller to check (signatures, hashes: docs/SECURITY.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from . import __version__
+from .errors import CorruptError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+ATTEMPTS = 3
+BACKOFF = 0.2  # seconds before the second attempt; doubled for each further one
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class RemoteError(OSError):
+    """The server could not be asked, or did not answer in time (EIO for the read).
+    `retry`: whether asking again may help (a refused or reset connection, a short body);
+    a server that let a timeout run out is not asked again within the same read."""
+
+    def __init__(self, message: str, retry: bool = True) -> None:
+        super().__init__(errno.EIO, message)
+        self.retry = retry
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@dataclass
+class Fetched:
+    data: bytes
+    etag: str | None
+    unchanged: bool = False  # 304: the file is still the one `etag` names (data is empty)
+
+
+def is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+class Http:
+    """One server (`base`: scheme, host, optional path prefix)."""
+
+    def __init__(self, base: str, timeout: float = 10.0, attempts: int = ATTEMPTS,
+                 login: tuple[str, str, str] | None = None) -> None:
+        """`login`: (netrc file, user, password), sent as HTTP Basic authentication to this
+        server only (redirects are not followed)."""
+        self.base = base.rstrip("/")
+        self.attempts = attempts
+        # the longest one request may take, retries and backoff included
+        self.longest = attempts * (min(CONNECT_TIMEOUT, timeout) + timeout) \
+            + BACKOFF * (2 ** attempts)
+        self.netrc = login[0] if login else None
+        headers = {"User-Agent": f"narfs/{__version__}"}
+        if login:
+            headers.update(urllib3.make_headers(basic_auth=f"{login[1]}:{login[2]}"))
+        # Redirects are not followed (retries=False): a cache answers where it is asked.
+        # The system's CA store verifies https (urllib3's default through ssl).
+        self.pool = urllib3.PoolManager(
+            num_pools=2, maxsize=16, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=min(CONNECT_TIMEOUT, timeout), read=timeout),
+            headers=headers)
+        self.requests = 0  # counters for tests and `stats`
+        self.bytes = 0
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/{path}"
+
+    def _once(self, path: str, headers: dict[str, str], limit: int
+              ) -> tuple[int, dict[str, str], bytes]:
+        url = self.url(path)
+        try:
+            # a request's headers replace the pool's: the login and User-Agent go each time
+            r = self.pool.request("GET", url, headers={**self.pool.headers, **headers},
+                                  preload_content=False, decode_content=False)
+        except Urllib3Error as e:
+            raise RemoteError(f"{url}: {_reason(e)}", retry=not _timed_out(e)) from None
+        consumed = False
+        try:
+            self.requests += 1
+            if r.status not in (200, 206) or (r.status == 200 and "Range" in headers):
+                # an error, or the whole file where a range was asked: never read its body
+                return r.status, dict(r.headers), b""
+            length = r.headers.get("Content-Length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                raise CorruptError(f"{url}: answer of {length} bytes, more than the "
+                                   f"{limit} asked for")
+            try:
+                data = r.read(limit + 1)
+            except Urllib3Error as e:
+                raise RemoteError(f"{url}: {_reason(e)}", retry=not _timed_out(e)) from None
+            if len(data) > limit:
+                raise CorruptError(f"{url}: answer larger than {limit} bytes")
+            if length is not None and len(data) != int(length):
+                raise RemoteError(f"{url}: answer of {len(data)} bytes, Content-Length "
+                                  f"said {length}")
+            consumed = True
+            self.bytes += len(data)
+            return r.status, dict(r.headers), data
+        finally:
+            _done(r, consumed)
+
+    def _retrying(self, path: str, headers: dict[str, str], limit: int
+                  ) -> tuple[int, dict[str, str], bytes]:
+        """Transient failures (connection, timeout, short body, 5xx) are retried with backoff;
+        a wrong answer (CorruptError) is not: asking again would get the same lie."""
+        delay = BACKOFF
+        for attempt in range(1, self.attempts + 1):
+            try:
+                status, h, data = self._once(path, headers, limit)
+            except RemoteError as e:
+                if attempt == self.attempts or not e.retry:
+                    raise
+                log.info("%s (attempt %d of %d; retrying)", e, attempt, self.attempts)
+            else:
+                if status < 500 or attempt == self.attempts:
+                    return status, h, data
+                log.info("%s: HTTP %d (attempt %d of %d; retrying)", self.url(path), status,
+                         attempt, self.attempts)
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def get(self, path: str, limit: int, etag: str | None = None) -> Fetched | None:
+        """A whole file of at most `limit` bytes; None when the server has no such file (404,
+        410). With `etag`, a file that has not changed comes back `unchanged` (304)."""
+        headers = {"If-None-Match": etag} if etag else {}
+        status, h, data = self._retrying(path, headers, limit)
+        if status in (404, 410):
+            return None
+        if status == 304 and etag:
+            return Fetched(b"", etag, unchanged=True)
+        if status != 200:
+            raise RemoteError(f"{self.url(path)}: {self._status(status)}")
+        return Fetched(data, h.get("ETag"))
+
+    def _status(self, status: int) -> str:
+        if status == 401:
+            where = self.netrc or "the netrc-file nix.conf names (default /etc/nix/netrc)"
+            return (f"HTTP 401: the server wants credentials; "
+                    f"{'they were refused' if self.netrc else 'add a machine line to'} "
+                    f"{where}")
+        return f"HTTP {status}"
+
+    def get_range(self, path: str, offset: int, size: int, total: int) -> bytes:
+        """Exactly bytes [offset, offset+size) of a file of `total` bytes."""
+        if size <= 0:
+            return b""
+        url = self.url(path)
+        end = offset + size - 1
+        status, h, data = self._retrying(path, {"Range": f"bytes={offset}-{end}"}, size)
+        if status == 200:
+            raise CorruptError(f"{url}: the server ignores Range requests (answered the whole "
+                               "file); narfs reads only what it needs, so it cannot mount it")
+        if status != 206:
+            if status == 416:
+                raise CorruptError(f"{url}: shorter than its FileSize {total} (HTTP 416)")
+            raise RemoteError(f"{url}: {self._status(status)}")
+        m = _CONTENT_RANGE.fullmatch(h.get("Content-Range", "").strip())
+        if m is None or (int(m[1]), int(m[2])) != (offset, end) \
+                or (m[3] != "*" and int(m[3]) != total):
+            raise CorruptError(f"{url}: asked for bytes {offset}-{end} of {total}, got "
+                               f"{h.get('Content-Range')!r}")
+        if len(data) != size:
+            raise RemoteError(f"{url}: {len(data)} bytes of the {size} asked for")
+        return data
+
+    def size(self, path: str) -> int:
+        """A file's size, from the Content-Range of a one-byte range."""
+        status, h, data = self._retrying(path, {"Range": "bytes=0-0"}, 1)
+        m = _CONTENT_RANGE.fullmatch(h.get("Content-Range", "").strip())
+        if status != 206 or m is None or m[3] == "*" or len(data) != 1:
+            raise CorruptError(f"{self.url(path)}: no size given for a range (HTTP {status}); "
+                               "narfs reads remote NARs by range only")
+        return int(m[3])
+
+    def close(self) -> None:
+        self.pool.clear()
+
+
+def _done(r: urllib3.BaseHTTPResponse, consumed: bool) -> None:
+    """Give the connection back for reuse when its answer was read to the end (or is small
+    enough to skip); close it otherwise, so no unread body is taken for the next answer."""
+    length = r.headers.get("Content-Length", "")
+    if not consumed and length.isdigit() and int(length) <= 65536:
+        try:
+            r.drain_conn()
+            consumed = True
+        except Urllib3Error:
+            pass
+    if not consumed:
+        r.close()
+    r.release_conn()
+
+
+def _timed_out(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, urllib3.exceptions.TimeoutError | TimeoutError):
+            return True
+        e = getattr(e, "reason", None) or e.__context__
+    return False
+
+
+def _reason(e: Exception) -> str:
+    """urllib3's errors name the pool and the retry machinery; the user needs the cause."""
+    while getattr(e, "reason", None) is not None and e.reason is not e:  # type: ignore[attr-defined]
+        e = e.reason  # type: ignore[attr-defined]
+    text = str(e)
+    if "timed out" in text.lower():
+        return "the server did not answer in time"
+    if "refused" in text.lower():
+        return "connection refused (is the server running?)"
+    return text.split(": ", 1)[-1] if "object at 0x" in text else text

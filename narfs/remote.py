@@ -1,0 +1,713 @@
+"""A remote cache (`narfs mount http(s)://host/path MOUNTPOINT`): the second Backend.
+
+The client keeps a partial mirror of the server's cache in its own directory (`client_dir`:
+/var/cache/narfs/remote/<host>/ for root, else $XDG_CACHE_HOME or ~/.cache/narfs/remote/<host>/),
+so the catalog, the filesystem and the reader work on it exactly as on a local cache:
+
+  nix-cache-info     written here, so the directory is a cache
+  <hash>.narinfo     fetched for each path the server's index (pathindex.py) lists, kept only
+                     when a trusted key signed it, its mtime set to the index's archive time
+  <hash>.ls          fetched the first time a path is looked into (MirrorCache.read_listing)
+  <hash>.auth        the path's signed frame hashes, fetched with its listing or NAR
+  .narfs/            catalog, trees, hot tier, and ranges/: the NAR bytes fetched, bounded
+
+NARs are read by range: SignedNar.pread fetches the frames covering what the reader asks for,
+each checked against the path's signed frame hashes (`<hash>.auth`, frameauth.py), whose
+signed seek table spares the request for the NAR's end; fetched frames stay in ranges/, so a
+second look costs no request. A path without signed frame hashes (a cache written by `nix
+copy`) is fetched whole once and checked against its NarHash before any of it is used
+(WholeNar), as the hot tier does locally. The mirror follows the server by polling its index
+with conditional requests every `remote_poll` seconds; a narinfo written or removed here
+reaches the mount through the same inotify watch as a local cache's.
+
+Threads: `update` runs in a worker thread (the poll) while reads run in the reader's; they
+share the Http pool (thread-safe), the RangeCache and the verified `.auth` LRU (each under
+its own lock), and `listed`/`tops`, which `update` replaces whole rather than changes.
+SignedNar's read-ahead runs in daemon threads (at most AHEAD_FETCHES), so an unmount never
+waits for them; a read that needs a frame being fetched ahead waits for it, bounded by the
+longest a request may take.
+
+Trust: the server is untrusted (docs/SECURITY.md, "Remote mounts"). A path is shown only once
+its narinfo verifies against a trusted key (narfs's own: public_key or the secret key's half,
+and nix.conf's trusted-public-keys); listings and frames only once they match hashes that key
+signed, or the NarHash of the whole NAR. The index is a hint (which narinfos to fetch, archive
+times, top nodes).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import netrc
+import os
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import trio
+import zstandard
+
+from . import frameauth, listing, narinfo, pathindex
+from .cache import (
+    TMP_PREFIX,
+    Cache,
+    cache_info_text,
+    new_temporary,
+    read_small,
+    remove_file,
+    write_atomic,
+)
+from .catalog import Catalog, Entry
+from .config import Settings, trusted_key
+from .errors import CorruptError, NarfsError
+from .http import Http, RemoteError, is_url
+from .narinfo import NarInfo
+from .narstream import NarStream, decompressed_chunks
+from .nixquery import nix_settings, nix_version
+from .signing import PublicKey, parse_public_key
+from .storepath import base_name, hash_part, name_part
+
+log = logging.getLogger(__name__)
+
+AHEAD = 2  # frames fetched ahead once a NAR's reads go frame after frame
+AHEAD_FETCHES = 4  # fetches ahead in flight at once, for all NARs together
+AUTHS_KEPT = 4096  # verified `.auth` documents kept in memory (the mirror keeps them all)
+WHOLE_STEP = 8 << 20  # a NAR fetched whole goes in ranges of this size
+FETCHERS = 8  # narinfos fetched at once when the index lists new paths
+RANGES_DIR = "ranges"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+__all__ = ["MirrorCache", "RemoteBackend", "client_dir", "is_url", "trusted_keys"]
+
+
+def client_dir(url: str) -> str:
+    """Where a remote cache's mirror lives on this machine: one directory per URL."""
+    parts = urllib.parse.urlsplit(url)
+    name = urllib.parse.quote(f"{parts.netloc}{parts.path.rstrip('/')}", safe="")
+    if parts.scheme == "https":
+        name = "https-" + name
+    base = os.environ.get("XDG_CACHE_HOME")
+    if base:
+        base = os.path.join(base, "narfs")
+    elif os.geteuid() == 0:
+        base = "/var/cache/narfs"
+    else:
+        base = os.path.join(os.path.expanduser("~"), ".cache", "narfs")
+    return os.path.join(base, "remote", name)
+
+
+def nix_conf() -> dict[str, object]:
+    """Nix's effective settings, as doctor reads them; {} on a machine without Nix."""
+    v = nix_version()
+    return {} if isinstance(v, str) else nix_settings(v) or {}
+
+
+def trusted_keys(settings: Settings, conf: dict[str, object]) -> list[PublicKey]:
+    """narfs's own key (public_key, else the secret key's public half) and nix.conf's
+    trusted-public-keys: the keys a remote path's narinfo must be signed by to be shown."""
+    keys = []
+    own = trusted_key(settings)
+    if own is not None:
+        keys.append(own)
+    for field in ("trusted-public-keys", "extra-trusted-public-keys"):
+        value = conf.get(field)
+        for word in value if isinstance(value, list) else str(value or "").split():
+            try:
+                keys.append(parse_public_key(str(word), f"nix.conf {field}"))
+            except NarfsError:
+                continue
+    return keys
+
+
+class RangeCache:
+    """Fetched NAR byte ranges on disk, least recently used out first, at most `limit` bytes.
+    Files are named by a hash of (URL, offset, size): nothing from the server names a file."""
+
+    def __init__(self, directory: str, limit: int) -> None:
+        self.dir = directory
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._files: OrderedDict[str, int] = OrderedDict()
+        self.size = 0
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        found = []
+        with os.scandir(directory) as it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if e.is_file(follow_symlinks=False) and not e.name.startswith("."):
+                    found.append((st.st_mtime, e.name, st.st_size))
+                elif e.name.startswith(TMP_PREFIX) and time.time() - st.st_mtime > 3600:
+                    remove_file(e.path)
+        for _, name, size in sorted(found):
+            self._files[name] = size
+            self.size += size
+        with self._lock:
+            self._make_room(0)
+
+    @staticmethod
+    def name(url: str, offset: int, size: int) -> str:
+        return hashlib.sha256(f"{url}\0{offset}\0{size}".encode()).hexdigest()
+
+    def get(self, name: str, size: int) -> bytes | None:
+        fd = self.open(name, size)  # the LRU order survives a remount through mtimes
+        if fd is None:
+            return None
+        try:
+            data = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+        return data if len(data) == size else None
+
+    def put(self, name: str, data: bytes) -> None:
+        if len(data) > self.limit:
+            return
+        fd, tmp = self.temporary()
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            self.adopt(name, tmp, len(data))
+        except OSError as e:  # a full disk costs the next look a request, nothing more
+            log.debug("%s: not kept (%s)", name, e)
+            remove_file(tmp)
+
+    def adopt(self, name: str, tmp: str, size: int) -> None:
+        """Keep a file written beside the cache's files (`temporary()`) under `name`."""
+        os.rename(tmp, os.path.join(self.dir, name))
+        with self._lock:
+            self.size += size - self._files.pop(name, 0)
+            self._files[name] = size
+            self._make_room(0, keep=1)
+
+    def temporary(self) -> tuple[int, str]:
+        """A new temporary beside the kept files (descriptor, path), for `adopt`."""
+        return new_temporary(self.dir, "range")
+
+    def open(self, name: str, size: int) -> int | None:
+        """A descriptor of a kept file of `size` bytes, or None."""
+        with self._lock:
+            if name not in self._files:
+                return None
+            self._files.move_to_end(name)
+        try:
+            fd = os.open(os.path.join(self.dir, name),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            with self._lock:
+                self.size -= self._files.pop(name, 0)
+            return None
+        if os.fstat(fd).st_size != size:
+            os.close(fd)
+            return None
+        os.utime(fd)
+        return fd
+
+    def has(self, name: str) -> bool:
+        with self._lock:
+            return name in self._files
+
+    def drop(self, name: str) -> None:
+        with self._lock:
+            self.size -= self._files.pop(name, 0)
+        remove_file(os.path.join(self.dir, name))
+
+    def _make_room(self, needed: int, keep: int = 0) -> None:
+        while len(self._files) > keep and self.size + needed > self.limit:
+            name, size = self._files.popitem(last=False)
+            self.size -= size
+            remove_file(os.path.join(self.dir, name))
+
+
+class SignedNar:
+    """A NarFile whose every byte is checked against the path's signed frame hashes
+    (frameauth.py): frames are fetched whole and compared with their sha256; the seek table at
+    the end comes from the signed document, without a request.
+
+    Once reads go frame after frame (grep -r, a listing parsed from the NAR), the next AHEAD
+    frames are fetched in the background into the ranges cache, so a link's latency is paid
+    once per run of frames rather than once per frame; a lone read fetches nothing more."""
+
+    def __init__(self, backend: RemoteBackend, entry: Entry, auth: frameauth.Auth) -> None:
+        self.backend = backend
+        self.url = entry.url
+        self.auth = auth
+        self.size = auth.file_size
+        self._starts = [f.comp_offset for f in auth.table.frames]
+        self._lock = threading.Lock()
+        self._last = -2  # the frame read last
+        self._ahead: dict[int, threading.Event] = {}  # frames being fetched ahead
+
+    def pread(self, offset: int, size: int) -> bytes:
+        end = min(offset + size, self.size)
+        data_end = self.auth.table.comp_size
+        parts = []
+        pos = offset
+        if pos < data_end:
+            i = bisect.bisect_right(self._starts, pos) - 1
+            while pos < min(end, data_end):
+                frame = self.auth.table.frames[i]
+                data = self._frame(i)
+                lo = pos - frame.comp_offset
+                hi = min(end - frame.comp_offset, frame.comp_size)
+                parts.append(data[lo:hi])
+                pos = frame.comp_offset + hi
+                i += 1
+        if end > data_end and pos < end:
+            parts.append(self.auth.tail[pos - data_end:end - data_end])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _frame(self, i: int) -> bytes:
+        frame = self.auth.table.frames[i]
+        with self._lock:
+            pending = self._ahead.get(i)
+            sequential = i == self._last + 1
+            self._last = i
+        if pending is not None:  # fetched ahead right now: wait for it rather than ask twice
+            pending.wait(self.backend.http.longest)
+        if sequential:
+            self._read_ahead(i)
+        data = self.backend.fetch_range(self.url, frame.comp_offset, frame.comp_size, self.size)
+        try:
+            self.auth.check_frame(i, data, self.backend.http.url(self.url))
+        except CorruptError:
+            self.backend.ranges.drop(RangeCache.name(self.url, frame.comp_offset,
+                                                     frame.comp_size))
+            raise
+        return data
+
+    def _read_ahead(self, i: int) -> None:
+        frames = self.auth.table.frames
+        ranges = self.backend.ranges
+        for j in range(i + 1, min(i + 1 + AHEAD, len(frames))):
+            fr = frames[j]
+            if ranges.limit < (AHEAD + 1) * fr.comp_size:
+                return  # the ranges cache could not keep them until they are read
+            with self._lock:
+                if j in self._ahead or ranges.has(RangeCache.name(self.url, fr.comp_offset,
+                                                                  fr.comp_size)):
+                    continue
+                if not self.backend.ahead.acquire(blocking=False):
+                    return  # enough fetches ahead already, for every NAR together
+                done = self._ahead[j] = threading.Event()
+            # a daemon thread: an unmount never waits for a fetch nobody asked for yet
+            threading.Thread(target=self._fetch_ahead, args=(j, done), daemon=True).start()
+
+    def _fetch_ahead(self, j: int, done: threading.Event) -> None:
+        fr = self.auth.table.frames[j]
+        try:
+            self.backend.fetch_range(self.url, fr.comp_offset, fr.comp_size, self.size)
+        except (OSError, NarfsError) as e:  # the read that needs it asks again, and says so
+            log.debug("fetching ahead: %s", e)
+        finally:
+            self.backend.ahead.release()
+            with self._lock:
+                self._ahead.pop(j, None)
+            done.set()
+
+    def close(self) -> None:
+        pass
+
+
+class WholeNar:
+    """A NarFile for a path without signed frame hashes: nothing of it is handed out before
+    the whole file was fetched (in WHOLE_STEP ranges, into the ranges cache) and found to
+    decompress to the NarSize and NarHash its signed narinfo names. Reads are then local."""
+
+    def __init__(self, backend: RemoteBackend, entry: Entry, size: int) -> None:
+        self.backend = backend
+        self.entry = entry
+        self.size = size
+        self._fd = -1
+        self._lock = threading.Lock()
+
+    def pread(self, offset: int, size: int) -> bytes:
+        with self._lock:
+            if self._fd < 0:
+                self._fd = self.backend.whole(self.entry, self.size)
+            fd = self._fd
+        return os.pread(fd, max(0, min(size, self.size - offset)), offset)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class _FileAt:
+    """Sequential reads of a descriptor through pread (for the decompressor)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = os.pread(self.fd, n if n >= 0 else 1 << 30, self.pos)
+        self.pos += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+class MirrorCache(Cache):
+    """The mirror directory as a Cache whose missing `.ls` files are fetched from the server
+    (and kept); everything else reads the mirror as the local cache it is."""
+
+    def __init__(self, root: str, backend: RemoteBackend) -> None:
+        super().__init__(root)
+        self.backend = backend
+
+    def read_listing(self, h: str, nar_size: int | None = None) -> dict | None:
+        if os.path.lexists(self.listing_path(h)):
+            try:
+                root = super().read_listing(h, nar_size)
+                if root is not None:
+                    return root
+            except CorruptError as e:
+                log.warning("%s; fetching it again", e)
+        return self.backend.fetch_listing(h, nar_size)
+
+
+class RemoteBackend:
+    """The Backend of a remote mount (backend.py's protocol), and the mirror it keeps."""
+
+    def __init__(self, url: str, settings: Settings, keys: list[PublicKey],
+                 directory: str | None = None,
+                 login: tuple[str, str, str] | None = None) -> None:
+        self.where = url.rstrip("/")
+        self.http = Http(self.where, timeout=settings.remote_timeout, login=login)
+        self.keys = keys
+        self.mirror = MirrorCache(directory or client_dir(url), self)
+        os.makedirs(self.mirror.nar_dir, mode=0o755, exist_ok=True)
+        info = os.path.join(self.mirror.root, "nix-cache-info")
+        if not os.path.isfile(info):
+            write_atomic(info, cache_info_text().encode())
+        self.state_dir = self.mirror.state_dir()
+        self.ranges = RangeCache(self.mirror.state_path(RANGES_DIR),
+                                 settings.remote_cache_mb << 20)
+        # verified frame hashes of the paths opened lately (a few KB each), LRU-bounded
+        self._auths: OrderedDict[str, frameauth.Auth | None] = OrderedDict()
+        self.absent: set[str] = set()  # hashes whose listing the server does not have
+        self._auth_lock = threading.Lock()
+        self.ahead = threading.Semaphore(AHEAD_FETCHES)
+        self.poll = settings.remote_poll
+        self.etag: str | None = None
+        self.named: list[str] = []  # base names: the path set of a cache without an index
+        self.listed: dict[str, tuple[str, float]] = {}  # the index's rows: hash → name, time
+        self.rejected: dict[str, float] = {}  # hash → archive time whose narinfo was refused
+        self.tops: dict[str, list] = {}  # from the last index read: for a new catalog
+
+    # --- Backend ----------------------------------------------------------------------------
+
+    def open_nar(self, entry: Entry) -> SignedNar | WholeNar:
+        auth = self.auth(entry.hash)
+        if auth is not None:
+            return SignedNar(self, entry, auth)
+        size = entry.file_size
+        if size is None:  # FileSize is optional in narinfos: ask the server for one byte
+            size = self._total(entry.url)
+        return WholeNar(self, entry, size)
+
+    def whole(self, entry: Entry, size: int) -> int:
+        """A descriptor of the path's whole NAR file, checked against its signed NarHash."""
+        name = RangeCache.name(f"{entry.url}\0{entry.nar_hash}", 0, size)
+        fd = self.ranges.open(name, size)
+        if fd is not None:
+            return fd
+        fd, tmp = self.ranges.temporary()
+        try:
+            for offset in range(0, size, WHOLE_STEP):
+                data = self.http.get_range(entry.url, offset, min(WHOLE_STEP, size - offset),
+                                           size)
+                view = memoryview(data)
+                while view:
+                    view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
+            stream = NarStream(decompressed_chunks(_FileAt(fd), entry.compression),
+                               entry.nar_size)
+            stream.drain()
+            stream.check(entry.nar_size, entry.nar_hash)
+            self.ranges.adopt(name, tmp, size)
+        except BaseException:
+            os.close(fd)
+            remove_file(tmp)
+            raise
+        return fd
+
+    def read_listing(self, h: str, nar_size: int | None = None) -> dict | None:
+        return self.mirror.read_listing(h, nar_size)
+
+    def newest(self, versions: list[tuple[float, str]]) -> tuple[float, str]:
+        return self.mirror.newest(versions)
+
+    def state_path(self, name: str) -> str:
+        return self.mirror.state_path(name)
+
+    # --- fetching ---------------------------------------------------------------------------
+
+    def fetch_range(self, url: str, offset: int, size: int, total: int) -> bytes:
+        name = RangeCache.name(url, offset, size)
+        data = self.ranges.get(name, size)
+        if data is not None:
+            return data
+        data = self.http.get_range(url, offset, size, total)
+        self.ranges.put(name, data)
+        return data
+
+    def _total(self, url: str) -> int:
+        """The size of a NAR whose narinfo has no FileSize: what the server says it is."""
+        return self.http.size(url)
+
+    def fetch_listing(self, h: str, nar_size: int | None) -> dict | None:
+        """The server's `.ls` of a path, checked against its signed hash; None when the server
+        has none, or no signed frame hashes to check it with (the mount then builds the
+        listing from the whole NAR, checked against NarHash)."""
+        if h in self.absent:
+            return None
+        auth = self.auth(h)
+        if auth is None:
+            return None
+        got = self.http.get(f"{h}.ls", listing.MAX_SIZE)
+        if got is None:
+            self.absent.add(h)
+            return None
+        data = got.data
+        if data.startswith(ZSTD_MAGIC):  # cache.nixos.org: compressed, without saying so
+            try:
+                data = zstandard.ZstdDecompressor().decompress(
+                    data, max_output_size=listing.MAX_SIZE)
+            except zstandard.ZstdError as e:
+                raise CorruptError(f"{self.http.url(f'{h}.ls')}: damaged ({e})") from None
+        auth.check_listing(got.data, self.http.url(f"{h}.ls"))
+        try:
+            root = listing.parse(data, nar_size)
+        except CorruptError as e:
+            raise CorruptError(f"{self.http.url(f'{h}.ls')}: {e}") from None
+        if self.mirror.has(h):  # kept while the path is; dropped with its narinfo
+            write_atomic(self.mirror.listing_path(h), data, sync=False)
+        return root
+
+    def auth(self, h: str) -> frameauth.Auth | None:
+        """The path's verified signed frame hashes (kept in the mirror once checked); None
+        when the server has none for it (a cache written by `nix copy` or before narfs wrote
+        them, or a server that deleted them): its NAR is then fetched whole and checked against
+        NarHash before anything of it is shown, and its `.ls` is not used (one warning)."""
+        with self._auth_lock:
+            if h in self._auths:
+                self._auths.move_to_end(h)
+                return self._auths[h]
+        info = self._mirrored_narinfo(h)
+        local = frameauth.path(self.mirror, h)
+        where = self.http.url(f"{h}{frameauth.SUFFIX}")
+        auth = None
+        try:
+            auth = frameauth.verify(read_small(local, frameauth.MAX_SIZE), info, self.keys,
+                                    local)
+        except FileNotFoundError:
+            pass
+        except CorruptError as e:  # cut by a crash (the mirror is not fsynced), or stale
+            log.warning("%s; fetching it again", e)
+        if auth is None:
+            got = self.http.get(f"{h}{frameauth.SUFFIX}", frameauth.MAX_SIZE)
+            if got is not None:
+                auth = frameauth.verify(got.data, info, self.keys, where)
+                write_atomic(local, got.data, sync=False)
+        if auth is None:
+            log.warning("%s: no signed frame hashes; %s is read from its whole NAR, checked "
+                        "against its NarHash", where, info.store_path)
+        with self._auth_lock:
+            self._auths[h] = auth
+            while len(self._auths) > AUTHS_KEPT:
+                self._auths.popitem(last=False)
+        return auth
+
+    def _mirrored_narinfo(self, h: str) -> NarInfo:
+        """The mirror's narinfo of `h` (verified when the mirror took it). The mirror is
+        written without fsync, so one a crash cut is fetched and verified again."""
+        try:
+            return self.mirror.read_narinfo(h)
+        except CorruptError as e:
+            if h not in self.listed:
+                raise
+            log.warning("%s; fetching it again", e)
+        name, archived = self.listed[h]
+        info = self._narinfo(h, name)
+        if isinstance(info, str):
+            raise CorruptError(info)
+        path = self.mirror.narinfo_path(h)
+        write_atomic(path, info.render().encode(), sync=False)
+        os.utime(path, (archived, archived))
+        return info
+
+    def _narinfo(self, h: str, name: str) -> NarInfo | str:
+        """The server's narinfo of `h`, or why it is not shown."""
+        url = self.http.url(f"{h}.narinfo")
+        try:
+            got = self.http.get(f"{h}.narinfo", narinfo.MAX_SIZE)
+        except (RemoteError, CorruptError) as e:
+            return str(e)
+        if got is None:
+            return f"{url}: listed in the index, but not on the server"
+        try:
+            info = narinfo.parse(got.data, expect_hash=h)
+        except CorruptError as e:
+            return f"{url}: {e}"
+        if info.name != f"{h}-{name}":
+            return f"{url}: names {info.store_path}, the index {h}-{name}"
+        if not any(info.signed_by(k) for k in self.keys):
+            trusted = ", ".join(k.name for k in self.keys)
+            return (f"{url}: not signed by a trusted key ({trusted}); not shown. Trust the "
+                    "server's key with public_key in narfs.toml or nix.conf's "
+                    "trusted-public-keys")
+        return info
+
+    # --- following the server ---------------------------------------------------------------
+
+    def update(self) -> tuple[list[str], list[str]] | None:
+        """Poll the server's index; bring the mirror's narinfos in step with it. Returns the
+        hashes added and removed, or None when the index has not changed since the last poll.
+        Raises RemoteError when the server cannot be asked, CorruptError for a bad index.
+        With store paths named (`named`), those are the path set and no index is read."""
+        here = {}
+        for h in self.mirror.hashes():
+            try:
+                here[h] = os.stat(self.mirror.narinfo_path(h)).st_mtime
+            except FileNotFoundError:
+                continue
+        etag = None
+        if self.named:
+            if self.listed:
+                return None  # the named paths do not change
+            # A cache without narfs's index (`nix copy`, cache.nixos.org): the paths named,
+            # shown as archived when this client first saw them.
+            rows: list[pathindex.Row] = [
+                (hash_part(b), name_part(b), here.get(hash_part(b), time.time()), None)
+                for b in self.named]
+        else:
+            got = self.http.get(pathindex.FILENAME, pathindex.MAX_COMPRESSED, etag=self.etag)
+            if got is None:
+                raise NarfsError(f"{self.http.url(pathindex.FILENAME)}: not found; the server "
+                                 "is not a narfs cache, or its narfs predates the path index "
+                                 "(run `narfs archive` or `narfs gc` there once to write it); "
+                                 "or name the store paths to show with --path")
+            if got.unchanged:
+                return None
+            try:
+                rows = pathindex.decode(got.data)
+            except CorruptError as e:
+                raise CorruptError(f"{self.http.url(pathindex.FILENAME)}: {e}") from None
+            etag = got.etag
+        self.tops = {h: top for h, _, _, top in rows if top is not None}
+        listed = self.listed = {h: (name, archived) for h, name, archived, _ in rows}
+        removed = [h for h in here if h not in listed]
+        for h in removed:
+            self.mirror.unpublish(h)
+            remove_file(self.mirror.listing_path(h))
+            remove_file(frameauth.path(self.mirror, h))
+            with self._auth_lock:
+                self._auths.pop(h, None)
+        wanted = [h for h, (_, archived) in listed.items()
+                  if here.get(h) != archived and self.rejected.get(h) != archived]
+        added = []
+        with ThreadPoolExecutor(FETCHERS) as pool:
+            for h, result in zip(wanted, pool.map(
+                    lambda h: self._narinfo(h, listed[h][0]), wanted), strict=True):
+                archived = listed[h][1]
+                if isinstance(result, str):
+                    log.error("%s", result)
+                    self.rejected[h] = archived
+                    if h in here:  # the server replaced a good narinfo with a bad one
+                        self.mirror.unpublish(h)
+                        removed.append(h)
+                    continue
+                path = self.mirror.narinfo_path(h)
+                if h in here:  # republished: what was kept of the old one may not fit it
+                    remove_file(self.mirror.listing_path(h))
+                    remove_file(frameauth.path(self.mirror, h))
+                    with self._auth_lock:
+                        self._auths.pop(h, None)
+                    self.absent.discard(h)
+                write_atomic(path, result.render().encode(), sync=False)
+                os.utime(path, (archived, archived))
+                self.rejected.pop(h, None)
+                added.append(h)
+        self.etag = etag  # once the mirror has what this index lists
+        if added or removed:
+            log.info("%s: %d paths added, %d retired", self.where, len(added), len(removed))
+        return added, removed
+
+    def start(self, catalog: Catalog) -> None:
+        """The first update, before the mount shows anything: the catalog is brought in step
+        and given the index's top nodes, so the root listing needs no `.ls` per path. A server
+        that cannot be reached leaves the mirror as the last mount left it (one warning);
+        with nothing mirrored yet, the mount fails with the reason."""
+        try:
+            self.update()
+        except (NarfsError, OSError) as e:
+            if not any(True for _ in self.mirror.hashes()):
+                raise NarfsError(f"{self.where}: cannot mount: {e}") from None
+            log.warning("%s; showing the paths mirrored at the last mount (%s) until the "
+                        "server answers", e, self.mirror.root)
+        catalog.sync()
+        catalog.put_listings((h, None, top) for h, top in self.tops.items())
+
+    async def follow(self) -> None:
+        """Poll the server's index every `poll` seconds, for the mount's lifetime. A failed
+        poll is logged and retried at the next one; the request is abandoned on unmount."""
+        while True:
+            await trio.sleep(self.poll)
+            try:
+                await trio.to_thread.run_sync(self.update, abandon_on_cancel=True)
+            except (NarfsError, OSError) as e:
+                log.warning("%s: polling the path index failed: %s", self.where, e)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def netrc_login(url: str, conf: dict[str, object]) -> tuple[str, str, str] | None:
+    """(netrc file, login, password) for the URL's host from the `netrc-file` Nix uses
+    (default /etc/nix/netrc), as Nix itself sends them to substituters."""
+    path = str(conf.get("netrc-file") or "/etc/nix/netrc")
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        found = netrc.netrc(path).authenticators(host)
+    except FileNotFoundError:
+        return None
+    except (netrc.NetrcParseError, OSError) as e:
+        raise NarfsError(f"{path}: cannot read it ({e}); fix the netrc-file nix.conf "
+                         "names") from None
+    if found is None:
+        return None
+    login, _, password = found
+    return path, login, password or ""
+
+
+def open_remote(url: str, settings: Settings, named: list[str] | None = None) -> RemoteBackend:
+    """The backend of `narfs mount URL [STOREPATH...]`, or a one-line error naming the fix.
+    `named`: store paths to show from a cache that has no path index."""
+    bases = []
+    for path in named or []:
+        try:
+            bases.append(base_name(path.rstrip("/")))
+        except CorruptError:
+            raise NarfsError(f"{path}: not a store path; name paths as "
+                             "/nix/store/<hash>-<name>") from None
+    conf = nix_conf()
+    keys = trusted_keys(settings, conf)
+    if not keys:
+        raise NarfsError(f"{url}: no trusted key to check the server's narinfos with; set "
+                         "public_key in narfs.toml to the server's key (what its narfs init "
+                         "printed), or add it to nix.conf's trusted-public-keys")
+    try:
+        backend = RemoteBackend(url, settings, keys, login=netrc_login(url, conf))
+        backend.named = bases
+        return backend
+    except OSError as e:
+        raise NarfsError(f"{client_dir(url)}: cannot create the remote mount's state "
+                         f"directory ({e.strerror})") from None
