@@ -50,10 +50,10 @@ def test_module_needs(tmp_path: Path, source: str, needs: set[str]) -> None:
 def test_this_suite_is_marked(request: pytest.FixtureRequest) -> None:
     """The pure layers of this suite stay pure; a mounting module and a Nix module are marked."""
     tests = Path(__file__).parent
-    for pure in ("t1_reader.py", "t1_tree.py", "test_mount_tree.py", "t2_view.py", "t3_fs.py"):
+    for pure in ("t1_reader.py", "t1_tree.py", "t1_mount_tree.py", "t2_view.py", "t3_fs.py"):
         assert module_needs(tests / pure) == set(), pure
-    assert MARK_FUSE in module_needs(tests / "test_mount.py")
-    assert MARK_NIX in module_needs(tests / "test_archive_cli.py")
+    assert MARK_FUSE in module_needs(tests / "t6_mount.py")
+    assert MARK_NIX in module_needs(tests / "t4_archive_cli.py")
     marks = {m.name for m in request.node.iter_markers()}
     assert not marks & {MARK_NIX, MARK_FUSE}
 
