@@ -34,7 +34,12 @@ the mount (a FUSE filesystem over the cache)
     remote        the HTTP backend: a partial mirror of a remote cache, checked against
                   trusted keys and signed frame hashes
     reader        the read path: bytes at an offset of a NAR (frame cache, hot tier)
-    fs            the filesystem: lookup, readdir, read through pyfuse3
+    treecache     the trees of a mount's paths, loaded (tree file, catalog, .ls, NAR) and
+                  kept: lookup counts, the idle LRU; what the model uses of catalog and backend
+    view          the mount's model, no FUSE: the paths shown, .by-name, listings by cursor,
+                  access records, prefetch candidates
+    fs            the pyfuse3 adapter over the view: attributes, errnos, file handles, fast
+                  and stock mode, the kernel's notify calls
 the archiver
     archive       store closures into the cache (NAR, listing, signed narinfo; commit order)
 commands (cli.COMMANDS runs each; none imports another)

@@ -43,6 +43,7 @@ from .progress import plural
 from .reader import HotTier, Reader
 from .remote import RemoteBackend, is_url, open_remote
 from .storepath import is_hash
+from .view import ArchiveView
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +251,11 @@ async def _serve(cache: Cache, catalog: Catalog, settings: Settings, mountpoint:
         await trio.to_thread.run_sync(remote.start, catalog)
     backend: Backend = remote or LocalBackend(cache)
     reader = Reader(backend, hot, settings.frame_cache_mb << 20, limiter)
-    fs = NarFS(cache, catalog, reader, trio.CapacityLimiter(1), fast)
-    await fs.start()
-    if not fs.paths:  # a new catalog: fill it first, so the mount does not come up empty
+    view = ArchiveView(backend, catalog, reader, trio.CapacityLimiter(1),
+                       cache.state_path("trees"), prefetch=fast)
+    fs = NarFS(view, reader, fast)
+    await view.start()
+    if not view.paths:  # a new catalog: fill it first, so the mount does not come up empty
         await fs.refresh()
     # Signals are caught from before the mount exists: a SIGTERM in the first instants (a
     # service stopped while starting) must unmount, not kill the process and leave the
@@ -290,14 +293,14 @@ async def _run(fs: NarFS, reader: Reader, notifier: Notifier, signals: AsyncIter
             nursery.start_soon(_keep_in_step, fs, root)
             if isinstance(reader.backend, RemoteBackend):
                 nursery.start_soon(reader.backend.follow)  # its mirror, the root, follows it
-            nursery.start_soon(_every, FLUSH_ACCESS, fs.flush_access,
+            nursery.start_soon(_every, FLUSH_ACCESS, fs.view.flush_access,
                                "recording last access times")
             nursery.start_soon(_every, access_window, fs.expire,
                                "dropping the kernel's cached contents of read files")
     finally:
         with trio.CancelScope(shield=True):
             try:
-                await fs.flush_access()
+                await fs.view.flush_access()
             except Exception:
                 log.exception("recording last access times failed")
         fs.live = False
@@ -361,9 +364,9 @@ async def _every(period: float, job: Callable[[], Awaitable[None]], what: str) -
 async def _keep_in_step(fs: NarFS, root: str) -> None:
     """Full sync now (the catalog may lag the directory), then follow inotify."""
     await _refresh(fs, None)
-    await trio.to_thread.run_sync(fs.prune_trees, limiter=fs.reader.limiter)
+    await trio.to_thread.run_sync(fs.view.trees.prune, limiter=fs.reader.limiter)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(fs.fill_tops)
+        nursery.start_soon(fs.view.fill_tops)
         try:
             from inotify_simple import INotify, flags
             inotify = INotify(nonblocking=True)
@@ -401,7 +404,7 @@ async def _refresh(fs: NarFS, hashes: set[str] | None) -> None:
         log.exception("keeping the mount in step with the cache failed")
         return
     if added:
-        await fs.fill_tops()
+        await fs.view.fill_tops()
 
 
 # --- /proc/mounts and umount --------------------------------------------------------------

@@ -9,7 +9,7 @@
 # the key narfs-init creates on first start, which it writes where nix.conf includes it from.
 #
 # The units are the ones in this directory (narfs-*.service, narfs-gc.timer) with the same
-# hardening; the comments there say why it stops where it does. tests/test_systemd.py
+# hardening; the comments there say why it stops where it does. tests/t4_systemd.py
 # evaluates this module with nixpkgs' lib and compares the two.
 {
   config,

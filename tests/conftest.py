@@ -65,9 +65,12 @@ def narfs(tmp_path: Path) -> Narfs:
 #   imports from) imports a Nix-running helper from nixtools/conftest or nixeval, names a Nix
 #   command in a string (a subprocess argument or a script), or a narfs command that runs Nix;
 # - `fuse`: its module imports tests/mounting.py (directly or through another test module) or
-#   names fusermount.
-# Files named t0_*/t1_* are the pure layers (S3QL's naming: the name says what a file needs); one
-# that comes out needing Nix or FUSE is a collection error, not a silently slower layer.
+#   names fusermount;
+# - both: it is marked `machine` (it builds a whole machine and runs Nix and a mount in it).
+# A file's name says what its tests may need (S3QL's t0…t6): t0_ the suite itself, t1_ pure
+# layers, t2_ the mount's model and t3_ the FUSE operations in-process (no kernel), t4_ Nix,
+# t5_ FUSE, t6_ both (or a whole machine). A test that needs more than its file's name allows
+# is a collection error, not a silently slower layer; test_* files are not checked.
 
 MARK_NIX, MARK_FUSE = "nix", "fuse"
 NIX_FIXTURES = {"nixstore"}
@@ -78,9 +81,10 @@ NIX_COMMANDS = {"nix", "nix-build", "nix-collect-garbage", "nix-copy-closure", "
 NIX_RUNNING_NARFS_COMMANDS = {"archive", "restore", "verify", "watch"}
 FUSE_COMMANDS = {"fusermount", "fusermount3"}
 # What tests import from tests/nixtools.py or conftest that runs no Nix; anything else does.
-NIX_FREE_HELPERS = {"MARK_FUSE", "MARK_NIX", "Narfs", "module_needs", "on_a_terminal",
+NIX_FREE_HELPERS = {"MARK_FUSE", "MARK_NIX", "Narfs", "misplaced", "module_needs", "on_a_terminal",
                     "rich_tree"}
-PURE_PREFIXES = ("t0_", "t1_")
+ALLOWED = {"t0_": set(), "t1_": set(), "t2_": set(), "t3_": set(), "t4_": {MARK_NIX},
+           "t5_": {MARK_FUSE}, "t6_": {MARK_NIX, MARK_FUSE}}
 _WORDS = re.compile(r"[\s;|&()`'\"{}\[\]]+")
 
 
@@ -136,15 +140,27 @@ def _direct_needs(path: Path) -> tuple[frozenset[str], tuple[Path, ...]]:
     return frozenset(needs), tuple(imported)
 
 
+def misplaced(module: str, needs: set[str]) -> str | None:
+    """Why a test that needs `needs` does not belong in test module `module`, if it does not."""
+    allowed = ALLOWED.get(module[:3])
+    if allowed is None or needs <= allowed:
+        return None
+    fits = next(prefix for prefix, ok in ALLOWED.items() if needs <= ok)
+    may = " and ".join(sorted(allowed)) or "neither Nix nor FUSE"
+    return (f"a {module[:2]} file may need {may} but this test needs "
+            f"{' and '.join(sorted(needs))}; move it to a {fits}* file")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.stem
         needs = set(module_needs(item.path))
         if NIX_FIXTURES & set(getattr(item, "fixturenames", ())):
             needs.add(MARK_NIX)
-        if module.startswith(PURE_PREFIXES) and needs:
-            raise pytest.UsageError(f"{item.nodeid}: a {module[:2]} file is pure but this test "
-                                    f"needs {' and '.join(sorted(needs))}; move it to a "
-                                    "test_* file")
+        if item.get_closest_marker("machine"):
+            needs |= {MARK_NIX, MARK_FUSE}
+        problem = misplaced(module, needs)
+        if problem:
+            raise pytest.UsageError(f"{item.nodeid}: {problem}")
         for mark in sorted(needs):
             item.add_marker(mark)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MARK_FUSE, MARK_NIX, module_needs
+from conftest import MARK_FUSE, MARK_NIX, misplaced, module_needs
 
 HELPERS = {
     "mounting.py": "from conftest import Narfs\n",
@@ -50,9 +50,28 @@ def test_module_needs(tmp_path: Path, source: str, needs: set[str]) -> None:
 def test_this_suite_is_marked(request: pytest.FixtureRequest) -> None:
     """The pure layers of this suite stay pure; a mounting module and a Nix module are marked."""
     tests = Path(__file__).parent
-    for pure in ("t1_reader.py", "t1_tree.py", "test_mount_tree.py"):
+    for pure in ("t1_reader.py", "t1_tree.py", "t1_mount_tree.py", "t2_view.py", "t3_fs.py"):
         assert module_needs(tests / pure) == set(), pure
-    assert MARK_FUSE in module_needs(tests / "test_mount.py")
-    assert MARK_NIX in module_needs(tests / "test_archive_cli.py")
+    assert MARK_FUSE in module_needs(tests / "t6_mount.py")
+    assert MARK_NIX in module_needs(tests / "t4_archive_cli.py")
     marks = {m.name for m in request.node.iter_markers()}
     assert not marks & {MARK_NIX, MARK_FUSE}
+
+
+@pytest.mark.parametrize(("module", "needs", "fits"), [
+    ("t1_reader", set(), None),
+    ("t3_fs", {MARK_FUSE}, "t5_"),
+    ("t2_view", {MARK_NIX}, "t4_"),
+    ("t4_gc", {MARK_NIX}, None),
+    ("t4_gc", {MARK_NIX, MARK_FUSE}, "t6_"),
+    ("t5_mount_bad", {MARK_NIX}, "t4_"),
+    ("t5_mount_bad", set(), None),  # a file may need more than some of its tests
+    ("t6_mount", {MARK_NIX, MARK_FUSE}, None),
+    ("test_remote", {MARK_NIX, MARK_FUSE}, None),  # test_* files are not checked
+])
+def test_a_files_name_says_what_its_tests_may_need(module: str, needs: set[str],
+                                                    fits: str | None) -> None:
+    problem = misplaced(module, needs)
+    assert (problem is None) == (fits is None), problem
+    if fits is not None:
+        assert f"move it to a {fits}* file" in str(problem)

@@ -1,5 +1,5 @@
-"""Seekable zstd and NAR streams (narfs/zstdseek.py, narfs/narstream.py) where tests/test_formats.py
-(checked against Nix and the zstd CLI) and tests/test_nixversions.py leave off: no Nix, no FUSE.
+"""Seekable zstd and NAR streams (narfs/zstdseek.py, narfs/narstream.py) where tests/t4_formats.py
+(checked against Nix and the zstd CLI) and tests/t6_nixversions.py leave off: no Nix, no FUSE.
 """
 
 from __future__ import annotations

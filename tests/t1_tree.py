@@ -1,6 +1,6 @@
 """Inode numbering and compact trees (narfs/tree.py), in-process: no Nix, no FUSE.
 
-tests/test_mount_tree.py has the basics; these are the properties a mount relies on: numbers
+tests/t1_mount_tree.py has the basics; these are the properties a mount relies on: numbers
 that are the same on every mount whatever order things arrive in, collisions that never give one
 inode two meanings, and limits that hold on untrusted listings.
 """

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from mounting import is_mounted, mounted, unmount, wait_for
-from test_mount import find_view, grep_view
+from t6_mount import find_view, grep_view
 
 from conftest import Narfs
 from lyingserver import MODES, lying

@@ -140,7 +140,7 @@ def test_directory_that_is_not_a_cache_is_refused(narfs: Narfs, small_path: str,
     one_clear_line(narfs("archive", "--cache", str(plain), small_path, check=False),
                    str(plain), "not a binary cache", "narfs init")
     assert snapshot(plain) == before
-    # A missing or empty directory becomes a cache (test_cli_habits.py), as with nix copy.
+    # A missing or empty directory becomes a cache (t6_cli_habits.py), as with nix copy.
 
 
 def _key_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:

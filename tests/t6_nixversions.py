@@ -22,7 +22,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mounting import mounted
-from test_mount import assert_same
+from t6_mount import assert_same
 
 import hostile
 from conftest import Narfs

@@ -18,8 +18,8 @@ completes, no `.narfs-tmp-*` is left anywhere under the cache, and `nix store ve
 the closure with our key. Figures are printed (run with -s to see them).
 
 Also here: `narfs archive` into a full disk (a small tmpfs), then resuming once there is space.
-Read-only caches are in tests/test_archive_cli.py, the service's disk-full and read-only cases in
-tests/test_watch.py.
+Read-only caches are in tests/t4_archive_cli.py, the service's disk-full and read-only cases in
+tests/t4_watch.py.
 
 Seed and counts: NARFS_CRASH_SEED, NARFS_CRASH_ARCHIVE_KILLS, NARFS_CRASH_WATCH_KILLS.
 """
@@ -437,7 +437,7 @@ def test_archive_into_a_full_disk_then_resume(narfs: Narfs, closure: Closure,
                                               tmp_path: Path) -> None:
     """A 6 MiB tmpfs: the small paths fit, the 16 MiB ones do not. Clear errors, nothing
     half-published (no referrer of a failed path), no temporaries; more space → completes.
-    (Read-only caches: tests/test_archive_cli.py; the service on a full disk: test_watch.py.)"""
+    (Read-only caches: tests/t4_archive_cli.py; the service on a full disk: t4_watch.py.)"""
     configure(narfs)
     disk = tmp_path / "disk"
     disk.mkdir()
