@@ -25,7 +25,7 @@ import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from . import __version__
-from .errors import CorruptError
+from .errors import CorruptError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ BACKOFF = 0.2  # seconds before the second attempt; doubled for each further one
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
-class RemoteError(OSError):
+class RemoteError(Unavailable):
     """The server could not be asked, or did not answer in time (EIO for the read).
     `retry`: whether asking again may help (a refused or reset connection, a short body);
     a server that let a timeout run out is not asked again within the same read."""

@@ -3,8 +3,10 @@
 A path's tree comes from the first usable source of: its tree file (`<trees dir>/<hash>.tree`,
 written for paths of TREE_FILE_MIN nodes or more), the catalog's listing, the cache's `.ls`,
 the NAR itself. A source that fails validation is logged and the next one tried; when all
-fail the path is `broken` (`NoListing`) until its narinfo changes. One load per path at a
-time; the others wait for it.
+fail the path is `broken` (`NoListing`) until its narinfo changes. A source that cannot be
+asked now (errors.Unavailable: a remote server down or slow) fails only the request: the path
+is not marked broken, and the NAR, on the same server, is not tried instead. One load per path
+at a time; the others wait for it.
 
 Lookup counts: the kernel's count per path, summed over its nodes (`ref`, `unref`); a tree
 whose count falls to zero is parked in an LRU bounded by IDLE_NODES nodes (at least one tree is
@@ -28,7 +30,7 @@ import trio
 
 from .cache import read_small, write_atomic
 from .catalog import Entry
-from .errors import CorruptError, NarfsError
+from .errors import CorruptError, NarfsError, Unavailable
 from .reader import Reader
 from .storepath import HASH_LEN
 from .tree import MAX_TREE_FILE, Tree
@@ -153,6 +155,11 @@ class TreeCache:
                     continue
                 tree = await trio.to_thread.run_sync(Tree.build, h, p.slot, root, entry.nar_size,
                                                      limiter=self.reader.limiter)
+            except Unavailable as e:
+                # The server cannot be asked now: EIO for this request only. The NAR lives on
+                # the same server, and the path may be fine a minute from now.
+                log.warning("%s: listing not fetched (%s); not marked broken", p.base, e)
+                raise
             except (NarfsError, OSError) as e:
                 reason = str(e)
                 if source != "nar":

@@ -5,6 +5,7 @@ cache directory made in-process (tests/inprocess.py); each test takes millisecon
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from hostile import GOOD_TREE, nar, node_file, node_link
 from inprocess import Archive, collect, files, path_inode, run
 from narfs import treecache
 from narfs import view as view_mod
+from narfs.errors import Unavailable
 from narfs.tree import (
     BYNAME_DIR,
     BYNAME_INODE,
@@ -311,6 +313,33 @@ def test_a_path_with_no_usable_listing_is_broken_and_left_out(archive: Archive) 
     archive.retire(bad)
     run(archive.view.refresh)
     assert bad not in archive.view.trees.broken
+
+
+def test_a_listing_source_that_cannot_be_asked_now_breaks_nothing(
+        archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remote server down while a path's listing is fetched: that request fails (the adapter
+    answers EIO), the path is not marked broken, the NAR (on the same server) is not parsed
+    instead, and the next look, with the server back, works."""
+    h = archive.add(files(2), "away")
+    run(archive.view.refresh)
+    backend = archive.reader.backend
+    real = backend.read_listing
+    down = True
+
+    def read_listing(h: str, nar_size: int | None = None) -> dict | None:
+        if down:
+            raise Unavailable(errno.EIO, "http://cache.example/x.ls: connection refused")
+        return real(h, nar_size)
+
+    monkeypatch.setattr(backend, "read_listing", read_listing)
+    archive.catalog.listings.clear()
+    archive.catalog.listings.commit()
+    with pytest.raises(Unavailable):
+        run(lambda: archive.view.lookup(path_inode(h), b"d"))
+    assert h not in archive.view.trees.broken
+    assert archive.reader.stats.nar_parses == 0
+    down = False
+    assert run(lambda: archive.view.lookup(path_inode(h), b"d")).inode
 
 
 def test_each_misuse_raises_its_own_error(archive: Archive) -> None:
