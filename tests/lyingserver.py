@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import socket
 import socketserver
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from nginxserver import free_port
+from nginxserver import tcp_server
 
 MODES = ("truncated", "long-content-length", "short-content-length", "other-range")
 
@@ -85,17 +84,5 @@ def lying(upstream_port: int, mode: str) -> Iterator[str]:
             except OSError:
                 pass
 
-    class Server(socketserver.ThreadingTCPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-
-    port = free_port()
-    server = Server(("127.0.0.1", port), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with tcp_server(Handler) as url:
+        yield url

@@ -41,7 +41,7 @@ from bench_mount import OPS, regular_files
 from common import NIX, Context, Mount, alternate, drop_caches, run, runs_row, standalone, timed
 
 from narfs.signing import load_secret_key
-from nginxserver import Nginx, serving, world_readable
+from nginxserver import Nginx, serving, tcp_server, world_readable
 
 NS = f"narfs-bench-{os.getpid()}"
 HOST_IP, NS_IP = "10.213.0.1", "10.213.0.2"
@@ -129,18 +129,8 @@ def delaying_proxy(upstream: int, rtt_ms: int) -> Iterator[str]:
             t.join()
             up.close()
 
-    class Server(socketserver.ThreadingTCPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-
-    server = Server(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with tcp_server(Handler) as url:
+        yield url
 
 
 class Client:
