@@ -239,8 +239,8 @@ def _reason(e: Exception) -> str:
         return (f"its TLS certificate is not trusted ({cert.verify_message}); add the CA that "
                 "signed it to the system's CA store, or point SSL_CERT_FILE at a bundle "
                 "holding it (Nix's fetches honour it too)")
-    while getattr(e, "reason", None) is not None and e.reason is not e:  # type: ignore[attr-defined]
-        e = e.reason  # type: ignore[attr-defined]
+    while isinstance(inner := getattr(e, "reason", None), Exception) and inner is not e:
+        e = inner  # urllib3 wraps the cause (sometimes only as a string, where this stops)
     text = str(e)
     if "timed out" in text.lower():
         return "the server did not answer in time"
