@@ -134,6 +134,18 @@ let
     RestrictAddressFamilies = "AF_UNIX AF_INET AF_INET6";
     CacheDirectory = "narfs";
   };
+  # A mount's service: `narfs mount --foreground` sends READY=1 once the mount is live and
+  # unmounts on SIGTERM, so no ExecStop=. Only after a crash is a mount left behind; --quiet:
+  # nothing to say after a clean stop.
+  mountService = hardening: mountpoint: args: hardening // {
+    Type = "notify";
+    ExecStartPre = "${pkgs.coreutils}/bin/mkdir -p ${mountpoint}";
+    ExecStart = "${narfs} mount --foreground ${args}";
+    ExecStopPost = "-${pkgs.util-linux}/bin/umount --quiet --lazy ${mountpoint}";
+    Restart = "on-failure";
+    RestartSec = "5s";
+    TimeoutStopSec = 30;
+  };
   # systemd-escape --path, as NixOS's utils.escapeSystemdPath spells it
   escapePath = path: lib.replaceStrings [ "/" "-" ] [ "-" "\\x2d" ] (lib.removePrefix "/" path);
 
@@ -304,15 +316,7 @@ in
           ];
           # nix.conf's trusted-public-keys and netrc-file are read through `nix show-config`
           path = [ config.nix.package ];
-          serviceConfig = remoteHardening // {
-            Type = "notify";
-            ExecStartPre = "${pkgs.coreutils}/bin/mkdir -p ${mountpoint}";
-            ExecStart = "${narfs} mount --foreground ${url} ${mountpoint}";
-            ExecStopPost = "-${pkgs.util-linux}/bin/umount --quiet --lazy ${mountpoint}";
-            Restart = "on-failure";
-            RestartSec = "5s";
-            TimeoutStopSec = 30;
-          };
+          serviceConfig = mountService remoteHardening mountpoint "${url} ${mountpoint}";
         }
       ) cfg.remoteMounts;
     }
@@ -464,18 +468,7 @@ in
         ];
         wants = [ "modprobe@fuse.service" ];
         inherit environment;
-        serviceConfig = mountHardening // {
-          # narfs mount --foreground sends READY=1 once the mount is live and unmounts on
-          # SIGTERM, so no ExecStop=.
-          Type = "notify";
-          ExecStartPre = "${pkgs.coreutils}/bin/mkdir -p ${cfg.mountpoint}";
-          ExecStart = "${narfs} mount --foreground ${cfg.mountpoint}";
-          # Only after a crash is a mount left behind; --quiet: nothing to say after a clean stop.
-          ExecStopPost = "-${pkgs.util-linux}/bin/umount --quiet --lazy ${cfg.mountpoint}";
-          Restart = "on-failure";
-          RestartSec = "5s";
-          TimeoutStopSec = 30;
-        };
+        serviceConfig = mountService mountHardening cfg.mountpoint cfg.mountpoint;
       };
     })
 
