@@ -203,7 +203,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     cache = Cache(settings.cache_dir)
     created = cache.init()
-    pathindex.publish(cache)  # a new cache is mountable over HTTP before its first archive
+    if created:  # mountable over HTTP before its first archive; an existing cache is left alone
+        pathindex.publish(cache)
     print(f"{'created' if created else 'unchanged'}: binary cache {cache.root}")
     key_file = settings.secret_key_file or config.DEFAULT_KEY
     if os.path.exists(key_file):
