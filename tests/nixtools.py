@@ -202,14 +202,15 @@ class Narfs:
         return load_secret_key(str(self.key)).public.text()
 
 
-def on_a_terminal(narfs: Narfs, *args: str) -> str:
-    """Run narfs under script(1), as on a terminal 120 columns wide; its whole output."""
+def on_a_terminal(narfs: Narfs, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run narfs under script(1), as on a terminal 120 columns wide (`env` added to its
+    environment); its whole output."""
     import shlex
 
     # script's terminal has no size unless given one, and tqdm draws nothing 0 columns wide.
     cmd = "stty cols 120 rows 40; " + shlex.join([sys.executable, "-m", "narfs.cli", *args])
     proc = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True,
-                          text=True, env=narfs.env, timeout=300)
+                          text=True, env={**narfs.env, **(env or {})}, timeout=300)
     assert proc.returncode == 0, f"narfs {' '.join(args)} on a terminal:\n{proc.stdout}"
     return proc.stdout
 
