@@ -202,6 +202,18 @@ class Narfs:
         return load_secret_key(str(self.key)).public.text()
 
 
+def tree_with_a_file_deep_in_it(src: Path, mib_each_side: int) -> Path:
+    """A directory of `mib_each_side` 1 MiB files of random bytes, `m-target` (50 KB), and as
+    many again after it: a small file in the middle of a big path. Returns `src`."""
+    src.mkdir()
+    for i in range(mib_each_side):
+        (src / f"a{i:02}.bin").write_bytes(os.urandom(1 << 20))
+    (src / "m-target").write_bytes(os.urandom(50_000))
+    for i in range(mib_each_side):
+        (src / f"z{i:02}.bin").write_bytes(os.urandom(1 << 20))
+    return src
+
+
 def on_a_terminal(narfs: Narfs, *args: str, env: dict[str, str] | None = None) -> str:
     """Run narfs under script(1), as on a terminal 120 columns wide (`env` added to its
     environment); its whole output."""

@@ -275,6 +275,33 @@ def in_the_middle(service: Service, at_least: int = 8 << 20) -> None:
     wait_for(writing, 30, "a NAR half-written into the cache", service)
 
 
+class NotifySocket:
+    """An abstract datagram socket standing in for systemd's $NOTIFY_SOCKET."""
+
+    def __init__(self) -> None:
+        self.name = f"narfs-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name)
+        self.sock.settimeout(0)
+        self.got: list[str] = []
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": "@" + self.name}
+
+    def lines(self) -> list[str]:
+        """Every line of every datagram received so far."""
+        try:
+            while True:
+                self.got.append(self.sock.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        return [line for d in self.got for line in d.split("\n")]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def abandoned_write(service: Service, timeout: float = 120) -> int:
     """SIGTERM the service and watch its NAR temporaries until it exits (a bounded wait);
     return the largest size any reached meanwhile."""
@@ -500,28 +527,16 @@ def test_sigterm_stops_within_seconds_cleanly_and_notifies(rig: Rig, narfs: Narf
     time: the NAR temporary, watched until the process is gone, never grows past a few frames
     beyond where SIGTERM found it (waiting for the write would grow it to the whole NAR)."""
     slow_compression(narfs, 19)
-    name = f"narfs-test-{uuid.uuid4().hex}"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind("\0" + name)
-    sock.settimeout(0)
-    got: list[str] = []
-
-    def lines() -> list[str]:
-        return [line for m in got for line in m.split("\n")]
+    notify = NotifySocket()
 
     def received(field: str, containing: str = "") -> bool:
         """Whether a datagram held a line `field` (or, for `X=`, a line starting so and
         holding `containing`)."""
-        try:
-            while True:
-                got.append(sock.recv(4096).decode())
-        except BlockingIOError:
-            pass
         return any(line == field or (field.endswith("=") and line.startswith(field)
-                                     and containing in line) for line in lines())
+                                     and containing in line) for line in notify.lines())
 
     try:
-        service = rig.start(env={"NOTIFY_SOCKET": "@" + name})
+        service = rig.start(env=notify.env)
         wait_for(lambda: received("READY=1"), 20, "READY=1", service)
         wait_for(lambda: received("STATUS="), 5, "STATUS=", service)
         pin = pin_by_hand(rig, big_path)
@@ -533,9 +548,9 @@ def test_sigterm_stops_within_seconds_cleanly_and_notifies(rig: Rig, narfs: Narf
         assert largest < BIG // 8, f"the write went on to {largest} bytes after SIGTERM"
         assert temporaries(narfs.cache) == [], service.log()
         assert service.proc.returncode == 0, service.log()
-        assert received("STOPPING=1"), got
+        assert received("STOPPING=1"), notify.got
     finally:
-        sock.close()
+        notify.close()
     assert pin.is_symlink() and not narinfo(narfs.cache, big_path).exists()
     state = service.state()
     assert state["stopped"] and state["queue"] == 1, state
@@ -554,31 +569,21 @@ def test_status_names_the_path_being_archived_and_its_progress(rig: Rig, narfs: 
     on two idle cores (level 15 took under 2 s on a quiet machine: one percentage); the
     service is stopped once two were seen, which abandons the write."""
     slow_compression(narfs, 19)
-    name = f"narfs-test-{uuid.uuid4().hex}"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind("\0" + name)
-    sock.settimeout(0)
-    got: list[str] = []
+    notify = NotifySocket()
     moving = re.compile(rf"^STATUS=archiving {os.path.basename(big_path)} "
                         r"\(([1-9]\d?)% of [\d.]+ MiB\); 1 pin waiting \(1 archiving")
 
     def percentages() -> set[int]:
-        try:
-            while True:
-                got.append(sock.recv(4096).decode())
-        except BlockingIOError:
-            pass
-        return {int(m.group(1)) for d in got for line in d.split("\n")
-                if (m := moving.match(line))}
+        return {int(m.group(1)) for line in notify.lines() if (m := moving.match(line))}
 
     try:
-        service = rig.start(env={"NOTIFY_SOCKET": "@" + name})
+        service = rig.start(env=notify.env)
         service.wait_log(r"watching .*: 0 pins waiting")
         pin = pin_by_hand(rig, big_path)
         wait_for(lambda: len(percentages()) >= 2, 60, "STATUS= with two percentages", service)
         assert pin.is_symlink(), "two percentages before the path was done"
     finally:
-        sock.close()
+        notify.close()
     service.stop()
 
 

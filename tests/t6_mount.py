@@ -18,7 +18,7 @@ from mounting import Mount, mounted, wait_for
 from conftest import Narfs
 from narfs.cache import Cache
 from narfs.catalog import Catalog
-from nixtools import NIX, NixStore, rich_tree, run
+from nixtools import NIX, NixStore, rich_tree, run, tree_with_a_file_deep_in_it
 
 pytestmark = pytest.mark.usefixtures("fuse_mode")  # conftest: fast and stock
 
@@ -195,13 +195,7 @@ def test_hot_tier_is_bounded(paths: dict[str, str], tmp_path: Path) -> None:
 def test_a_read_decompresses_only_the_frames_it_needs(narfs: Narfs, nixstore: NixStore,
                                                       tmp_path: Path) -> None:
     """50 KB in the middle of a 100 MB path costs a frame or two (4 MiB frames), not 25."""
-    src = tmp_path / "big"
-    src.mkdir()
-    for i in range(50):
-        (src / f"a{i:02}.bin").write_bytes(os.urandom(1 << 20))
-    (src / "m-target").write_bytes(os.urandom(50_000))
-    for i in range(50):
-        (src / f"z{i:02}.bin").write_bytes(os.urandom(1 << 20))
+    src = tree_with_a_file_deep_in_it(tmp_path / "big", 50)
     p = nixstore.tree(src, "narfs-100mb")
     narfs("archive", p)
     with mounted(narfs, tmp_path / "mnt") as m:

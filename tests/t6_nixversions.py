@@ -30,7 +30,7 @@ from narfs import narinfo, nix32, nixversions, zstdseek
 from narfs.errors import CorruptError, NarfsError
 from narfs.nixversions import NixVersion, parse_version
 from narfs.signing import load_secret_key
-from nixtools import NIX, NixStore, rich_tree, run
+from nixtools import NIX, NixStore, rich_tree, run, tree_with_a_file_deep_in_it
 
 P = "/nix/store/ab3li50xq0nl4q5lxdyinb8w8y13my9s-f"
 NAR_HASH = "sha256:1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h"  # the SRI below
@@ -223,13 +223,7 @@ def _as_nix_2_35(cache: Path, frame: int) -> None:
 def test_nix_2_35_zstd_nars_are_read_frame_by_frame(nixstore: NixStore, tmp_path: Path) -> None:
     """Independent frames with their sizes in the headers are indexed, not copied whole into
     the hot tier: 50 KB deep in a 24 MiB path costs one or two 1 MiB frames."""
-    src = tmp_path / "big"
-    src.mkdir()
-    for i in range(12):
-        (src / f"a{i:02}.bin").write_bytes(os.urandom(1 << 20))
-    (src / "m-target").write_bytes(os.urandom(50_000))
-    for i in range(12):
-        (src / f"z{i:02}.bin").write_bytes(os.urandom(1 << 20))
+    src = tree_with_a_file_deep_in_it(tmp_path / "big", 12)
     p = nixstore.tree(src, "narfs-nix-2-35")
     n = _nix_copy_cache(tmp_path, [p], "compression=none&write-nar-listing=true")
     _as_nix_2_35(n.cache, 1 << 20)
