@@ -42,6 +42,7 @@ import hashlib
 import logging
 import netrc
 import os
+import re
 import threading
 import time
 import urllib.parse
@@ -90,9 +91,13 @@ __all__ = ["MirrorCache", "RemoteBackend", "client_dir", "is_url", "trusted_keys
 def client_dir(url: str) -> str:
     """Where a remote cache's mirror lives on this machine: one directory per URL."""
     parts = urllib.parse.urlsplit(url)
-    name = urllib.parse.quote(f"{parts.netloc}{parts.path.rstrip('/')}", safe="")
-    if parts.scheme == "https":
-        name = "https-" + name
+    # Letters, digits and ._- only: restore hands Nix a file:// URL below this directory, and
+    # Nix 2.34 decodes percent-escapes in it (a quoted "host%3A5000" named another directory).
+    # The readable part may collide ("a/b" and "a_b"); the hash of the URL keeps them apart.
+    where = f"{parts.netloc}{parts.path.rstrip('/')}"
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", where).lstrip(".")[:80]
+    key = hashlib.sha256(f"{parts.scheme}://{where}".encode()).hexdigest()[:12]
+    name = f"{'https-' if parts.scheme == 'https' else ''}{readable}-{key}"
     base = os.environ.get("XDG_CACHE_HOME")
     if base:
         base = os.path.join(base, "narfs")

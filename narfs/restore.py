@@ -426,9 +426,10 @@ class Copier:
                 await proc.wait()
             raise
         if rc != 0:
-            msg = (messages or raw or [f"exit status {rc}"])[-1].strip()
-            msg = msg.removeprefix("error: ")
-            error = f"nix copy: {msg}"
+            # Nix's last error is often only "build of … failed": its causes come before it.
+            said = [m.strip().removeprefix("error: ") for m in messages or raw[-3:]
+                    if m.strip()] or [f"exit status {rc}"]
+            error = "nix copy: " + "; ".join(dict.fromkeys(" ".join(m.split()) for m in said))
         await send.send((batch, error))
 
 

@@ -508,9 +508,20 @@ def tls_serving(cache: Path) -> Iterator[tuple[Nginx, str, Path]]:
         def openssl(*args: str) -> None:
             run(["openssl", *args], cwd=d)
 
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                "/CN=narfs test CA", "-keyout", "ca.key", "-out", "ca.pem")
-        (d / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        # The extensions a strict verifier asks for (Python 3.13+ sets VERIFY_X509_STRICT):
+        # key usage on the CA, key identifiers, the server's purpose and address.
+        (d / "ca.cnf").write_text(
+            "[req]\ndistinguished_name = dn\nx509_extensions = ca\nprompt = no\n"
+            "[dn]\nCN = narfs test CA\n"
+            "[ca]\nbasicConstraints = critical,CA:TRUE\n"
+            "keyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n")
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-config",
+                "ca.cnf", "-keyout", "ca.key", "-out", "ca.pem")
+        (d / "ext").write_text(
+            "subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\n"
+            "keyUsage = critical,digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage = serverAuth\nsubjectKeyIdentifier = hash\n"
+            "authorityKeyIdentifier = keyid,issuer\n")
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
                 "-keyout", "server.key", "-out", "server.csr")
         openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
