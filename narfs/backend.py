@@ -10,6 +10,7 @@ reads: sizes, listings and bytes are checked by their users (DESIGN contract 5).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Protocol
 
 from .cache import Cache
@@ -20,10 +21,22 @@ class NarFile(Protocol):
     """One open NAR file, compressed as its narinfo's URL names it."""
 
     size: int  # its length in bytes
+    # Whether every byte it hands out was checked against a signed hash (a remote file's
+    # frames): a read may then stop decompressing a frame where it ends, since the frame's
+    # own checksum, which only its end holds, adds nothing. A local file's damage is caught by
+    # that checksum alone, so its frames are always decompressed whole.
+    verified: bool
 
     def pread(self, offset: int, size: int) -> bytes:
         """Blocking and thread-safe (no shared position); short only at end of file; OSError
         or CorruptError on failure."""
+        ...
+
+    def pieces(self, offset: int, size: int) -> Iterator[bytes]:
+        """The same bytes as pread, in pieces as they arrive: a remote file's frame can be
+        decompressed while the rest of it is on the wire. A piece is vouched for only once the
+        iterator ended without error (a remote file checks a frame's hash at its end), so a
+        caller hands nothing of them on before that."""
         ...
 
     def close(self) -> None: ...
@@ -49,6 +62,8 @@ class LocalFile:
     Its size is taken once, at open: a file that shrinks later gives short reads, which the
     reader reports as a truncated NAR."""
 
+    verified = False
+
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.size = os.fstat(fd).st_size
@@ -61,6 +76,9 @@ class LocalFile:
                 break
             data += more
         return data
+
+    def pieces(self, offset: int, size: int) -> Iterator[bytes]:
+        yield self.pread(offset, size)  # a local disk: one read is as fast as any split
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -106,19 +106,29 @@ class FrameCache:
         self.size = 0
         self._frames: OrderedDict[tuple, bytes] = OrderedDict()
 
-    def get(self, key: tuple) -> bytes | None:
+    def get(self, key: tuple, need: int = 0) -> bytes | None:
+        """The frame's bytes kept, if at least its first `need` of them are (a read in the
+        middle of a frame decompresses it only up to the end of the read)."""
         data = self._frames.get(key)
-        if data is not None:
-            self._frames.move_to_end(key)
+        if data is None or len(data) < need:
+            return None
+        self._frames.move_to_end(key)
         return data
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._frames
 
     def fits(self, size: int) -> bool:
         """Whether a frame of `size` bytes can be kept at all."""
         return size + self.ENTRY_OVERHEAD <= self.limit
 
     def put(self, key: tuple, data: bytes) -> None:
-        if not self.fits(len(data)) or key in self._frames:
+        old = self._frames.get(key)
+        if not self.fits(len(data)) or (old is not None and len(old) >= len(data)):
             return
+        if old is not None:  # a longer part of the same frame
+            del self._frames[key]
+            self.size -= len(old) + self.ENTRY_OVERHEAD
         self._frames[key] = data
         self.size += len(data) + self.ENTRY_OVERHEAD
         while self.size > self.limit:
@@ -203,19 +213,23 @@ class Source:
         self.users = 0
         self.retired = False
 
-    def frames_sync(self, indices: list[int]) -> tuple[list[bytes], CorruptError | None]:
+    def frames_sync(self, indices: list[int], upto: int | None = None
+                    ) -> tuple[list[bytes], CorruptError | None]:
         """Frames `indices` decompressed in turn, up to the first damaged one (with its error):
-        one worker-thread call for all the frames a read misses."""
+        one worker-thread call for all the frames a read misses. `upto`: the last of them only
+        up to that many bytes (where the read ends)."""
         assert self.table is not None
-        f, dctx = NarView(self.file), _dctx()
+        dctx = _dctx()
         out: list[bytes] = []
         comp = dec = 0
         try:
-            for i in indices:
+            for n, i in enumerate(indices):
                 frame = self.table.frames[i]
-                out.append(zstdseek.read_frame(f, frame, dctx))
+                pieces = self.file.pieces(frame.comp_offset, frame.comp_size)
+                part = upto if n == len(indices) - 1 else None
+                out.append(zstdseek.decompress_frame(pieces, frame, dctx, part))
                 comp += frame.comp_size
-                dec += frame.size
+                dec += len(out[-1])
         except CorruptError as e:
             return out, e
         finally:
@@ -398,11 +412,12 @@ class Reader:
                                                      limiter=self.limiter)
             parts = []
             indices = src.table.covering(offset, size)
-            for i, data in zip(indices, await self._frames(src, indices), strict=True):
+            frames = await self._frames(src, indices, offset + size)
+            for i, data in zip(indices, frames, strict=True):
                 frame = src.table.frames[i]
                 lo = max(offset - frame.offset, 0)
                 hi = min(offset + size - frame.offset, frame.size)
-                parts.append(data[lo:hi] if (lo, hi) != (0, frame.size) else data)
+                parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
             return parts[0] if len(parts) == 1 else b"".join(parts)
         finally:
             src.users -= 1
@@ -418,37 +433,52 @@ class Reader:
         parts = []
         for i in src.table.covering(offset, size):
             frame = src.table.frames[i]
-            data = self.frames.get((*src.key, i))
+            hi = min(offset + size - frame.offset, frame.size)
+            data = self.frames.get((*src.key, i), hi)
             if data is None:
                 return None
             lo = max(offset - frame.offset, 0)
-            parts.append(data[lo:min(offset + size - frame.offset, frame.size)])
+            parts.append(data[lo:hi])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _frames(self, src: Source, indices: range) -> list[bytes]:
-        """Frames `indices` of `src`: from the frame cache, else decompressed, all those
-        missing in one worker-thread call (a read over thousands of tiny frames pays one thread
-        hop, not one per frame), and none by two reads at once: a frame another read is
-        decompressing is waited for, and shares its CorruptError."""
+    async def _frames(self, src: Source, indices: range, end: int) -> list[bytes]:
+        """Frames `indices` of `src`, each at least up to NAR offset `end`: from the frame
+        cache, else decompressed, all those missing in one worker-thread call (a read over
+        thousands of tiny frames pays one thread hop, not one per frame), and none by two
+        reads at once: a frame another read is decompressing is waited for, and shares its
+        CorruptError.
+
+        A frame of a verified file (backend.NarFile.verified) nothing of which is kept is
+        decompressed only up to `end` (a small read in the middle of a 4 MiB frame stops
+        halfway); one whose kept part is too short is decompressed whole, so reads going
+        through a frame decompress it at most twice."""
+        assert src.table is not None
         found: dict[int, bytes] = {}
         mine: list[int] = []
         theirs: list[int] = []
+        upto = None
         for i in indices:
-            data = self.frames.get((*src.key, i))
+            frame = src.table.frames[i]
+            need = min(end - frame.offset, frame.size)
+            data = self.frames.get((*src.key, i), need)
             if data is not None:
                 found[i] = data
             elif (*src.key, i) in self._inflight:
                 theirs.append(i)
             else:
                 mine.append(i)
+                fresh = (*src.key, i) not in self.frames
+                upto = need if fresh and need < frame.size else None
         self.stats.add(frame_hits=len(found))
         if mine:
+            if not src.file.verified or mine[-1] != indices[-1]:
+                upto = None
             flight = _Flight()  # one for the batch: only the damaged frame's waiters fail
             for i in mine:
                 self._inflight[(*src.key, i)] = flight
             error = None
             try:
-                out, error = await trio.to_thread.run_sync(src.frames_sync, mine,
+                out, error = await trio.to_thread.run_sync(src.frames_sync, mine, upto,
                                                            limiter=self.limiter)
                 if error is not None:
                     flight.error, flight.key = str(error), (*src.key, mine[len(out)])
@@ -464,11 +494,13 @@ class Reader:
             if error is not None:
                 raise error
         for i in theirs:
-            found[i] = await self._frame(src, i)
+            found[i] = await self._frame(src, i, min(end - src.table.frames[i].offset,
+                                                     src.table.frames[i].size))
         return [found[i] for i in indices]
 
-    async def _frame(self, src: Source, index: int) -> bytes:
-        """One frame another read was decompressing (see _frames)."""
+    async def _frame(self, src: Source, index: int, need: int) -> bytes:
+        """One frame another read was decompressing (see _frames), at least `need` bytes of
+        it: if that read stopped short of them, decompressed whole."""
         key = (*src.key, index)
 
         def make() -> bytes:
@@ -477,7 +509,7 @@ class Reader:
                 raise error
             return out[0]
 
-        data = await self._once(key, lambda: self.frames.get(key), make)
+        data = await self._once(key, lambda: self.frames.get(key, need), make)
         self.frames.put(key, data)
         return data
 

@@ -47,7 +47,7 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -137,12 +137,18 @@ class RangeCache(DiskLRU):
 
     def __init__(self, directory: str, limit: int) -> None:
         super().__init__(directory, limit, mode=0o700)
+        self._pending: dict[str, list[bytes]] = {}  # being written by put_soon
+        self._pending_lock = threading.Lock()
 
     @staticmethod
     def name(url: str, offset: int, size: int) -> str:
         return hashlib.sha256(f"{url}\0{offset}\0{size}".encode()).hexdigest()
 
     def get(self, name: str, size: int) -> bytes | None:
+        with self._pending_lock:
+            pending = self._pending.get(name)
+        if pending is not None:
+            return b"".join(pending)
         fd = self.open(name, size)
         if fd is None:
             return None
@@ -152,17 +158,35 @@ class RangeCache(DiskLRU):
             os.close(fd)
         return data if len(data) == size else None
 
-    def put(self, name: str, data: bytes) -> None:
-        if len(data) > self.limit:
+    def put(self, name: str, data: bytes | list[bytes]) -> None:
+        pieces = [data] if isinstance(data, bytes) else data
+        size = sum(map(len, pieces))
+        if size > self.limit:
             return
         fd, tmp = self.temporary(name)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            self.adopt(name, tmp, len(data))
+                f.writelines(pieces)
+            self.adopt(name, tmp, size)
         except OSError as e:  # a full disk costs the next look a request, nothing more
             log.debug("%s: not kept (%s)", name, e)
             remove_file(tmp)
+
+    def put_soon(self, name: str, pieces: list[bytes]) -> None:
+        """put() in a daemon thread, so a read's answer does not wait for the disk; get()
+        finds the bytes meanwhile. An unmount does not wait for it either: a temporary cut
+        off by the exit is removed at the next start (DiskLRU)."""
+        with self._pending_lock:
+            self._pending[name] = pieces
+
+        def write() -> None:
+            try:
+                self.put(name, pieces)
+            finally:
+                with self._pending_lock:
+                    self._pending.pop(name, None)
+
+        threading.Thread(target=write, daemon=True).start()
 
 
 class SignedNar:
@@ -173,6 +197,8 @@ class SignedNar:
     Once reads go frame after frame (grep -r, a listing parsed from the NAR), the next AHEAD
     frames are fetched in the background into the ranges cache, so a link's latency is paid
     once per run of frames rather than once per frame; a lone read fetches nothing more."""
+
+    verified = True  # each frame against its signed hash
 
     def __init__(self, backend: RemoteBackend, entry: Entry, auth: frameauth.Auth) -> None:
         self.backend = backend
@@ -203,7 +229,21 @@ class SignedNar:
             parts.append(self.auth.tail[pos - data_end:end - data_end])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def pieces(self, offset: int, size: int) -> Iterator[bytes]:
+        i = bisect.bisect_right(self._starts, offset) - 1
+        frames = self.auth.table.frames
+        if 0 <= i < len(frames) and (frames[i].comp_offset, frames[i].comp_size) \
+                == (offset, size):
+            yield from self._frame_pieces(i)
+        else:  # not one frame (the reader asks for frames only): checked as pread checks
+            yield self.pread(offset, size)
+
     def _frame(self, i: int) -> bytes:
+        return b"".join(self._frame_pieces(i))
+
+    def _frame_pieces(self, i: int) -> Iterator[bytes]:
+        """Frame `i`'s compressed bytes, from the ranges cache or fetched piece by piece and
+        hashed as they arrive; CorruptError at the end when they are not the signed ones."""
         frame = self.auth.table.frames[i]
         with self._lock:
             pending = self._ahead.get(i)
@@ -213,14 +253,27 @@ class SignedNar:
             pending.wait(self.backend.http.longest)
         if sequential:
             self._read_ahead(i)
-        data = self.backend.fetch_range(self.url, frame.comp_offset, frame.comp_size, self.size)
-        try:
-            self.auth.check_frame(i, data, self.backend.http.url(self.url))
-        except CorruptError:
-            self.backend.ranges.drop(RangeCache.name(self.url, frame.comp_offset,
-                                                     frame.comp_size))
-            raise
-        return data
+        where = self.backend.http.url(self.url)
+        ranges = self.backend.ranges
+        name = RangeCache.name(self.url, frame.comp_offset, frame.comp_size)
+        data = ranges.get(name, frame.comp_size)
+        if data is not None:
+            try:
+                self.auth.check_frame(i, data, where)
+            except CorruptError:
+                ranges.drop(name)
+                raise
+            yield data
+            return
+        sha = hashlib.sha256()
+        got = []
+        for piece in self.backend.http.range_pieces(self.url, frame.comp_offset,
+                                                    frame.comp_size, self.size):
+            sha.update(piece)
+            got.append(piece)
+            yield piece
+        self.auth.check_digest(i, sha.digest(), where)
+        ranges.put_soon(name, got)
 
     def _read_ahead(self, i: int) -> None:
         frames = self.auth.table.frames
@@ -260,6 +313,8 @@ class WholeNar:
     the whole file was fetched (in WHOLE_STEP ranges, into the ranges cache) and found to
     decompress to the NarSize and NarHash its signed narinfo names. Reads are then local."""
 
+    verified = True  # the whole file against its signed NarHash, before any byte is read
+
     def __init__(self, backend: RemoteBackend, entry: Entry, size: int) -> None:
         self.backend = backend
         self.entry = entry
@@ -273,6 +328,9 @@ class WholeNar:
                 self._fd = self.backend.whole(self.entry, self.size)
             fd = self._fd
         return os.pread(fd, max(0, min(size, self.size - offset)), offset)
+
+    def pieces(self, offset: int, size: int) -> Iterator[bytes]:
+        yield self.pread(offset, size)  # local once fetched whole
 
     def close(self) -> None:
         with self._lock:

@@ -60,10 +60,13 @@ def _lie(mode: str, head: bytes, body: bytes) -> tuple[bytes, bytes]:
 
 
 @contextmanager
-def lying(upstream_port: int, mode: str) -> Iterator[str]:
+def lying(upstream_port: int, mode: str, times: int | None = None,
+          seen: list[str] | None = None) -> Iterator[str]:
     """A server on 127.0.0.1 that answers as nginx on `upstream_port` does, but lies in
-    every 206 answer as `mode` says; yields its base URL. One request per connection."""
+    every 206 answer (the first `times` only, when given) as `mode` says; yields its base URL.
+    One request per connection. `seen` gets each request's Range header ("" for none)."""
     assert mode in MODES
+    lies = [times]
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
@@ -75,8 +78,14 @@ def lying(upstream_port: int, mode: str) -> Iterator[str]:
             lines = [ln for ln in head.split(b"\r\n")
                      if not ln.lower().startswith(b"connection:")]
             request = b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + rest
+            if seen is not None:
+                seen.append(next((ln.split(b":", 1)[1].strip().decode() for ln in lines
+                                  if ln.lower().startswith(b"range:")), ""))
             rhead, body = _forward(upstream_port, request)
-            rhead, body = _lie(mode, rhead, body)
+            if lies[0] is None or (lies[0] > 0 and rhead.startswith(b"HTTP/1.1 206")):
+                if lies[0] is not None:
+                    lies[0] -= 1
+                rhead, body = _lie(mode, rhead, body)
             rhead = b"\r\n".join(ln for ln in rhead.split(b"\r\n")
                                  if not ln.lower().startswith(b"connection:"))
             try:

@@ -8,6 +8,7 @@ import bz2
 import gzip
 import hashlib
 import io
+import itertools
 import lzma
 import os
 import struct
@@ -32,6 +33,7 @@ from narfs.zstdseek import (
     Frame,
     SeekableWriter,
     SeekTable,
+    decompress_frame,
     encode_table,
     read_frame,
     read_table,
@@ -149,6 +151,34 @@ def test_a_decompression_bomb_costs_the_promised_size_only() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 8 << 20, f"{peak} bytes allocated to refuse a 1000-byte frame"
+
+
+def test_a_frame_in_pieces_is_read_to_their_end_even_when_decompression_stops_early() -> None:
+    """decompress_frame(upto=…) stops decompressing where a read ends, but still takes every
+    piece: a source that checks its bytes when they end (a remote frame's signed hash) has
+    checked them, or raised, before any byte is handed on."""
+    data = os.urandom(200_000)
+    comp = zstandard.ZstdCompressor(write_checksum=True).compress(data)
+    frame = Frame(0, len(comp), 0, len(data))
+    cuts = [0, 7, 5000, len(comp) // 2, len(comp)]
+    ended = []
+
+    def pieces(lie: bool = False) -> Iterator[bytes]:
+        for a, b in itertools.pairwise(cuts):
+            yield comp[a:b]
+        ended.append(True)
+        if lie:
+            raise CorruptError("frame 0 is not the one the cache's key signed")
+
+    assert decompress_frame(pieces(), frame) == data
+    assert decompress_frame(pieces(), frame, upto=1000) == data[:1000]
+    assert ended == [True, True]
+    with pytest.raises(CorruptError, match="signed"):
+        decompress_frame(pieces(lie=True), frame, upto=10)
+    with pytest.raises(CorruptError, match="longer"):
+        decompress_frame(iter([comp, b"x"]), frame)
+    with pytest.raises(CorruptError, match="truncated"):
+        decompress_frame(iter([comp[:100]]), frame, upto=10)
 
 
 def test_a_truncated_or_damaged_frame_is_corrupt() -> None:

@@ -28,7 +28,7 @@ import zstandard
 
 from hostile import GOOD_TREE, seekable_by_hand
 from narfs import nix32, reader, zstdseek
-from narfs.backend import LocalBackend
+from narfs.backend import LocalBackend, LocalFile
 from narfs.cache import TMP_PREFIX, Cache
 from narfs.catalog import Entry
 from narfs.disklru import STALE_TMP
@@ -83,11 +83,20 @@ def put(root: Path, data: bytes, kind: str = "seekable", blob: bytes | None = No
                  nar_hash=nar_hash(data), references=[], archived=0.0, mtime_ns=0)
 
 
+class VerifiedBackend(LocalBackend):
+    """A backend whose files vouch for each byte, as a remote mount's signed frames do."""
+
+    def open_nar(self, entry: Entry) -> LocalFile:
+        f = super().open_nar(entry)
+        f.verified = True
+        return f
+
+
 def make_reader(root: Path, frame_cache: int = 1 << 20, hot_limit: int = 1 << 20,
-                max_open: int = 64, tokens: int = 4) -> Reader:
+                max_open: int = 64, tokens: int = 4, verified: bool = False) -> Reader:
     hot = HotTier(str(root / ".narfs" / "hot"), hot_limit)
-    return Reader(LocalBackend(Cache(str(root))), hot, frame_cache, trio.CapacityLimiter(tokens),
-                  max_open)
+    backend = (VerifiedBackend if verified else LocalBackend)(Cache(str(root)))
+    return Reader(backend, hot, frame_cache, trio.CapacityLimiter(tokens), max_open)
 
 
 def fd_open(fd: int) -> bool:
@@ -364,7 +373,8 @@ def test_reads_return_the_nar_bytes_for_every_compression(tmp_path: Path, kind: 
     trio.run(main)
     if kind in ("seekable", "zstd-frames"):
         assert r.stats.frames_decompressed == len(data) // FRAME + 1, \
-            "each frame is decompressed once, then served from the frame cache"
+            "each frame is decompressed once (whole: a local file), then served from the " \
+            "frame cache"
         assert r.hot.fills == 0
     elif kind != "none":
         assert r.hot.fills == 1
@@ -449,13 +459,13 @@ def test_a_failed_load_is_shared_by_its_waiters_and_retried_later(
     r = make_reader(tmp_path, tokens=8)
     errors: list[Exception] = []
     attempts = []
-    real = zstdseek.read_frame
+    real = zstdseek.decompress_frame
 
-    def counted(f, frame, dctx=None):
+    def counted(f, frame, dctx=None, upto=None):
         attempts.append(frame.offset)
-        return real(f, frame, dctx)
+        return real(f, frame, dctx, upto)
 
-    monkeypatch.setattr(reader.zstdseek, "read_frame", counted)
+    monkeypatch.setattr(reader.zstdseek, "decompress_frame", counted)
 
     async def main() -> None:
         async def one() -> None:
@@ -479,6 +489,48 @@ def test_a_failed_load_is_shared_by_its_waiters_and_retried_later(
     assert not r._inflight and r.frames.size == FRAME + r.frames.ENTRY_OVERHEAD
 
 
+def test_a_read_in_the_middle_of_a_frame_decompresses_it_only_to_the_read_s_end(
+        tmp_path: Path) -> None:
+    """A cold read of a small file deep in a big frame stops decompressing where the read
+    ends; reads going on through that frame then decompress it whole, once."""
+    big = 1 << 20
+    data = os.urandom(big * 2)
+    entry = put(tmp_path, data, blob=seekable(data, big))
+    r = make_reader(tmp_path, frame_cache=8 << 20, verified=True)
+
+    async def main() -> None:
+        assert await r.read(entry, 300_000, 50_000) == data[300_000:350_000]
+        assert r.stats.bytes_decompressed == 350_000, "stopped at the end of the read"
+        assert await r.read(entry, 320_000, 1000) == data[320_000:321_000]  # within it: kept
+        assert r.stats.bytes_decompressed == 350_000
+        for offset in range(350_000, big * 2, 128 << 10):  # on through both frames, as cat
+            assert await r.read(entry, offset, 128 << 10) == data[offset:offset + (128 << 10)]
+        assert r.cached(entry, 0, big * 2) == data
+
+        # concurrent reads of one fresh frame, one ending early: both get their bytes
+        r2 = make_reader(tmp_path, frame_cache=8 << 20, verified=True)
+        got: dict[str, bytes] = {}
+
+        async def read(name: str, offset: int, size: int) -> None:
+            got[name] = await r2.read(entry, offset, size)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(read, "short", 10, 10)
+            n.start_soon(read, "long", big - 100, 200)
+        assert got == {"short": data[10:20], "long": data[big - 100:big + 100]}
+        r2.close()
+
+    trio.run(main)
+    # each frame twice at most: in part (to the end of the first read in it), then whole
+    assert r.stats.frames_decompressed == 4
+    assert r.stats.bytes_decompressed < 350_000 + big * 2 + (128 << 10)
+    r.close()
+    local = make_reader(tmp_path, frame_cache=8 << 20)  # only a frame's end checks its bytes
+    assert trio.run(local.read, entry, 300_000, 50_000) == data[300_000:350_000]
+    assert local.stats.bytes_decompressed == big
+    local.close()
+
+
 def test_a_read_over_many_frames_decompresses_them_in_one_worker_call(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = os.urandom(FRAME * 20)
@@ -487,9 +539,9 @@ def test_a_read_over_many_frames_decompresses_them_in_one_worker_call(
     calls: list[list[int]] = []
     real = reader.Source.frames_sync
 
-    def counted(self: reader.Source, indices: list[int]) -> tuple:
+    def counted(self: reader.Source, indices: list[int], upto: int | None = None) -> tuple:
         calls.append(list(indices))
-        return real(self, indices)
+        return real(self, indices, upto)
 
     monkeypatch.setattr(reader.Source, "frames_sync", counted)
 
@@ -515,15 +567,15 @@ def test_only_the_damaged_frame_of_a_batch_fails_its_waiters(
     entry = put(tmp_path, data, blob=bytes(blob))
     r = make_reader(tmp_path, tokens=8)
     entered, release = threading.Event(), threading.Event()
-    real = zstdseek.read_frame
+    real = zstdseek.decompress_frame
 
-    def gated(f, frame, dctx=None):  # the batch's first frame waits until the test says so
+    def gated(f, frame, dctx=None, upto=None):  # the batch's first frame waits for the test
         if not entered.is_set():
             entered.set()
             assert release.wait(10), "the test never released the batch"
-        return real(f, frame, dctx)
+        return real(f, frame, dctx, upto)
 
-    monkeypatch.setattr(reader.zstdseek, "read_frame", gated)
+    monkeypatch.setattr(reader.zstdseek, "decompress_frame", gated)
 
     async def main() -> None:
         got: dict[str, object] = {}
@@ -674,15 +726,15 @@ def test_an_evicted_source_closes_only_after_its_read_in_flight(
     ea, eb = put(tmp_path, a), put(tmp_path, b)
     r = make_reader(tmp_path, max_open=1)
     entered, release = threading.Event(), threading.Event()
-    real = zstdseek.read_frame
+    real = zstdseek.decompress_frame
 
-    def gated(f, frame, dctx=None):  # the first frame read waits until the test says so
+    def gated(f, frame, dctx=None, upto=None):  # the first frame read waits until the test says so
         if not entered.is_set():
             entered.set()
             assert release.wait(10), "the test never released the read"
-        return real(f, frame, dctx)
+        return real(f, frame, dctx, upto)
 
-    monkeypatch.setattr(reader.zstdseek, "read_frame", gated)
+    monkeypatch.setattr(reader.zstdseek, "decompress_frame", gated)
 
     async def main() -> None:
         got: list[bytes] = []

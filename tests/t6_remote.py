@@ -283,6 +283,23 @@ def test_a_lying_server_gives_eio_never_other_bytes(tmp_path: Path, server: Narf
                      "the log line")
 
 
+def test_a_range_cut_off_part_way_is_resumed_where_it_broke(
+        tmp_path: Path, server: Narfs, nginx: Nginx, paths: dict[str, str]) -> None:
+    """A frame's answer cut off half-way (once) costs one more request, for the rest of the
+    range only; the read gets its bytes, checked as a whole against the signed hash."""
+    seen: list[str] = []
+    with lying(nginx.port, "truncated", times=1, seen=seen) as url:
+        c = client(tmp_path, server, url)
+        with mounted(c, tmp_path / "mnt") as m:
+            assert (m / base(paths["big"]) / DEEP).read_bytes() \
+                == (Path(paths["big"]) / DEEP).read_bytes()
+    ranges = [tuple(map(int, r.removeprefix("bytes=").split("-"))) for r in seen if r]
+    assert len(ranges) == 2, seen
+    (start, end), (again, end2) = ranges
+    assert end2 == end and start < again <= end, "asked again for the rest only"
+    assert again - start == (end - start + 1) // 2, "from where the cut answer stopped"
+
+
 def test_server_stopped_mid_read(tmp_path: Path, server: Narfs, paths: dict[str, str]) -> None:
     """A read that needs the server once it is gone (stopped, then hanging) fails with EIO in
     bounded time; the mount stays up, and unmounts."""
