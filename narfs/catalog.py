@@ -309,9 +309,6 @@ class Catalog:
         value = self.listings.get(h)
         return value if isinstance(value, dict) else None
 
-    def put_listing(self, h: str, root: dict, top: list | None = None) -> None:
-        self.put_listings([(h, root, top)])
-
     def put_listings(self, items: Iterable[tuple[str, dict | None, list | None]]) -> None:
         """Store listings and/or the mount's tops (None: keep what is there) of paths the
         catalog holds, in one commit."""

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 FULL_SYNC = 300.0
 POLL = 2.0
 DEBOUNCE = 0.05
-FLUSH_ACCESS = 10.0
+FLUSH = 10.0
 LOG_NAME = "mount.log"
 LOG_MAX = 8 << 20
 # ro: a narfs mount always is; accepted because mount(8) users type it.
@@ -293,16 +293,16 @@ async def _run(fs: NarFS, reader: Reader, notifier: Notifier, signals: AsyncIter
             nursery.start_soon(_keep_in_step, fs, root)
             if isinstance(reader.backend, RemoteBackend):
                 nursery.start_soon(reader.backend.follow)  # its mirror, the root, follows it
-            nursery.start_soon(_every, FLUSH_ACCESS, fs.view.flush_access,
-                               "recording last access times")
+            nursery.start_soon(_every, FLUSH, fs.view.flush,
+                               "recording last access times and listings")
             nursery.start_soon(_every, access_window, fs.expire,
                                "dropping the kernel's cached contents of read files")
     finally:
         with trio.CancelScope(shield=True):
             try:
-                await fs.view.flush_access()
+                await fs.view.flush()
             except Exception:
-                log.exception("recording last access times failed")
+                log.exception("recording last access times and listings failed")
         fs.live = False
         pyfuse3.close(unmount=True)
         reader.close()

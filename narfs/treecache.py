@@ -52,7 +52,6 @@ class PathSet(Protocol):
     def index(self) -> tuple[list[tuple[str, str, float]], dict[str, list]]: ...
     def get(self, h: str) -> Entry | None: ...
     def listing(self, h: str) -> dict | None: ...
-    def put_listing(self, h: str, root: dict, top: list | None = None) -> None: ...
     def put_listings(self, items: Iterable[tuple[str, dict | None, list | None]]) -> None: ...
     def sync(self, only: Iterable[str] | None = None) -> tuple[list[str], list[str]]: ...
     def touch(self, hashes: Iterable[str], when: float | None = None) -> None: ...
@@ -97,6 +96,12 @@ class TreeCache:
         self.db = db  # a catalog call in a worker thread, under the view's db limiter
         self.dir = directory  # compact trees of big paths (tree.py); checked by the caller
         self.on_drop = on_drop  # the view forgets what it derived from a dropped tree
+        # hashes with a tree file, listed at start (None before: every load looks), so a path
+        # without one costs no look, one thread hop less on a cold path's first lookup
+        self.tree_files: set[str] | None = None
+        # listings and tops learnt since the last save(): the catalog gets them in one
+        # transaction with the access times, not on the way of the lookup that built them
+        self.unsaved: dict[str, tuple[dict, list]] = {}
         self.loaded: dict[str, Tree] = {}
         self.entries: dict[str, Entry] = {}  # catalog entries of the paths whose tree is loaded
         self.refs: dict[str, int] = {}  # kernel lookup count per path, summed over its nodes
@@ -127,24 +132,54 @@ class TreeCache:
             event.set()
         return tree
 
+    async def start(self) -> None:
+        self.tree_files = await trio.to_thread.run_sync(self._list_tree_files, self.dir,
+                                                        limiter=self.reader.limiter)
+
+    @staticmethod
+    def _list_tree_files(directory: str) -> set[str]:
+        try:
+            names = os.listdir(directory)
+        except OSError:  # none yet, or not a directory (the view checks what it reads)
+            return set()
+        return {n[:HASH_LEN] for n in names if n.endswith(".tree") and len(n) == HASH_LEN + 5}
+
+    async def save(self) -> None:
+        """Store the listings and tops learnt since the last save in the catalog (derived data:
+        a crash loses only time)."""
+        if self.unsaved:
+            items, self.unsaved = self.unsaved, {}
+            await self.db(self.catalog.put_listings,
+                          [(h, root, top) for h, (root, top) in items.items()])
+
+    def _catalog_sync(self, h: str, with_listing: bool) -> tuple[Entry | None, dict | None]:
+        entry = self.catalog.get(h)
+        return entry, self.catalog.listing(h) if with_listing and entry is not None else None
+
     async def _load(self, h: str) -> Tree:
         p = self.paths.get(h)
-        entry = await self.db(self.catalog.get, h)
+        tree_file = os.path.join(self.dir, f"{h}.tree")
+        look = self.tree_files is None or h in self.tree_files
+        # one catalog call for the entry and, when no tree file comes first, its listing
+        entry, listed = await self.db(self._catalog_sync, h, not look)
         if p is None or entry is None:
             raise NoSuchPath(h)
         reason = "no listing"
         tree = None
-        tree_file = os.path.join(self.dir, f"{h}.tree")
         for source in ("tree", "catalog", "ls", "nar"):
             try:
                 if source == "tree":
+                    if not look:
+                        continue
                     tree = await trio.to_thread.run_sync(self._read_tree, tree_file, h, p.slot,
                                                          entry, limiter=self.reader.limiter)
                     if tree is not None:
                         break
+                    if self.tree_files is not None:
+                        self.tree_files.discard(h)
                     continue
                 if source == "catalog":
-                    root = await self.db(self.catalog.listing, h)
+                    root = listed if not look else await self.db(self.catalog.listing, h)
                 elif source == "ls":
                     root = await trio.to_thread.run_sync(
                         self.listings.read_listing, h, entry.nar_size,
@@ -167,10 +202,11 @@ class TreeCache:
                                 p.base, source, e)
                 continue
             if source != "catalog":
-                await self.db(self.catalog.put_listing, h, root, tree.top())
-            if len(tree) >= TREE_FILE_MIN:
-                await trio.to_thread.run_sync(self._write_tree, tree_file, tree, entry,
-                                              limiter=self.reader.limiter)
+                self.unsaved[h] = (root, tree.top())
+            if len(tree) >= TREE_FILE_MIN and await trio.to_thread.run_sync(
+                    self._write_tree, tree_file, tree, entry, limiter=self.reader.limiter) \
+                    and self.tree_files is not None:
+                self.tree_files.add(h)
             break
         if tree is None:
             self.broken[h] = reason
@@ -202,15 +238,17 @@ class TreeCache:
             return None
 
     @staticmethod
-    def _write_tree(path: str, tree: Tree, entry: Entry) -> None:
+    def _write_tree(path: str, tree: Tree, entry: Entry) -> bool:
         """Best effort: the tree file only saves time, so failing to write it is no error.
         Through the cache's temporaries (a crash's leftover is one `verify` names), unsynced:
-        derived data a crash may lose."""
+        derived data a crash may lose. Whether it was written."""
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             write_atomic(path, tree.dumps(entry.nar_hash), sync=False)
         except OSError as e:
             log.debug("%s: not written (%s)", path, e)
+            return False
+        return True
 
     def prune(self) -> None:
         """Delete tree files of paths no longer archived (blocking: run in a thread)."""

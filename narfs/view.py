@@ -33,7 +33,7 @@ paths' immutable directories, so it stays valid however paths come and go betwee
 
 Access records for gc: a path counts as used when one of its files is read (`record_read`;
 restore records its own). Listings, lookups, stat, readlink and opens do not count, so indexers
-(updatedb, backup tools walking the tree) keep nothing alive. `flush_access` writes them.
+(updatedb, backup tools walking the tree) keep nothing alive. `flush` writes them.
 
 Prefetch (when `prefetch` is on: the fast mode): a frame decompressed for one read holds its
 neighbours in the NAR too, the files a `grep -r` reads next. Once a directory has been listed in
@@ -222,6 +222,7 @@ class ArchiveView:
         for h, base, archived in sorted(rows):
             self._add(h, base, archived, tops.get(h), sort=False)
         self._sort()
+        await self.trees.start()
         log.info("%s archived", plural(len(self.paths), "path"))
 
     def _add(self, h: str, base: str, archived: float, top: list | None,
@@ -585,8 +586,10 @@ class ArchiveView:
     def record_read(self, h: str) -> None:
         self.accessed.add(h)
 
-    async def flush_access(self) -> None:
-        """Record last access of the paths read since the last flush, in one transaction."""
+    async def flush(self) -> None:
+        """Record in the catalog what the mount learnt since the last flush: the last access
+        of the paths read, and the listings of the trees built (TreeCache.save)."""
+        await self.trees.save()
         if not self.accessed:
             return
         hashes, self.accessed = [h for h in self.accessed if is_hash(h)], set()

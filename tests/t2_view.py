@@ -19,6 +19,7 @@ from hostile import GOOD_TREE, nar, node_file, node_link
 from inprocess import Archive, collect, files, path_inode, run
 from narfs import treecache
 from narfs import view as view_mod
+from narfs.catalog import Entry
 from narfs.errors import Unavailable
 from narfs.tree import (
     BYNAME_DIR,
@@ -276,6 +277,38 @@ def test_trees_come_from_the_ls_then_the_nar_and_big_ones_from_a_tree_file(
         again.close()
 
 
+def test_listings_reach_the_catalog_at_the_flush_not_on_the_lookup_s_way(
+        archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first look at a path costs no catalog write: the listing and top it learnt are stored
+    at the next flush (with the access times), and a remount reads them from there. A path
+    without a tree file (the trees directory is listed at start) costs no look for one."""
+    h = archive.add(files(3), "a")
+    run(archive.view.refresh)
+    v = archive.view
+    looked: list[str] = []
+    real = treecache.TreeCache._read_tree
+
+    def read_tree(path: str, h: str, slot: int, entry: Entry) -> Tree | None:
+        looked.append(path)
+        return real(path, h, slot, entry)
+
+    monkeypatch.setattr(treecache.TreeCache, "_read_tree", staticmethod(read_tree))
+    run(v.start)
+    run(lambda: v.lookup(path_inode(h), b"d"))
+    assert looked == [], "no tree file listed at start: none looked for"
+    assert archive.catalog.listing(h) is None and h in v.trees.unsaved
+    run(v.flush)
+    assert archive.catalog.listing(h) is not None and not v.trees.unsaved
+    (archive.root / f"{h}.ls").unlink()
+    again = Archive(archive.root)
+    try:
+        run(again.view.start)
+        assert run(lambda: again.view.lookup(path_inode(h), b"d")).inode
+        assert again.reader.stats.nar_parses == 0, "from the catalog"
+    finally:
+        again.close()
+
+
 @pytest.mark.parametrize("kind", ["fifo", "symlink"])
 def test_a_tree_file_that_is_not_a_file_is_never_read(archive: Archive, tmp_path: Path,
                                                       kind: str) -> None:
@@ -376,7 +409,7 @@ def test_only_reads_are_access_records(archive: Archive) -> None:
     key, entry, _, size = run(lambda: v.file(f0.inode))
     assert key == h and size == 40
     v.record_read(key)
-    run(v.flush_access)
+    run(v.flush)
     assert v.accessed == set()
     assert list(archive.catalog.access.keys()) == [h], "only the path read is recorded"
     assert archive.catalog.last_access(entry) > entry.archived
@@ -470,7 +503,7 @@ def test_a_catalog_stand_in_is_enough(tmp_path: Path) -> None:
         run(v.fill_tops)
         node = run(lambda: v.lookup(ROOT_INODE, v.paths[h].base.encode()))
         v.record_read(h)
-        run(v.flush_access)
+        run(v.flush)
         assert node.size == len(b"single file\n")
     finally:
         a.close()
