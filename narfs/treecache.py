@@ -99,9 +99,11 @@ class TreeCache:
         # hashes with a tree file, listed at start (None before: every load looks), so a path
         # without one costs no look, one thread hop less on a cold path's first lookup
         self.tree_files: set[str] | None = None
-        # listings and tops learnt since the last save(): the catalog gets them in one
-        # transaction with the access times, not on the way of the lookup that built them
+        # what loads learnt since the last save(), kept off the way of the lookups that built
+        # them: listings and tops for the catalog (one transaction, with the access times),
+        # trees of TREE_FILE_MIN nodes or more for tree files
         self.unsaved: dict[str, tuple[dict, list]] = {}
+        self.unwritten: dict[str, tuple[Tree, Entry]] = {}
         self.loaded: dict[str, Tree] = {}
         self.entries: dict[str, Entry] = {}  # catalog entries of the paths whose tree is loaded
         self.refs: dict[str, int] = {}  # kernel lookup count per path, summed over its nodes
@@ -145,12 +147,19 @@ class TreeCache:
         return {n[:HASH_LEN] for n in names if n.endswith(".tree") and len(n) == HASH_LEN + 5}
 
     async def save(self) -> None:
-        """Store the listings and tops learnt since the last save in the catalog (derived data:
-        a crash loses only time)."""
+        """Store what loads learnt since the last save: listings and tops in the catalog, big
+        trees in tree files (derived data: a crash loses only time)."""
         if self.unsaved:
             items, self.unsaved = self.unsaved, {}
             await self.db(self.catalog.put_listings,
                           [(h, root, top) for h, (root, top) in items.items()])
+        if self.unwritten:
+            trees, self.unwritten = self.unwritten, {}
+            for h, (tree, entry) in trees.items():
+                if h in self.paths and await trio.to_thread.run_sync(
+                        self._write_tree, os.path.join(self.dir, f"{h}.tree"), tree, entry,
+                        limiter=self.reader.limiter) and self.tree_files is not None:
+                    self.tree_files.add(h)
 
     def _catalog_sync(self, h: str, with_listing: bool) -> tuple[Entry | None, dict | None]:
         entry = self.catalog.get(h)
@@ -203,10 +212,8 @@ class TreeCache:
                 continue
             if source != "catalog":
                 self.unsaved[h] = (root, tree.top())
-            if len(tree) >= TREE_FILE_MIN and await trio.to_thread.run_sync(
-                    self._write_tree, tree_file, tree, entry, limiter=self.reader.limiter) \
-                    and self.tree_files is not None:
-                self.tree_files.add(h)
+            if len(tree) >= TREE_FILE_MIN:
+                self.unwritten[h] = (tree, entry)
             break
         if tree is None:
             self.broken[h] = reason

@@ -262,6 +262,8 @@ def test_trees_come_from_the_ls_then_the_nar_and_big_ones_from_a_tree_file(
     run(lambda: v.tree(without))
     assert archive.reader.stats.nar_parses == 1, "no .ls: the NAR is parsed"
     tree_file = Path(v.trees.dir) / f"{with_ls}.tree"
+    assert not tree_file.exists(), "written by the flush, not on the lookup's way"
+    run(v.flush)
     assert tree_file.is_file() and not (Path(v.trees.dir) / f"{without}.tree").exists()
     # A new view (a remount) reads the tree file, and neither listing.
     again = Archive(archive.root)
