@@ -548,7 +548,7 @@ def test_nixos_module_remote_mounts_are_the_template_unit() -> None:
     assert sorted(cfg["services"]) == [name]
     nixos, debian = cfg["services"][name], parse_unit(SYSTEMD / REMOTE_UNIT)
     service = file_values(debian, "Service")
-    assert service.pop("EnvironmentFile") == ["/etc/narfs/remote/%i.env"]
+    assert service.pop("EnvironmentFile") == ["/etc/narfs/remote%f.env"]
     filled = {k: [w.replace("%f", "/mnt/arch-ive").replace("${NARFS_URL}", url) for w in v]
               for k, v in service.items()}
     values = as_unit_values(nixos["serviceConfig"])

@@ -7,8 +7,9 @@ from scratch; the overlay is deleted afterwards. Inside, the README's Debian set
 hand: `narfs init`, the nix.conf lines it prints, the units from systemd/, nginx-narfs.conf
 beside Debian's default site. Then a build is archived by narfs-watch.service, the mount unit
 mounts and stops cleanly, narfs-gc runs, `nix copy --from http://...` substitutes through
-nginx, the NixOS module's narfs-init (the one unit without a file here) does its job, and all
-of it is back after the container reboots.
+nginx, the NixOS module's narfs-init (the one unit without a file here) does its job, a
+narfs-mount-remote@ instance mounts that nginx's cache over HTTP, and all of it is back after
+the container reboots.
 
 Facts found while writing these (host: Debian 12, its PID 1 not systemd, cgroup v1 hybrid):
 - `systemd-nspawn -b --register=no --keep-unit` boots a container without a host systemd;
@@ -16,12 +17,18 @@ Facts found while writing these (host: Debian 12, its PID 1 not systemd, cgroup 
 - `nsenter -t <the container's PID 1> -m -u -i -n -p -C -r -w` runs commands inside; the
   container has its own network namespace (--private-network), so its nginx ports never clash
   with the host's.
+- IPAddressDeny= is not enforced in this container (systemd logs that "the local system does
+  not support BPF/cgroup firewalling", with the hybrid hierarchy and with a unified one alike),
+  so which units may use IP is read as systemd reads it (systemctl show, systemd-analyze
+  security), and a unit that needs IP shows it by reaching nginx.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -44,6 +51,10 @@ UNITS = ("narfs-watch.service", "narfs-mount.service", "narfs-gc.service", "narf
 CACHE = "/var/lib/narfs/cache"
 ROOTS = "/nix/var/nix/gcroots/narfs"
 MOUNTPOINT = "/mnt/nar-archive"
+# The remote mount's mountpoint: its '-' is escaped in the instance name (\x2d), as systemd does.
+REMOTE_MOUNTPOINT = "/mnt/remote-archive"
+# remote_poll in narfs.toml here (30 s by default): how often the client reads the server's index
+REMOTE_POLL = 2
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 pytestmark = [
@@ -159,13 +170,14 @@ class Container:
 
     def diagnose(self) -> str:
         """What a failure message needs: our units' state and their journal."""
-        units = " ".join(("narfs-watch", "narfs-mount", "narfs-gc", "nginx"))
-        return self.sh(f"systemctl status --no-pager -l {units} 2>&1 | cut -c1-300; "
-                       f"journalctl -q --no-pager -n 60 -u narfs-watch -u narfs-mount "
-                       f"-u narfs-gc -u nginx", check=False).stdout
+        units = ("narfs-watch", "narfs-mount", "narfs-gc", "'narfs-mount-remote@*'",
+                 "'narfs-remote-*'", "nginx")
+        return self.sh(f"systemctl status --no-pager -l {' '.join(units)} 2>&1 | cut -c1-300; "
+                       "journalctl -q --no-pager -n 60 " + " ".join(f"-u {u}" for u in units),
+                       check=False).stdout
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
-        out = self.sh(f"systemctl show {unit} -p {','.join(props)}").stdout
+        out = self.sh(f"systemctl show {shlex.quote(unit)} -p {','.join(props)}").stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def shutdown(self, verb: str, timeout: float = 90) -> int:
@@ -192,6 +204,8 @@ class Container:
 
 
 SETUP = f"""
+# What an installed Debian has and debootstrap leaves out: localhost has a name.
+[ -e /etc/hosts ] || printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n' >/etc/hosts
 # The checkout's hook (pip copied the one of the day the container was built).
 install -m 0755 /src/systemd/narfs-hook /opt/narfs/bin/narfs-hook
 narfs init >/root/init.out
@@ -330,14 +344,16 @@ def nixos_unit_file(service: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def install_nixos_init(box: Container, config: dict) -> None:
-    """narfs.nix's narfs-init for this configuration, its package the container's /opt/narfs
-    and its trust script the checkout's."""
-    service = evaluate(config, package_dir=Path("/opt/narfs"))["services"]["narfs-init"]
+def install_nixos_unit(box: Container, config: dict, name: str) -> None:
+    """narfs.nix's service `name` for this configuration, its package the container's
+    /opt/narfs, coreutils and util-linux Debian's, and narfs-init's trust script the
+    checkout's."""
+    service = evaluate(config, package_dir=Path("/opt/narfs"),
+                       bin_dirs={"coreutils": "/usr", "util-linux": "/usr"})["services"][name]
     unit = re.sub(r"/nix/store/\w{32}-narfs-trust-key ", "/bin/sh /src/systemd/narfs-trust-key.sh ",
                   nixos_unit_file(service))
     assert not re.search(r"/nix/store/\w{32}-", unit), unit
-    box.sh(f"cat >/etc/systemd/system/narfs-init.service <<'EOF'\n{unit}EOF\n"
+    box.sh(f"cat >{shlex.quote(f'/etc/systemd/system/{name}.service')} <<'EOF'\n{unit}EOF\n"
            "systemctl daemon-reload")
 
 
@@ -351,7 +367,7 @@ def test_nixos_init_unit_under_systemd(box: Container) -> None:
            "ExecStart=/bin/sleep infinity\nEOF\n"
            "systemctl daemon-reload && systemctl start nix-daemon.service")
     daemon = box.show("nix-daemon.service", "InvocationID")["InvocationID"]
-    install_nixos_init(box, {"services": {"narfs": {"enable": True}}})
+    install_nixos_unit(box, {"services": {"narfs": {"enable": True}}}, "narfs-init")
     box.sh("systemctl start narfs-init.service")
     init = box.show("narfs-init.service", "ActiveState", "Result")
     assert init == {"ActiveState": "active", "Result": "success"}, box.diagnose()
@@ -365,7 +381,8 @@ def test_nixos_init_unit_under_systemd(box: Container) -> None:
     assert box.show("nix-daemon.service", "InvocationID")["InvocationID"] == daemon
 
     other = "other-1:" + public.split(":", 1)[1]
-    install_nixos_init(box, {"services": {"narfs": {"enable": True, "publicKey": other}}})
+    install_nixos_unit(box, {"services": {"narfs": {"enable": True, "publicKey": other}}},
+                       "narfs-init")
     since = box.sh("date +%s.%N").stdout.strip()
     assert box.sh("systemctl restart narfs-init.service", check=False).returncode != 0
     journal = box.sh(f"journalctl -q -o cat -u narfs-init.service --since @{since}").stdout
@@ -375,15 +392,148 @@ def test_nixos_init_unit_under_systemd(box: Container) -> None:
            "systemctl daemon-reload")
 
 
-def test_everything_comes_back_after_a_reboot(box: Container, archived: str) -> None:
+# narfs-mount.service's hardening, which narfs-mount-remote@ shares but for the network
+HARDENING = ("NoNewPrivileges", "LockPersonality", "RestrictRealtime", "RestrictSUIDSGID",
+             "SystemCallArchitectures", "RestrictNamespaces", "SystemCallFilter",
+             "SystemCallErrorNumber", "CapabilityBoundingSet", "PrivateNetwork", "PrivateMounts")
+NETWORK = ("RestrictAddressFamilies", "IPAddressDeny", "IPAddressAllow")
+
+
+@pytest.fixture(scope="module")
+def remote(box: Container) -> str:
+    """narfs-mount-remote@ installed as its comment says, for REMOTE_MOUNTPOINT, the server
+    this container's nginx (serving its own narfs cache); the instance's name."""
+    unit = box.sh("systemd-escape --path --template=narfs-mount-remote@.service "
+                  f"{REMOTE_MOUNTPOINT}").stdout.strip()
+    assert "\\x2d" in unit, unit
+    box.sh(f"""
+        cp /src/systemd/narfs-mount-remote@.service /etc/systemd/system/
+        echo 'remote_poll = {REMOTE_POLL}' >>/etc/narfs/narfs.toml
+        mkdir -p {os.path.dirname(f"/etc/narfs/remote{REMOTE_MOUNTPOINT}")}
+        echo NARFS_URL=http://127.0.0.1:{PORT} >/etc/narfs/remote{REMOTE_MOUNTPOINT}.env
+        systemctl daemon-reload
+    """)
+    return unit
+
+
+def test_remote_mount_unit_is_active_once_the_mount_is_live(
+        box: Container, archived: str, remote: str) -> None:
+    """`systemctl enable --now` returns at READY=1 (Type=notify), and by then the mount
+    serves the server's paths: nothing is waited for after it."""
+    base = os.path.basename(archived)
+    since = box.sh("date +%s.%N").stdout.strip()
+    box.sh(f"systemctl enable --now {shlex.quote(remote)}")
+    mount = box.sh(f"findmnt -n -o FSTYPE,SOURCE {REMOTE_MOUNTPOINT}",
+                   check=False).stdout.split()
+    assert mount == ["fuse.narfs", f"narfs:http://127.0.0.1:{PORT}"], (mount, box.diagnose())
+    assert base in box.sh(f"ls {REMOTE_MOUNTPOINT}").stdout.split()
+    props = box.show(remote, "ActiveState", "SubState", "StatusText", "NRestarts")
+    assert props == {"ActiveState": "active", "SubState": "running", "NRestarts": "0",
+                     "StatusText": f"serving {REMOTE_MOUNTPOINT}"}, props
+    box.sh(f"cmp {REMOTE_MOUNTPOINT}/{base} {archived}")
+    # What it shows came over HTTP from nginx: the unit's hardening let it reach its server.
+    log = box.sh("cat /var/log/nginx/access.log").stdout
+    assert re.search(rf'"GET /{base[:32]}\.narinfo HTTP/1\.1" 200 .*"narfs/', log), log
+    journal = box.sh(f"journalctl -q -o cat -u {shlex.quote(remote)} --since @{since}").stdout
+    assert f"mounted http://127.0.0.1:{PORT} on {REMOTE_MOUNTPOINT}" in journal, journal
+
+
+def test_remote_mount_unit_is_hardened_like_the_local_one_but_for_ip(
+        box: Container, remote: str) -> None:
+    """The same seccomp and capability filtering as narfs-mount.service (no mount namespace
+    either), but it may open IP sockets to any address: no IPAddressDeny=any."""
+    local = box.show("narfs-mount.service", *HARDENING, *NETWORK)
+    props = box.show(remote, *HARDENING, *NETWORK)
+    assert {k: props[k] for k in HARDENING} == {k: local[k] for k in HARDENING}
+    assert props["NoNewPrivileges"] == "yes" and props["PrivateNetwork"] == "no", props
+    assert local["IPAddressDeny"] and set(local["RestrictAddressFamilies"].split()) == {"AF_UNIX"}
+    assert props["IPAddressDeny"] == "" and props["IPAddressAllow"] == "", props
+    assert set(props["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    # systemd's own reading of the two units: they differ in the network checks only
+    verdicts = {u: {c["name"]: c["set"] for c in json.loads(box.sh(
+        f"systemd-analyze security --no-pager --json=short {shlex.quote(u)}").stdout)}
+        for u in ("narfs-mount.service", remote)}
+    differ = {name for name, ok in verdicts[remote].items()
+              if ok != verdicts["narfs-mount.service"][name]}
+    assert differ == {"IPAddressDeny=", "RestrictAddressFamilies=~AF_(INET|INET6)"}, differ
+    assert not verdicts[remote]["IPAddressDeny="], verdicts[remote]
+
+
+def test_remote_mount_follows_the_server(box: Container, remote: str) -> None:
+    """A path archived on the server shows on the client mount within remote_poll (less than
+    its default of 30 s), with the store path's bytes."""
+    path = build(box)
+    wait_archived(box, path)
+    base = os.path.basename(path)
+    box.wait_for(f"[ -e {REMOTE_MOUNTPOINT}/{base} ]",
+                 f"{base} on the remote mount within remote_poll", timeout=REMOTE_POLL + 10)
+    box.sh(f"cmp {REMOTE_MOUNTPOINT}/{base} {path}")
+
+
+def test_nixos_remote_mount_unit_under_systemd(box: Container, archived: str) -> None:
+    """services.narfs.remoteMounts' unit (the template's twin: tests/t4_systemd.py) mounts
+    this nginx's cache, live when started, and unmounts when stopped."""
+    mountpoint, base = "/mnt/nixos-remote", os.path.basename(archived)
+    name = "narfs-remote-" + box.sh(f"systemd-escape --path {mountpoint}").stdout.strip()
+    # Another URL than narfs-mount-remote@'s, so another mirror: a fresh one, which only the
+    # server can fill (a mirror from before would be shown while the server cannot be reached);
+    # and a host name, resolved under the unit's hardening (no AF_NETLINK).
+    config = {"services": {"narfs": {"remoteMounts": {mountpoint: f"http://localhost:{PORT}"}}}}
+    install_nixos_unit(box, config, name)
+    unit = shlex.quote(f"{name}.service")
+    try:
+        assert box.sh(f"systemctl start {unit}", check=False).returncode == 0, box.diagnose()
+        assert base in box.sh(f"ls {mountpoint}").stdout.split(), box.diagnose()
+        box.sh(f"cmp {mountpoint}/{base} {archived}")
+        assert box.show(f"{name}.service", "StatusText")["StatusText"] == f"serving {mountpoint}"
+        box.sh(f"systemctl stop {unit}")
+        assert box.sh(f"findmnt {mountpoint}", check=False).returncode != 0
+        props = box.show(f"{name}.service", "ActiveState", "Result", "ExecMainStatus")
+        assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+    finally:
+        box.sh(f"systemctl stop {unit}; rm {shlex.quote(f'/etc/systemd/system/{name}.service')}; "
+               "systemctl daemon-reload")
+
+
+def test_remote_mount_unit_stops_promptly_with_the_server_down(
+        box: Container, remote: str) -> None:
+    """With nginx stopped (its polls failing), `systemctl stop` unmounts in a few seconds:
+    narfs ends on SIGTERM and unmounts itself, no stop timeout, no ExecStopPost cleanup."""
+    box.sh("systemctl stop nginx.service")
+    try:
+        since = box.sh("date +%s.%N").stdout.strip()
+        box.wait_for(f"journalctl -q -o cat -u {shlex.quote(remote)} --since @{since} | "
+                     "grep -q 'polling the path index failed'",
+                     "a failed poll of the stopped server", timeout=2 * REMOTE_POLL + 10)
+        assert box.show(remote, "ActiveState")["ActiveState"] == "active"
+        since = box.sh("date +%s.%N").stdout.strip()
+        # bounded well below TimeoutStopSec=30, after which systemd would kill it
+        stop = box.sh(f"timeout 10 systemctl stop {shlex.quote(remote)}", check=False)
+        assert stop.returncode == 0, (stop, box.diagnose())
+        assert box.sh(f"findmnt {REMOTE_MOUNTPOINT}", check=False).returncode != 0
+        props = box.show(remote, "ActiveState", "Result", "ExecMainStatus")
+        assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+        journal = box.sh(f"journalctl -q -o cat -u {shlex.quote(remote)} "
+                         f"--since @{since}").stdout
+        assert f"unmounted {REMOTE_MOUNTPOINT}" in journal and "Deactivated successfully" in (
+            journal), journal
+        assert not re.search(r"not mounted|umount|ExecStopPost|status=", journal, re.I), journal
+    finally:
+        box.sh("systemctl start nginx.service")
+
+
+def test_everything_comes_back_after_a_reboot(box: Container, archived: str,
+                                              remote: str) -> None:
     status = box.shutdown("reboot")
     assert status == 133, (status, box.console())  # nspawn's "the container rebooted"
     box.boot()
+    # the remote mount too: enabled, stopped before the reboot
     for unit in ("narfs-watch.service", "narfs-mount.service", "narfs-gc.timer",
-                 "nginx.service"):
+                 "nginx.service", remote):
         assert box.show(unit, "ActiveState")["ActiveState"] == "active", unit
-    box.wait_for(f"[ -e {MOUNTPOINT}/{os.path.basename(archived)} ]",
-                 "the archived path in the mount after the reboot")
+    for mountpoint in (MOUNTPOINT, REMOTE_MOUNTPOINT):
+        box.wait_for(f"[ -e {mountpoint}/{os.path.basename(archived)} ]",
+                     f"the archived path in {mountpoint} after the reboot")
     assert box.sh(f"curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{PORT}/"
                   f"{os.path.basename(archived)[:32]}.narinfo").stdout == "200"
     wait_archived(box, build(box))  # the hook and the watch work after a boot too
