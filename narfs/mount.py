@@ -239,6 +239,8 @@ def serve(cache: Cache, settings: Settings, mountpoint: str, allow_other: bool,
     finally:
         catalog.close()
         notifier.close()
+        if remote is not None:
+            remote.close()
 
 
 async def _serve(cache: Cache, catalog: Catalog, settings: Settings, mountpoint: str,

@@ -82,6 +82,7 @@ AUTHS_KEPT = 4096  # verified `.auth` documents kept in memory (the mirror keeps
 WHOLE_STEP = 8 << 20  # a NAR fetched whole goes in ranges of this size
 FETCHERS = 8  # narinfos fetched at once when the index lists new paths
 RANGES_DIR = "ranges"
+SETTLE = 10.0  # seconds an unmount waits for fetched frames to reach the ranges cache
 T = TypeVar("T")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -138,6 +139,7 @@ class RangeCache(DiskLRU):
     def __init__(self, directory: str, limit: int) -> None:
         super().__init__(directory, limit, mode=0o700)
         self._pending: dict[str, list[bytes]] = {}  # being written by put_soon
+        self._writers: set[threading.Thread] = set()
         self._pending_lock = threading.Lock()
 
     @staticmethod
@@ -174,10 +176,8 @@ class RangeCache(DiskLRU):
 
     def put_soon(self, name: str, pieces: list[bytes]) -> None:
         """put() in a daemon thread, so a read's answer does not wait for the disk; get()
-        finds the bytes meanwhile. An unmount does not wait for it either: a temporary cut
-        off by the exit is removed at the next start (DiskLRU)."""
-        with self._pending_lock:
-            self._pending[name] = pieces
+        finds the bytes meanwhile. `settle` waits for these writes at unmount (a temporary
+        cut off by a crash is removed at the next start: DiskLRU)."""
 
         def write() -> None:
             try:
@@ -185,8 +185,21 @@ class RangeCache(DiskLRU):
             finally:
                 with self._pending_lock:
                     self._pending.pop(name, None)
+                    self._writers.discard(writer)
 
-        threading.Thread(target=write, daemon=True).start()
+        writer = threading.Thread(target=write, daemon=True)
+        with self._pending_lock:
+            self._pending[name] = pieces
+            self._writers.add(writer)
+        writer.start()
+
+    def settle(self, timeout: float) -> None:
+        """Wait, `timeout` seconds at most, for the writes put_soon started."""
+        deadline = time.monotonic() + timeout
+        with self._pending_lock:
+            writers = list(self._writers)
+        for w in writers:
+            w.join(max(0.0, deadline - time.monotonic()))
 
 
 class SignedNar:
@@ -659,6 +672,7 @@ class RemoteBackend:
                 log.warning("%s: polling the path index failed: %s", self.where, e)
 
     def close(self) -> None:
+        self.ranges.settle(SETTLE)
         self.http.close()
 
 

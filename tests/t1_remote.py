@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,29 @@ def test_range_cache_is_bounded_and_survives_a_restart(tmp_path: Path) -> None:
     again = RangeCache(d, 100)  # a lower limit at the next mount
     assert again.size <= 100 and len(os.listdir(d)) == 1
     assert again.get(names[3], 100) == bytes([3]) * 100
+
+
+def test_a_range_written_in_the_background_is_found_meanwhile_and_settled_at_unmount(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fetched frame is written to the ranges cache after the read answered (put_soon):
+    get() finds its bytes while the write is under way, and settle() (at unmount) waits for
+    it, so the next mount has it on disk."""
+    d = str(tmp_path / "ranges")
+    rc = RangeCache(d, 1 << 20)
+    name = RangeCache.name("nar/x", 0, 6)
+    gate = threading.Event()
+    real = RangeCache.put
+
+    def slow_put(self: RangeCache, n: str, data: bytes | list[bytes]) -> None:
+        assert gate.wait(10)
+        real(self, n, data)
+
+    monkeypatch.setattr(RangeCache, "put", slow_put)
+    rc.put_soon(name, [b"abc", b"def"])
+    assert rc.get(name, 6) == b"abcdef" and os.listdir(d) == []
+    gate.set()
+    rc.settle(10)
+    assert RangeCache(d, 1 << 20).get(name, 6) == b"abcdef"
 
 
 def test_client_dir_is_per_server_and_user(monkeypatch: pytest.MonkeyPatch) -> None:
