@@ -10,7 +10,6 @@ reads: sizes, listings and bytes are checked by their users (DESIGN contract 5).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Protocol
 
 from .cache import Cache
@@ -30,13 +29,6 @@ class NarFile(Protocol):
     def pread(self, offset: int, size: int) -> bytes:
         """Blocking and thread-safe (no shared position); short only at end of file; OSError
         or CorruptError on failure."""
-        ...
-
-    def pieces(self, offset: int, size: int) -> Iterator[bytes]:
-        """The same bytes as pread, in pieces as they arrive: a remote file's frame can be
-        decompressed while the rest of it is on the wire. A piece is vouched for only once the
-        iterator ended without error (a remote file checks a frame's hash at its end), so a
-        caller hands nothing of them on before that."""
         ...
 
     def close(self) -> None: ...
@@ -76,9 +68,6 @@ class LocalFile:
                 break
             data += more
         return data
-
-    def pieces(self, offset: int, size: int) -> Iterator[bytes]:
-        yield self.pread(offset, size)  # a local disk: one read is as fast as any split
 
     def close(self) -> None:
         if self.fd >= 0:

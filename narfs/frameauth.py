@@ -169,11 +169,7 @@ class Auth:
     tail: bytes  # the seek table frame the file ends with
 
     def check_frame(self, index: int, data: bytes, where: str) -> None:
-        self.check_digest(index, hashlib.sha256(data).digest(), where)
-
-    def check_digest(self, index: int, digest: bytes, where: str) -> None:
-        """Frame `index` hashed to `digest` (by a caller that hashed it piece by piece)."""
-        if digest != self.hashes[index]:
+        if hashlib.sha256(data).digest() != self.hashes[index]:
             raise CorruptError(f"{where}: frame {index} is not the one the cache's key signed "
                                "(changed on the server)")
 

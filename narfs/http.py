@@ -34,8 +34,7 @@ CONNECT_TIMEOUT = 5.0
 ATTEMPTS = 3
 BACKOFF = 0.2  # seconds before the second attempt; doubled for each further one
 # Range answers are read in pieces of this size: urllib3 reads 64-128 KiB pieces fastest here
-# (2 MiB in one read() took 3 ms, in 128 KiB pieces 1 ms), and each piece can be hashed and
-# decompressed while the next one is on the wire.
+# (2 MiB in one read(n) took 3 ms, in 128 KiB pieces 1 ms).
 PIECE = 128 << 10
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -176,14 +175,13 @@ class Http:
 
     def get_range(self, path: str, offset: int, size: int, total: int) -> bytes:
         """Exactly bytes [offset, offset+size) of a file of `total` bytes."""
-        return b"".join(self.range_pieces(path, offset, size, total))
+        return b"".join(self._pieces(path, offset, size, total))
 
-    def range_pieces(self, path: str, offset: int, size: int, total: int) -> Iterator[bytes]:
-        """Bytes [offset, offset+size) of a file of `total` bytes, in pieces as they arrive,
-        so a caller can hash and decompress each while the next is on the wire. A transient
-        failure part-way (a reset, a short body, a 5xx) asks for the rest of the range only,
-        within the same attempts and backoff as a whole request. Any lie about the range is a
-        CorruptError; the pieces handed out before it are the caller's to discard."""
+    def _pieces(self, path: str, offset: int, size: int, total: int) -> Iterator[bytes]:
+        """The range's bytes in pieces, read as fast as they come. A transient failure
+        part-way (a reset, a short body, a 5xx) asks for the rest of the range only, within
+        the same attempts and backoff as a whole request; any lie about the range is a
+        CorruptError."""
         url = self.url(path)
         done = 0
         delay = BACKOFF

@@ -225,9 +225,9 @@ class Source:
         try:
             for n, i in enumerate(indices):
                 frame = self.table.frames[i]
-                pieces = self.file.pieces(frame.comp_offset, frame.comp_size)
+                data = self.file.pread(frame.comp_offset, frame.comp_size)
                 part = upto if n == len(indices) - 1 else None
-                out.append(zstdseek.decompress_frame(pieces, frame, dctx, part))
+                out.append(zstdseek.decompress_frame(data, frame, dctx, part))
                 comp += frame.comp_size
                 dec += len(out[-1])
         except CorruptError as e:

@@ -47,7 +47,7 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -138,7 +138,7 @@ class RangeCache(DiskLRU):
 
     def __init__(self, directory: str, limit: int) -> None:
         super().__init__(directory, limit, mode=0o700)
-        self._pending: dict[str, list[bytes]] = {}  # being written by put_soon
+        self._pending: dict[str, bytes] = {}  # being written by put_soon
         self._writers: set[threading.Thread] = set()
         self._pending_lock = threading.Lock()
 
@@ -150,7 +150,7 @@ class RangeCache(DiskLRU):
         with self._pending_lock:
             pending = self._pending.get(name)
         if pending is not None:
-            return b"".join(pending)
+            return pending
         fd = self.open(name, size)
         if fd is None:
             return None
@@ -160,28 +160,26 @@ class RangeCache(DiskLRU):
             os.close(fd)
         return data if len(data) == size else None
 
-    def put(self, name: str, data: bytes | list[bytes]) -> None:
-        pieces = [data] if isinstance(data, bytes) else data
-        size = sum(map(len, pieces))
-        if size > self.limit:
+    def put(self, name: str, data: bytes) -> None:
+        if len(data) > self.limit:
             return
         fd, tmp = self.temporary(name)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.writelines(pieces)
-            self.adopt(name, tmp, size)
+                f.write(data)
+            self.adopt(name, tmp, len(data))
         except OSError as e:  # a full disk costs the next look a request, nothing more
             log.debug("%s: not kept (%s)", name, e)
             remove_file(tmp)
 
-    def put_soon(self, name: str, pieces: list[bytes]) -> None:
+    def put_soon(self, name: str, data: bytes) -> None:
         """put() in a daemon thread, so a read's answer does not wait for the disk; get()
         finds the bytes meanwhile. `settle` waits for these writes at unmount (a temporary
         cut off by a crash is removed at the next start: DiskLRU)."""
 
         def write() -> None:
             try:
-                self.put(name, pieces)
+                self.put(name, data)
             finally:
                 with self._pending_lock:
                     self._pending.pop(name, None)
@@ -189,7 +187,7 @@ class RangeCache(DiskLRU):
 
         writer = threading.Thread(target=write, daemon=True)
         with self._pending_lock:
-            self._pending[name] = pieces
+            self._pending[name] = data
             self._writers.add(writer)
         writer.start()
 
@@ -242,21 +240,12 @@ class SignedNar:
             parts.append(self.auth.tail[pos - data_end:end - data_end])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def pieces(self, offset: int, size: int) -> Iterator[bytes]:
-        i = bisect.bisect_right(self._starts, offset) - 1
-        frames = self.auth.table.frames
-        if 0 <= i < len(frames) and (frames[i].comp_offset, frames[i].comp_size) \
-                == (offset, size):
-            yield from self._frame_pieces(i)
-        else:  # not one frame (the reader asks for frames only): checked as pread checks
-            yield self.pread(offset, size)
-
     def _frame(self, i: int) -> bytes:
-        return b"".join(self._frame_pieces(i))
-
-    def _frame_pieces(self, i: int) -> Iterator[bytes]:
-        """Frame `i`'s compressed bytes, from the ranges cache or fetched piece by piece and
-        hashed as they arrive; CorruptError at the end when they are not the signed ones."""
+        """Frame `i`'s compressed bytes, from the ranges cache or fetched, once they matched
+        their signed hash (CorruptError otherwise). Fetched whole before anything else is done
+        with them: hashing and decompressing each piece as it arrived left data waiting in the
+        socket, and the shrinking TCP window then stalled the transfer until a delayed ACK
+        (40 ms on loopback) in half the cold reads."""
         frame = self.auth.table.frames[i]
         with self._lock:
             pending = self._ahead.get(i)
@@ -276,17 +265,12 @@ class SignedNar:
             except CorruptError:
                 ranges.drop(name)
                 raise
-            yield data
-            return
-        sha = hashlib.sha256()
-        got = []
-        for piece in self.backend.http.range_pieces(self.url, frame.comp_offset,
-                                                    frame.comp_size, self.size):
-            sha.update(piece)
-            got.append(piece)
-            yield piece
-        self.auth.check_digest(i, sha.digest(), where)
-        ranges.put_soon(name, got)
+            return data
+        data = self.backend.http.get_range(self.url, frame.comp_offset, frame.comp_size,
+                                           self.size)
+        self.auth.check_frame(i, data, where)
+        ranges.put_soon(name, data)
+        return data
 
     def _read_ahead(self, i: int) -> None:
         frames = self.auth.table.frames
@@ -341,9 +325,6 @@ class WholeNar:
                 self._fd = self.backend.whole(self.entry, self.size)
             fd = self._fd
         return os.pread(fd, max(0, min(size, self.size - offset)), offset)
-
-    def pieces(self, offset: int, size: int) -> Iterator[bytes]:
-        yield self.pread(offset, size)  # local once fetched whole
 
     def close(self) -> None:
         with self._lock:

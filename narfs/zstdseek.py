@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import BinaryIO, cast, overload
+from typing import BinaryIO, overload
 
 import zstandard
 
@@ -30,7 +30,6 @@ SEEKABLE_MAGIC = 0x8F92EAB1
 FOOTER = struct.Struct("<IBI")  # frames, descriptor, magic
 MAX_FRAME = 1 << 30  # the format's limit on one frame's decompressed size
 CHECKSUM_FLAG = 0x80
-PIECE = 128 << 10  # compressed bytes read (and decompressed) at a time
 
 
 @dataclass(frozen=True)
@@ -288,99 +287,42 @@ def index_frames(f: SeekableReadable, file_size: int,
 
 def read_frame(f: SeekableReadable, frame: Frame,
                dctx: zstandard.ZstdDecompressor | None = None) -> bytes:
-    """Decompress one frame of a file (decompress_frame, reading it in pieces)."""
-    return decompress_frame(_file_pieces(f, frame), frame, dctx)
-
-
-def _file_pieces(f: SeekableReadable, frame: Frame) -> Iterator[bytes]:
+    """Decompress one frame of a file (decompress_frame)."""
     f.seek(frame.comp_offset)
-    yield f.read(frame.comp_size)  # one read: a file's pieces come no sooner than its whole
+    return decompress_frame(f.read(frame.comp_size), frame, dctx)
 
 
-def decompress_frame(pieces: Iterable[bytes], frame: Frame,
+def decompress_frame(data: bytes, frame: Frame,
                      dctx: zstandard.ZstdDecompressor | None = None,
                      upto: int | None = None) -> bytes:
-    """Decompress one frame from its compressed bytes, given in pieces as they arrive (so each
-    is decompressed while the next is read or fetched), insisting it yields exactly the size
-    the table promises. With `upto`, only its first `upto` bytes are decompressed (a read in
-    the middle of a frame stops there); the pieces are still read to their end either way, so
-    a source that checks its bytes when they end (remote.SignedNar) has checked them when this
-    returns.
+    """Decompress one frame's compressed bytes, insisting it yields exactly the size the table
+    promises. With `upto`, only its first `upto` bytes: a read in the middle of a frame stops
+    there. Only for bytes checked otherwise (a remote frame's signed hash): the frame's own
+    checksum, which catches damage, is at its end.
 
     Memory stays bounded by the table's size for the frame (at most MAX_FRAME): a frame header
-    that promises another size is refused before decompressing, and the stream stops one byte
-    past the promise.
+    that promises another size is refused before decompressing, and a frame without a size in
+    its header is read through a stream that stops one byte past the promise.
     """
     where = f"zstd frame at {frame.comp_offset}"
-    src = _Pieces(iter(pieces), frame.comp_size, where)
+    if len(data) != frame.comp_size:
+        raise CorruptError(f"{where} is truncated")
     want = frame.size if upto is None else max(0, min(upto, frame.size))
     dctx = dctx or zstandard.ZstdDecompressor()
-    damage = None
-    out = b""
     try:
-        declared = zstandard.get_frame_parameters(src.head()).content_size
+        declared = zstandard.get_frame_parameters(data).content_size
         if declared not in (frame.size, zstandard.CONTENTSIZE_UNKNOWN):
             raise CorruptError(f"{where} declares {declared} bytes, the seek table {frame.size}")
-        # a file-like object, as far as zstandard is concerned (it calls read() only)
-        reader = dctx.stream_reader(cast(BinaryIO, src), read_size=PIECE, closefd=False)
-        out = reader.read(want + 1 if want == frame.size else want)
+        if declared == want:
+            out = dctx.decompress(data, max_output_size=want)
+        else:
+            out = dctx.stream_reader(io.BytesIO(data)).read(want + (want == frame.size))
     except zstandard.ZstdError as e:
-        damage = e
-    src.drain()
-    if src.total != frame.comp_size:
-        raise CorruptError(f"{where} is truncated")
-    if damage is not None:
-        raise CorruptError(f"{where} is damaged: {damage}")
+        raise CorruptError(f"{where} is damaged: {e}") from None
     if len(out) != want:
         raise CorruptError(f"{where} holds {'more' if len(out) > want else 'fewer'} bytes than "
                            f"the seek table's {frame.size}")
     return out
-
-
-class _Pieces(io.RawIOBase):
-    """Pieces of a frame's compressed bytes as the file a zstd stream reader reads: no more
-    than `limit` bytes are taken from them."""
-
-    def __init__(self, pieces: Iterator[bytes], limit: int, where: str) -> None:
-        super().__init__()
-        self.pieces = pieces
-        self.limit = limit
-        self.where = where
-        self.total = 0
-        self.buf = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def _next(self) -> bool:
-        piece = next(self.pieces, None)
-        if piece is None:
-            return False
-        self.total += len(piece)
-        if self.total > self.limit:
-            raise CorruptError(f"{self.where} is longer than its {self.limit} bytes")
-        self.buf += piece
-        return True
-
-    def head(self) -> bytes:
-        """The first bytes, enough for a frame header (18 at most), without consuming them."""
-        while len(self.buf) < 18 and self._next():
-            pass
-        return self.buf[:18]
-
-    def read(self, size: int = -1) -> bytes:
-        if not self.buf:
-            self._next()
-        if size < 0 or size >= len(self.buf):
-            data, self.buf = self.buf, b""
-        else:
-            data, self.buf = self.buf[:size], self.buf[size:]
-        return data
-
-    def drain(self) -> None:
-        self.buf = b""
-        while self._next():
-            self.buf = b""
 
 
 _COMPRESSORS = threading.local()  # per thread: .cache, (level, frame size) → ZstdCompressor

@@ -113,12 +113,12 @@ def test_a_range_written_in_the_background_is_found_meanwhile_and_settled_at_unm
     gate = threading.Event()
     real = RangeCache.put
 
-    def slow_put(self: RangeCache, n: str, data: bytes | list[bytes]) -> None:
+    def slow_put(self: RangeCache, n: str, data: bytes) -> None:
         assert gate.wait(10)
         real(self, n, data)
 
     monkeypatch.setattr(RangeCache, "put", slow_put)
-    rc.put_soon(name, [b"abc", b"def"])
+    rc.put_soon(name, b"abcdef")
     assert rc.get(name, 6) == b"abcdef" and os.listdir(d) == []
     gate.set()
     rc.settle(10)
