@@ -1,0 +1,219 @@
+"""A network namespace joined to this one by a link that delays every packet by rtt/2 in each
+direction, so the TCP stacks at both ends see a real round-trip time (slow start, window
+growth and ACK clocking included), for the remote-mount benchmark (bench_remote.py).
+
+Where the kernel has sch_netem, the link is a veth pair with `tc netem delay` on both ends.
+Elsewhere (this machine's kernel has no modules and no netem) it is two TUN devices, one here
+and one moved into the namespace, and a forwarder process (this file run as a program) that
+reads each IP packet from one and writes it to the other rtt/2 after it arrived: packets keep
+their order, none is dropped by the forwarder (a full queue stops it reading, so the kernel
+queues them), and bandwidth is not limited beyond what copying costs (jumbo frames keep the
+packet count, and so the forwarder's work per byte, low: see MTU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import queue
+import re
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+HOST_IP, NS_IP = "10.213.0.1", "10.213.0.2"
+# Jumbo frames. At 1500 the forwarder alone moves ~115 MB/s (70,000 packets/s), about what
+# TCP reaches over 20 ms here, so it would be the limit; at 9000, 480 MB/s. Not TUN's 65000:
+# segments that large leave a new connection's receive window 2 segments wide, and Linux's
+# receive-buffer autotuning then failed to open it for some of Nix's downloads (nix store cat
+# of 50 MB: 0.9 s, then 24 s on the same link; 0.6 s every time at 9000).
+MTU = 9000
+QUEUE_PACKETS = 16384  # per direction (≤ 150 MB): 10 ms of 9000-byte packets at 14 GB/s
+
+TUNSETIFF = 0x400454CA
+IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+
+
+@dataclass
+class Link:
+    """A delayed link to a network namespace: `prefix` runs a command inside it, where
+    `ns_ip` is reachable from here (and `host_ip` from there)."""
+    kind: str  # "tc netem" or "TUN forwarder"
+    rtt_ms: float
+    prefix: tuple[str, ...]
+    host_ip: str = HOST_IP
+    ns_ip: str = NS_IP
+    stats: str = ""  # after the block: what the forwarder moved and dropped
+
+
+def netem_available() -> bool:
+    """Whether the kernel has sch_netem (this machine's does not: no modules at all)."""
+    probe = subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "0ms"],
+                           capture_output=True, text=True)
+    if probe.returncode == 0:  # it was added to the host's loopback: remove it at once
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+        return True
+    return False
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def delayed_netns(rtt_ms: float) -> Iterator[Link]:
+    """A fresh network namespace behind a link delaying rtt/2 each way (netem where the kernel
+    has it, else the TUN forwarder); removed, with its devices, when the block ends."""
+    ns = f"narfs-bench-{os.getpid()}"
+    tag = f"nb{os.getpid() % 100000}"
+    host, peer = f"{tag}h", f"{tag}n"
+    _run(["ip", "netns", "add", ns])
+    try:
+        if netem_available():
+            with _netem(ns, host, peer, rtt_ms) as link:
+                yield link
+        else:
+            with _tun_pair(ns, host, peer, rtt_ms) as link:
+                yield link
+    finally:
+        subprocess.run(["ip", "link", "del", host], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _addresses(ns: str, host: str, peer: str) -> list[list[str]]:
+    """Point-to-point addresses on both ends, the large MTU, a long queue, links up."""
+    inside = ["ip", "netns", "exec", ns]
+    return [["ip", "addr", "add", HOST_IP, "peer", NS_IP, "dev", host],
+            ["ip", "link", "set", host, "mtu", str(MTU), "txqueuelen", "10000", "up"],
+            [*inside, "ip", "addr", "add", NS_IP, "peer", HOST_IP, "dev", peer],
+            [*inside, "ip", "link", "set", peer, "mtu", str(MTU), "txqueuelen", "10000", "up"],
+            [*inside, "ip", "link", "set", "lo", "up"]]
+
+
+@contextlib.contextmanager
+def _netem(ns: str, host: str, peer: str, rtt_ms: float) -> Iterator[Link]:
+    inside = ("ip", "netns", "exec", ns)
+    delay = f"{rtt_ms / 2}ms"
+    _run(["ip", "link", "add", host, "type", "veth", "peer", "name", peer])
+    _run(["ip", "link", "set", peer, "netns", ns])
+    for cmd in _addresses(ns, host, peer):
+        _run(cmd)
+    _run(["tc", "qdisc", "add", "dev", host, "root", "netem", "delay", delay, "limit", "100000"])
+    _run([*inside, "tc", "qdisc", "add", "dev", peer, "root", "netem", "delay", delay,
+          "limit", "100000"])
+    yield Link("tc netem", rtt_ms, inside)
+
+
+def _open_tun(name: str) -> int:
+    """A new TUN device `name` (IP packets, no extra header); it lives while its fd is open."""
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _dropped(prefix: list[str], dev: str) -> int:
+    """Packets the kernel dropped on `dev` (a full TUN queue: the forwarder fell behind)."""
+    out = subprocess.run([*prefix, "ip", "-s", "-j", "link", "show", "dev", dev],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return -1
+    s = json.loads(out.stdout)[0]["stats64"]
+    return int(s["tx"]["dropped"]) + int(s["rx"]["dropped"])
+
+
+@contextlib.contextmanager
+def _tun_pair(ns: str, host: str, peer: str, rtt_ms: float) -> Iterator[Link]:
+    inside = ["ip", "netns", "exec", ns]
+    fds = [_open_tun(host), _open_tun(peer)]
+    try:
+        _run(["ip", "link", "set", peer, "netns", ns])  # its fd stays attached to it
+        for cmd in _addresses(ns, host, peer):
+            _run(cmd)
+        forwarder = subprocess.Popen(
+            [sys.executable, __file__, str(rtt_ms / 2000), str(fds[0]), str(fds[1])],
+            pass_fds=fds, stdout=subprocess.PIPE, text=True)
+        ready = forwarder.stdout.readline() if forwarder.stdout else ""
+        if ready != "ready\n":
+            forwarder.kill()
+            raise SystemExit(f"the TUN forwarder did not start: {ready!r}")
+    finally:
+        for fd in fds:  # the forwarder holds them now: the devices go when it exits
+            os.close(fd)
+    link = Link("TUN forwarder", rtt_ms, tuple(inside))
+    try:
+        yield link
+    finally:
+        dropped = _dropped([], host) + _dropped(inside, peer)
+        forwarder.send_signal(signal.SIGTERM)
+        try:
+            out, _ = forwarder.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            forwarder.kill()
+            out, _ = forwarder.communicate()
+        link.stats = f"{out.strip()}; dropped by the kernel on the TUN devices: {dropped}"
+
+
+def ping_rtt(link: Link, count: int = 10) -> tuple[float, float]:
+    """(min, avg) round-trip ms of `count` pings from here to the namespace."""
+    out = subprocess.run(["ping", "-n", "-q", "-c", str(count), "-i", "0.05", link.ns_ip],
+                         capture_output=True, text=True)
+    m = re.search(r"= ([\d.]+)/([\d.]+)/", out.stdout)
+    if out.returncode != 0 or not m:
+        raise SystemExit(f"ping {link.ns_ip} failed ({out.returncode}): "
+                         f"{(out.stdout + out.stderr).strip()[-300:]}")
+    return float(m[1]), float(m[2])
+
+
+# --- the forwarder (this file run as a program) -------------------------------------------
+
+def forward(half: float, src: int, dst: int, counts: list[int]) -> None:
+    """Move packets from `src` to `dst`, each written `half` seconds after it was read: a
+    reader stamps and queues, a writer sleeps until the oldest is due (the delay is the same
+    for all, so the queue's head is always the next one due and order is kept)."""
+    q: queue.Queue[tuple[float, bytes]] = queue.Queue(QUEUE_PACKETS)
+
+    def write() -> None:
+        while True:
+            due, packet = q.get()
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            os.write(dst, packet)
+            counts[0] += 1
+            counts[1] += len(packet)
+
+    threading.Thread(target=write, daemon=True).start()
+    while True:
+        packet = os.read(src, MTU + 4096)
+        q.put((time.monotonic() + half, packet))  # blocks when full: the kernel queues
+
+
+def main() -> None:
+    half, a, b = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    sys.setswitchinterval(0.0002)  # a writer due now must not wait out another thread's slice
+    counts = {"out": [0, 0], "back": [0, 0]}
+    for (src, dst), c in (((a, b), counts["out"]), ((b, a), counts["back"])):
+        threading.Thread(target=forward, args=(half, src, dst, c), daemon=True).start()
+    print("ready", flush=True)
+    signal.sigwait({signal.SIGTERM})
+    o, k = counts["out"], counts["back"]
+    print(f"forwarded {o[0]} packets ({o[1] / 1e6:.1f} MB) to the namespace and {k[0]} "
+          f"({k[1] / 1e6:.1f} MB) back", flush=True)
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads inherit: sigwait gets it
+    main()
