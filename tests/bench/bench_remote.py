@@ -8,8 +8,9 @@ cache (common.py) is served by nginx with the repository's server block (tests/n
 on 127.0.0.1 and again inside a network namespace joined to this one by a link that delays
 every packet by rtt/2 in each direction (delayedlink.py: `tc netem` on a veth pair where the
 kernel has sch_netem; otherwise, as on this machine's kernel without modules, two TUN devices
-and a forwarder process that holds each packet rtt/2). Both ends are the kernels' own TCP
-stacks, so slow start, window growth and ACK clocking pay the round trip as on a real link.
+and a forwarder process that holds each packet rtt/2; Ethernet MTU either way). Both ends are
+the kernels' own TCP stacks, so handshakes, slow start, window growth and ACK clocking pay
+the round trip as on a real link.
 
 Before any row the link is proven and the run ends if it is faster than asked: ping's round
 trip (its minimum must reach the RTT), a TCP connect and a small request through it, and the

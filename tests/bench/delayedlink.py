@@ -6,9 +6,10 @@ Where the kernel has sch_netem, the link is a veth pair with `tc netem delay` on
 Elsewhere (this machine's kernel has no modules and no netem) it is two TUN devices, one here
 and one moved into the namespace, and a forwarder process (this file run as a program) that
 reads each IP packet from one and writes it to the other rtt/2 after it arrived: packets keep
-their order, none is dropped by the forwarder (a full queue stops it reading, so the kernel
-queues them), and bandwidth is not limited beyond what copying costs (segmentation offload
-keeps the packet count, and so the forwarder's work per byte, low: see MTU).
+their order, the forwarder drops none (a full queue stops its reading, and what the kernel
+then drops from the devices' queues is reported), and bandwidth is not limited beyond what
+copying costs (segmentation offload keeps the packet count, and so the work per byte, low:
+see MTU).
 """
 
 from __future__ import annotations
