@@ -15,6 +15,7 @@ see MTU).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 HOST_IP, NS_IP = "10.213.0.1", "10.213.0.2"
+NS_PREFIX = "narfs-bench-"  # + the bench's pid
 # An Ethernet MTU, so TCP's segments, initial window and slow start are the Internet's. The
 # devices offload segmentation (virtio-net headers, as a VM's NIC): a sender hands over up to
 # 64 KB in one packet of 1448-byte segments, which the receiving kernel takes whole as a NIC's
@@ -44,6 +46,7 @@ QUEUE_PACKETS = 4096  # per direction (≤ 270 MB), far above 10 ms of any rate 
 TUNSETIFF, TUNSETOFFLOAD = 0x400454CA, 0x400454D0
 IFF_TUN, IFF_NO_PI, IFF_VNET_HDR = 0x0001, 0x1000, 0x4000
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -78,7 +81,8 @@ def _run(cmd: list[str]) -> None:
 def delayed_netns(rtt_ms: float) -> Iterator[Link]:
     """A fresh network namespace behind a link delaying rtt/2 each way (netem where the kernel
     has it, else the TUN forwarder); removed, with its devices, when the block ends."""
-    ns = f"narfs-bench-{os.getpid()}"
+    _remove_stale()
+    ns = f"{NS_PREFIX}{os.getpid()}"
     tag = f"nb{os.getpid() % 100000}"
     host, peer = f"{tag}h", f"{tag}n"
     _run(["ip", "netns", "add", ns])
@@ -92,6 +96,15 @@ def delayed_netns(rtt_ms: float) -> Iterator[Link]:
     finally:
         subprocess.run(["ip", "link", "del", host], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _remove_stale() -> None:
+    """The namespaces of benches that were killed outright (their process is gone): with
+    netem their veth pair, whose host end has this link's address, stays with them."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in re.findall(rf"^{NS_PREFIX}(\d+)\b", out, flags=re.M):
+        if not os.path.exists(f"/proc/{name}"):
+            subprocess.run(["ip", "netns", "del", f"{NS_PREFIX}{name}"], capture_output=True)
 
 
 def _addresses(ns: str, host: str, peer: str) -> list[list[str]]:
@@ -152,7 +165,8 @@ def _tun_pair(ns: str, host: str, peer: str, rtt_ms: float) -> Iterator[Link]:
         for cmd in _addresses(ns, host, peer):
             _run(cmd)
         forwarder = subprocess.Popen(
-            [sys.executable, __file__, str(rtt_ms / 2000), str(fds[0]), str(fds[1])],
+            [sys.executable, __file__, str(rtt_ms / 2000), str(fds[0]), str(fds[1]),
+             str(os.getpid())],
             pass_fds=fds, stdout=subprocess.PIPE, text=True)
         ready = forwarder.stdout.readline() if forwarder.stdout else ""
         if ready != "ready\n":
@@ -211,7 +225,11 @@ def forward(half: float, src: int, dst: int, counts: list[int]) -> None:
 
 
 def main() -> None:
-    half, a, b = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    half, a, b, parent = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    # A bench killed outright must not leave its devices held: go with it (SIGTERM, below).
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        return
     sys.setswitchinterval(0.0002)  # a writer due now must not wait out another thread's slice
     counts = {"out": [0, 0], "back": [0, 0]}
     for (src, dst), c in (((a, b), counts["out"]), ((b, a), counts["back"])):
@@ -219,8 +237,9 @@ def main() -> None:
     print("ready", flush=True)
     signal.sigwait({signal.SIGTERM})
     o, k = counts["out"], counts["back"]
-    print(f"forwarded {o[0]} packets ({o[1] / 1e6:.1f} MB) to the namespace and {k[0]} "
-          f"({k[1] / 1e6:.1f} MB) back", flush=True)
+    with contextlib.suppress(BrokenPipeError):  # the bench died: no one to tell
+        print(f"forwarded {o[0]} packets ({o[1] / 1e6:.1f} MB) to the namespace and {k[0]} "
+              f"({k[1] / 1e6:.1f} MB) back", flush=True)
 
 
 if __name__ == "__main__":
