@@ -37,8 +37,8 @@ def free_port() -> int:
 
 @contextmanager
 def tcp_server(handler: type[socketserver.BaseRequestHandler]) -> Iterator[str]:
-    """A threaded TCP server on 127.0.0.1 running `handler` per connection (the hostile and
-    the delaying proxies in front of nginx); yields its base URL, and is shut down after."""
+    """A threaded TCP server on 127.0.0.1 running `handler` per connection (the hostile
+    proxies in front of nginx); yields its base URL, and is shut down after."""
 
     class Server(socketserver.ThreadingTCPServer):
         daemon_threads = True

@@ -3,10 +3,20 @@
 
     python tests/bench/bench_remote.py [--out bench-out] [--quick] [--reps 5] [--rtt-ms 20]
 
-Run as root on a machine with Nix, FUSE, nginx and iproute2. The corpus cache (common.py) is
-served by nginx with the repository's server block (tests/nginxserver.py), on 127.0.0.1 and
-again inside a network namespace reached through a veth pair whose both ends delay packets
-with `tc netem` (half the RTT each way). On each link, alternating narfs with its anchor:
+Run as root on a machine with Nix, FUSE, nginx, iproute2 and ping (iputils-ping). The corpus
+cache (common.py) is served by nginx with the repository's server block (tests/nginxserver.py),
+on 127.0.0.1 and again inside a network namespace joined to this one by a link that delays
+every packet by rtt/2 in each direction (delayedlink.py: `tc netem` on a veth pair where the
+kernel has sch_netem; otherwise, as on this machine's kernel without modules, two TUN devices
+and a forwarder process that holds each packet rtt/2; Ethernet MTU either way). Both ends are
+the kernels' own TCP stacks, so handshakes, slow start, window growth and ACK clocking pay
+the round trip as on a real link.
+
+Before any row the link is proven and the run ends if it is faster than asked: ping's round
+trip (its minimum must reach the RTT), a TCP connect and a small request through it, and the
+time and rate of 100 MB on a new connection, next to the same on loopback (so throughput is
+seen not to be what the 100 MB path's anchor waits for). On each link, alternating narfs with
+its anchor:
 
   * cold read of one small file deep in /usr/include's path, and of the issue's own case (a
     50 KB file deep in a 100 MB path): a fresh remote mount (empty client state, page cache
@@ -14,123 +24,101 @@ with `tc netem` (half the RTT each way). On each link, alternating narfs with it
   * `ls -lR` and `grep -r` over that path, cold (fresh client state and mount): the remote
     mount against a local mount of the same cache;
 
-and each row says how many requests the narfs side sent (nginx's access log). Where the kernel
-has no sch_netem (this machine's has no modules), a TCP proxy that holds each chunk rtt/2 in
-each direction stands in for the delayed link.
+and each row says how many requests the narfs side sent (nginx's access log); the delayed
+link's rows carry its measured figures in their notes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import queue
 import shutil
 import socket
-import socketserver
-import subprocess
+import statistics
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from bench_mount import OPS, regular_files
-from common import NIX, Context, Mount, alternate, drop_caches, run, runs_row, standalone, timed
+from common import NIX, Context, Mount, alternate, drop_caches, runs_row, standalone, timed
+from delayedlink import Link, delayed_netns, ping_rtt
 
 from narfs.signing import load_secret_key
-from nginxserver import Nginx, serving, tcp_server, world_readable
+from nginxserver import Nginx, serving, world_readable
 
-NS = f"narfs-bench-{os.getpid()}"
-HOST_IP, NS_IP = "10.213.0.1", "10.213.0.2"
-
-
-@contextlib.contextmanager
-def netns(rtt_ms: int) -> Iterator[tuple[str, ...]]:
-    """A network namespace behind a veth pair delaying rtt/2 each way; yields the command
-    prefix that runs a program inside it."""
-    host, peer = f"nb{os.getpid() % 100000}h", f"nb{os.getpid() % 100000}n"
-    delay = f"{rtt_ms / 2}ms"
-    cmds = [["ip", "netns", "add", NS],
-            ["ip", "link", "add", host, "type", "veth", "peer", "name", peer],
-            ["ip", "link", "set", peer, "netns", NS],
-            ["ip", "addr", "add", f"{HOST_IP}/30", "dev", host],
-            ["ip", "link", "set", host, "up"],
-            ["ip", "netns", "exec", NS, "ip", "addr", "add", f"{NS_IP}/30", "dev", peer],
-            ["ip", "netns", "exec", NS, "ip", "link", "set", peer, "up"],
-            ["ip", "netns", "exec", NS, "ip", "link", "set", "lo", "up"],
-            ["tc", "qdisc", "add", "dev", host, "root", "netem", "delay", delay],
-            ["ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", peer, "root", "netem",
-             "delay", delay]]
-    try:
-        for cmd in cmds:
-            run(cmd)
-        yield ("ip", "netns", "exec", NS)
-    finally:
-        subprocess.run(["ip", "link", "del", host], capture_output=True)
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+PROBE_NAR = "nar/" + "0" * 52 + ".nar"  # a name the server block serves
+PROBE_MB = 100
 
 
-def netem_available() -> bool:
-    """Whether the kernel has sch_netem (this machine's does not: no modules at all)."""
-    probe = subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "0ms"],
-                           capture_output=True, text=True)
-    if probe.returncode == 0:  # it was added to the host's loopback: remove it at once
-        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
-        return True
-    return False
+def fetch(host: str, port: int, path: str) -> tuple[float, float, float, int]:
+    """GET http://host:port/path on a new connection: (connect, connect to first byte,
+    connect to last byte) in seconds, and the bytes received (headers included)."""
+    buf = bytearray(1 << 20)
+    t0 = time.perf_counter()
+    with socket.create_connection((host, port), timeout=30) as s:
+        t1 = time.perf_counter()
+        s.sendall(f"GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        got = n = s.recv_into(buf)
+        t2 = time.perf_counter()
+        status = bytes(buf[:n]).split(b"\r\n", 1)[0]
+        while n:
+            n = s.recv_into(buf)
+            got += n
+        t3 = time.perf_counter()
+    if not status.startswith(b"HTTP/1.1 200 "):
+        raise SystemExit(f"probe: {host}:{port}/{path} answered {status[:60]!r}")
+    return t1 - t0, t2 - t1, t3 - t1, got
 
 
-@contextlib.contextmanager
-def delaying_proxy(upstream: int, rtt_ms: int) -> Iterator[str]:
-    """Where the kernel lacks netem: a TCP proxy on 127.0.0.1 that delays every chunk by
-    rtt/2 in each direction, so each request/answer exchange costs the RTT (bandwidth
-    unlimited).
-    Yields its base URL."""
-    half = rtt_ms / 2000
+def probe_dir(ctx: Context) -> Path:
+    """A directory nginx serves with the server block: a small /nix-cache-info and a
+    PROBE_MB MB incompressible NAR-named file, to measure the links with."""
+    d = ctx.work / "link-probe"
+    (d / "nar").mkdir(parents=True, exist_ok=True)
+    (d / "nix-cache-info").write_text("StoreDir: /nix/store\n")
+    with open(d / PROBE_NAR, "wb") as f:
+        for _ in range(PROBE_MB):
+            f.write(os.urandom(1_000_000))
+    world_readable(d)
+    return d
 
-    def pump(src: socket.socket, dst: socket.socket) -> None:
-        """Forward each chunk `half` after it arrived: latency without a bandwidth limit
-        (a sender thread keeps the chunks' order and their arrival times)."""
-        chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
 
-        def send() -> None:
-            try:
-                while True:
-                    due, data = chunks.get()
-                    if not data:
-                        break
-                    time.sleep(max(0.0, due - time.monotonic()))
-                    dst.sendall(data)
-            except OSError:
-                pass
-            finally:
-                with contextlib.suppress(OSError):
-                    dst.shutdown(socket.SHUT_WR)
+def link_figures(server: Nginx, reps: int = 5) -> dict[str, float]:
+    """Median TCP connect and small-request (connect to first byte of /nix-cache-info) ms,
+    and the bulk rate of PROBE_MB MB on a new connection (MB/s, best of 3: the link's
+    capacity, not the machine's load)."""
+    small = [fetch(server.address, server.port, "nix-cache-info") for _ in range(reps)]
+    bulk = [fetch(server.address, server.port, PROBE_NAR) for _ in range(3)]
+    return {"connect_ms": statistics.median(t[0] for t in small) * 1000,
+            "request_ms": statistics.median(t[1] for t in small) * 1000,
+            "bulk_s": min(t[2] for t in bulk),
+            "bulk_mb_s": max(t[3] / t[2] for t in bulk) / 1e6}
 
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        try:
-            while data := src.recv(1 << 16):
-                chunks.put((time.monotonic() + half, data))
-        except OSError:
-            pass
-        chunks.put((0.0, b""))
-        sender.join()
 
-    class Handler(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            up = socket.create_connection(("127.0.0.1", upstream))
-            t = threading.Thread(target=pump, args=(up, self.request), daemon=True)
-            t.start()
-            pump(self.request, up)
-            t.join()
-            up.close()
-
-    with tcp_server(Handler) as url:
-        yield url
+def prove_link(ctx: Context, link: Link) -> str:
+    """Measure the delayed link against loopback and say so; refuse (end the run) when its
+    round trip is shorter than asked. Returns the figures, for the latency rows' notes."""
+    probe = probe_dir(ctx)
+    with serving(probe) as server:
+        lo = link_figures(server)
+    rtt_min, rtt_avg = ping_rtt(link)
+    with serving(probe, address=link.ns_ip, prefix=link.prefix) as server:
+        far = link_figures(server)
+    shutil.rmtree(probe)
+    text = (f"{link.rtt_ms:g} ms RTT link ({link.kind}): ping {rtt_min:.2f} ms min, "
+            f"{rtt_avg:.2f} avg; TCP connect {far['connect_ms']:.1f} ms, small request "
+            f"{far['request_ms']:.1f} ms (loopback {lo['connect_ms']:.2f}, "
+            f"{lo['request_ms']:.2f}); {PROBE_MB} MB on a new connection "
+            f"{far['bulk_s'] * 1000:.0f} ms, {far['bulk_mb_s']:.0f} MB/s (loopback "
+            f"{lo['bulk_s'] * 1000:.0f} ms, {lo['bulk_mb_s']:.0f} MB/s)")
+    print(text, flush=True)
+    if rtt_min < link.rtt_ms:
+        raise SystemExit(f"the delayed link's round trip is {rtt_min:.2f} ms, below the "
+                         f"{link.rtt_ms:g} ms asked: not running the latency rows")
+    return text
 
 
 class Client:
@@ -172,9 +160,10 @@ def big_path(ctx: Context) -> str:
 
 
 def link_rows(ctx: Context, server: Nginx, link: str, big: str,
-              url: str | None = None) -> list[dict]:
-    """The rows of one link; `url` reaches `server` another way (a delaying proxy)."""
-    url = url or server.url
+              link_notes: str = "") -> list[dict]:
+    """The rows of one link; `link_notes` (what the link measured) go into each row's notes."""
+    url = server.url
+    more = f"; {link_notes}" if link_notes else ""
     cache, path = ctx.cache(), ctx.tree("include")
     name = os.path.basename(path)
     root = json.loads((cache / f"{name[:32]}.ls").read_bytes())["root"]
@@ -217,7 +206,7 @@ def link_rows(ctx: Context, server: Nginx, link: str, big: str,
                             "nix store cat", target=0.05,
                             notes=f"{rel}; fresh client state and mount, page cache dropped; "
                                   f"narfs: {n} requests, {sent} bytes; nix store cat --store "
-                                  "http://… fetches the whole NAR", requests=n,
+                                  f"http://… fetches the whole NAR{more}", requests=n,
                             bytes_sent=sent))
     for op, cmd in OPS.items():
         def argv(d: Path, cmd: list[str] = cmd) -> list[str]:
@@ -229,7 +218,7 @@ def link_rows(ctx: Context, server: Nginx, link: str, big: str,
         out.append(runs_row(f"{op} over {ctx.tree_label('include')}, cold, over HTTP ({link})",
                             times, "remote", "local",
                             notes=f"remote mount (fresh client state) vs a local mount of the "
-                                  f"same cache; {n} requests, {sent} bytes", requests=n,
+                                  f"same cache; {n} requests, {sent} bytes{more}", requests=n,
                             bytes_sent=sent))
     return out
 
@@ -244,22 +233,20 @@ def rows(ctx: Context, quick: bool) -> list[dict]:
     big = big_path(ctx)
     world_readable(cache)
     out = []
-    with serving(cache) as server:
-        out += link_rows(ctx, server, "loopback", big)
-    rtt = int(ctx.profile.extra.get("rtt_ms", 20))
-    if netem_available():
-        with netns(rtt) as prefix, serving(cache, address=NS_IP, prefix=prefix) as server:
-            out += link_rows(ctx, server, f"{rtt} ms RTT, tc netem", big)
-    else:
-        print(f"no sch_netem in this kernel: {rtt} ms RTT through a delaying proxy", flush=True)
-        with serving(cache) as server, delaying_proxy(server.port, rtt) as url:
-            out += link_rows(ctx, server, f"{rtt} ms RTT, delaying proxy", big, url)
+    rtt = float(ctx.profile.extra.get("rtt_ms", 20))
+    with delayed_netns(rtt) as link:
+        proof = prove_link(ctx, link)  # before the long rows: a bad link ends the run at once
+        with serving(cache) as server:
+            out += link_rows(ctx, server, "loopback", big)
+        with serving(cache, address=link.ns_ip, prefix=link.prefix) as server:
+            out += link_rows(ctx, server, f"{rtt:g} ms RTT", big, proof)
+    print(f"link: {link.stats or link.kind}", flush=True)
     return out
 
 
 if __name__ == "__main__":
     t0 = time.perf_counter()
-    code = standalone(__doc__ or "", rows, {"--rtt-ms": ("extra.rtt_ms", int,
+    code = standalone(__doc__ or "", rows, {"--rtt-ms": ("extra.rtt_ms", float,
                                                           "round-trip time added (default 20)")})
     print(f"{time.perf_counter() - t0:.0f} s")
     sys.exit(code)
