@@ -652,3 +652,53 @@ def test_a_cache_without_index_shows_the_store_paths_named(tmp_path: Path, serve
                                        str(m / base(rich))], capture_output=True, text=True)
                 assert diff.returncode == 0, diff.stdout + diff.stderr
                 assert "no signed frame hashes" in m.log()
+
+
+def test_restore_from_a_cache_without_index(tmp_path: Path, server: Narfs,
+                                            nixstore: NixStore) -> None:
+    """A cache `nix copy` wrote (xz, no path index, no frame hashes), served by nginx:
+    `narfs restore --cache URL STOREPATH` brings back the path and the part of its closure the
+    store lacks (from the narinfos' References: a path the store holds is not even asked for),
+    signatures checked; a path the server lacks, or a bare name, is one line naming the URL
+    and the fix."""
+    chain = nixstore.closure(3, "narfs-ni")  # ni-0 ← ni-1 ← ni-2
+    top = chain[-1]
+    absent = nixstore.text("never copied to the server", "narfs-ni-absent")
+    with reachable_dir() as d:
+        cache = d / "nixcopy"
+        run([*NIX, "copy", "--to", f"file://{cache}?compression=xz&secret-key={server.key}",
+             top])
+        assert not (cache / pathindex.FILENAME).exists()
+        world_readable(cache)
+        nixstore.unroot()
+        delete_paths([absent, *chain[1:]])
+        with serving(cache) as s:
+            c = client(tmp_path, server, "/nonexistent")
+            dry = c("restore", "--cache", s.url, "--dry-run", top)
+            assert "would restore 2 paths" in dry.stdout, dry.stdout + dry.stderr
+            s.clear_log()
+            out = c("restore", "--cache", s.url, top)
+            assert "restored 2 paths" in out.stdout and f"from {s.url}" in out.stdout, \
+                out.stdout + out.stderr
+            run(["nix-store", "--verify-path", *chain])
+            asked = [r.uri for r in s.requests()]
+            assert f"/{base(chain[0])[:32]}.narinfo" not in asked, asked  # the store has it
+            assert len([u for u in asked if u.startswith("/nar/")]) == 2, asked
+            assert [p for p in (tmp_path / "xdg").rglob("*") if "narinfos" in p.name
+                    or "restore" in p.name] == []  # the temporary caches are gone
+
+            err = one_line_error(c("restore", "--cache", s.url, absent, check=False))
+            assert f"{absent}: not in {s.url}" in err and "check the store path" in err, err
+            err = one_line_error(c("restore", "--cache", s.url, "narfs-ni-2", check=False))
+            assert s.url in err and "no path index" in err and "name the store path" in err
+            # signed by a key narfs does not trust: refused before Nix is asked for anything
+            other = Narfs(tmp_path / "other")
+            other.root.mkdir()
+            other("init", "--cache", str(other.cache), "--secret-key", str(other.key))
+            delete_paths(chain[1:])
+            (tmp_path / "o").mkdir()
+            err = one_line_error(client(tmp_path / "o", other, s.url)("restore", top,
+                                                                      check=False))
+            assert "no valid signature" in err and s.url in err, err
+            assert run(["nix-store", "--verify-path", chain[1]], check=False).returncode != 0
+            c("restore", "--cache", s.url, top)  # back, so the fixture deletes it with its .drv
