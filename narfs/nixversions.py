@@ -28,6 +28,10 @@ which versions behave which way, how it was established (measured here against D
 - zstd NARs (`zstdseek.index_frames`): Nix 2.35 writes independent 16 MiB frames with the content
   size in each header and no seek table (#15550); narfs indexes the frame headers instead of
   decompressing the whole NAR into the hot tier. Nix of every version reads narfs's seekable NARs.
+- A path nix-daemon or the local store will not take for its signatures (`UNTRUSTED_SIGNATURE`):
+  "cannot add path '…' because it lacks a valid signature" up to 2.11, "… lacks a signature by a
+  trusted key" from 2.12 (NixOS/nix a2a8cb10ac, read in the source). restore adds the way out:
+  for a user not in trusted-users, nix-daemon ignores the trusted-public-keys restore passes.
 - `.ls` listings: Hydra's lost `narOffset` in 2026 (hydra#1883) and Harmonia never wrote it; the
   mount then builds the listing from the NAR itself (checked against NarHash), once.
 """
@@ -262,6 +266,9 @@ def depth_refusal(v: NixVersion | None, deepest: int) -> str | None:
     return (f"nests {deepest} directories deep and Nix {'.'.join(map(str, v.release))} refuses "
             f"NARs nested {limit} or deeper, so it cannot go back into /nix/store through this "
             "Nix; `narfs restore --to DIR` unpacks it anywhere else")
+
+
+UNTRUSTED_SIGNATURE = re.compile(r"lacks a (valid signature|signature by a trusted key)")
 
 
 def config_show_args(v: NixVersion) -> list[str]:

@@ -410,8 +410,9 @@ class Copier:
         if self.errors:  # part of a failed batch may have gone in: ask the store
             invalid = set(await nixquery.invalid_paths(list(self.infos)))
             restored = len(self.infos) - len(invalid)
-            raise NarfsError(f"{self.errors[0]} ({restored} of {plural(len(self.infos), 'path')} "
-                             "restored before it: they are valid store paths)")
+            kept = (f"{restored} of {plural(len(self.infos), 'path')} restored before it: "
+                    "they are valid store paths") if restored else "nothing was restored"
+            raise NarfsError(f"{self.errors[0]} ({kept})")
         return self.done
 
     async def _copy(self, batch: list[str], send: trio.MemorySendChannel) -> None:
@@ -465,8 +466,20 @@ class Copier:
             # Nix's last error is often only "build of … failed": its causes come before it.
             said = [m.strip().removeprefix("error: ") for m in messages or raw[-3:]
                     if m.strip()] or [f"exit status {rc}"]
-            error = "nix copy: " + "; ".join(dict.fromkeys(" ".join(m.split()) for m in said))
+            causes = "; ".join(dict.fromkeys(" ".join(m.split()) for m in said))
+            error = f"nix copy: {causes}; {self.way_out(causes)}"
+            if not any(p in causes for p in batch):  # Nix named none of them: say which
+                more = f" (and {len(batch) - 1} more)" if len(batch) > 1 else ""
+                error = f"{batch[0]}{more}: {error}"
         await send.send((batch, error))
+
+    def way_out(self, causes: str) -> str:
+        if self.key is not None and nixversions.UNTRUSTED_SIGNATURE.search(causes):
+            return (f"this Nix does not trust {self.key.name} (nix-daemon ignores the keys a "
+                    "user not in nix.conf's trusted-users passes): add "
+                    f"{self.key.text()} to trusted-public-keys in nix.conf and restart "
+                    "nix-daemon, or restore as a trusted user")
+        return "fix what Nix reports and run the restore again"
 
 
 # --- unpacking without Nix ------------------------------------------------------------------

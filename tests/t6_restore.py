@@ -23,7 +23,16 @@ from narfs.catalog import Catalog
 from narfs.narinfo import NarInfo
 from narfs.signing import load_secret_key
 from narfs.storepath import hash_part
-from nixtools import NIX, NixStore, delete_paths, on_a_terminal, rich_tree, run
+from nixtools import (
+    NIX,
+    NixStore,
+    delete_paths,
+    nix_daemon,
+    on_a_terminal,
+    one_line_error,
+    rich_tree,
+    run,
+)
 
 if TYPE_CHECKING:
     from conftest import Narfs
@@ -136,6 +145,27 @@ def test_forged_or_missing_signature_is_refused(narfs: Narfs, nixstore: NixStore
     # Explicitly skipping the check is possible, and Nix then accepts the unsigned path.
     narfs("restore", "--no-check-sigs", top)
     run(["nix-store", "--verify-path", top, dep])
+
+
+def test_a_copy_nix_refuses_is_one_line_with_the_path_and_the_fix(narfs: Narfs,
+                                                                  nixstore: NixStore,
+                                                                  tmp_path: Path) -> None:
+    """Multi-user Nix: for a user nix.conf does not list in trusted-users, nix-daemon ignores
+    the trusted-public-keys restore passes, so it refuses every path `nix copy` hands it though
+    narfs found them signed. Nix's own cause reaches the user in one line, with the path and
+    the way out; the store is unchanged."""
+    dep = nixstore.text("dependency", "narfs-untrusted-dep")
+    top = nixstore.text("top", "narfs-untrusted-top", refs=[dep])
+    narfs("archive", top)
+    nixstore.unroot()
+    delete_paths([top, dep])
+    with nix_daemon(tmp_path, "trusted-users =\n") as client:
+        err = one_line_error(narfs("restore", top, env={**narfs.env, **client}, check=False))
+    assert re.search(rf"cannot add path '({re.escape(dep)}|{re.escape(top)})' because it "
+                     "lacks a (valid )?signature", err), err
+    assert f"add {narfs.public_key} to trusted-public-keys" in err, err
+    assert valid([top, dep]) == []
+    narfs("restore", top)  # back, so the fixture deletes them with their .drv
 
 
 @pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="no FUSE on this machine")
