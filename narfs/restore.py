@@ -315,9 +315,9 @@ class Copier:
     closure costs one Nix process, a wide one keeps every job busy.
     """
 
-    def __init__(self, cache: Cache, infos: dict[str, NarInfo], key: PublicKey | None,
+    def __init__(self, url: str, infos: dict[str, NarInfo], key: PublicKey | None,
                  jobs: int, bar: Progress) -> None:
-        self.cache = cache
+        self.url = url  # the cache, as Nix is given it (nix_url)
         self.infos = infos
         self.key = key
         self.jobs = max(1, jobs)
@@ -338,7 +338,7 @@ class Copier:
         return self.infos[path].nar_size + PATH_COST
 
     def command(self, batch: list[str]) -> list[str]:
-        cmd = [*nixquery.NIX, "copy", "--from", f"file://{self.cache.root}", "--no-recursive",
+        cmd = [*nixquery.NIX, "copy", "--from", self.url, "--no-recursive",
                "--log-format", "internal-json"]
         if self.key is None:
             cmd.append("--no-check-sigs")
@@ -480,6 +480,31 @@ class Copier:
                     f"{self.key.text()} to trusted-public-keys in nix.conf and restart "
                     "nix-daemon, or restore as a trusted user")
         return "fix what Nix reports and run the restore again"
+
+
+@contextmanager
+def nix_url(root: str) -> Iterator[str]:
+    """The `file://` URL Nix is given for the cache `root`. Versions of Nix read a path with
+    `%`, a space and the like differently (nixversions.file_store_url), so such a cache is
+    handed over as a plain-named link to it in a temporary directory, removed afterwards."""
+    url = nixversions.file_store_url(root)
+    if url is not None:
+        yield url
+        return
+    tmp = tempfile.mkdtemp(prefix="narfs-cache-")
+    try:
+        os.chmod(tmp, 0o755)  # read by Nix, which may be a daemon running as another user
+        link = os.path.join(tmp, "cache")
+        os.symlink(root, link)
+        url = nixversions.file_store_url(link)
+        if url is None:
+            raise NarfsError(f"{root}: Nix reads a cache path with characters other than "
+                             f"letters, digits and /._- differently from version to version, "
+                             f"and the link to it in {tmp} has some too; set TMPDIR to a plain "
+                             "directory such as /tmp")
+        yield url
+    finally:
+        remove_tree(tmp)
 
 
 # --- unpacking without Nix ------------------------------------------------------------------
@@ -788,8 +813,8 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
             await check_nars(source, p.fetch, settings.threads, nar_bytes)
             bar = Progress(nar_bytes, "restoring")
             try:
-                copier = Copier(source, p.fetch, key, settings.threads, bar)
-                restored = await copier.run()
+                with nix_url(source.root) as url:
+                    restored = await Copier(url, p.fetch, key, settings.threads, bar).run()
             finally:
                 bar.close()
         for path in restored:

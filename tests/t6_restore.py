@@ -11,7 +11,6 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 import zstandard
@@ -25,6 +24,7 @@ from narfs.signing import load_secret_key
 from narfs.storepath import hash_part
 from nixtools import (
     NIX,
+    Narfs,
     NixStore,
     delete_paths,
     nix_daemon,
@@ -33,9 +33,6 @@ from nixtools import (
     rich_tree,
     run,
 )
-
-if TYPE_CHECKING:
-    from conftest import Narfs
 
 
 def narinfo(narfs: Narfs, path: str) -> Path:
@@ -166,6 +163,28 @@ def test_a_copy_nix_refuses_is_one_line_with_the_path_and_the_fix(narfs: Narfs,
     assert f"add {narfs.public_key} to trusted-public-keys" in err, err
     assert valid([top, dep]) == []
     narfs("restore", top)  # back, so the fixture deletes them with their .drv
+
+
+def test_restore_from_a_cache_whose_path_has_percent_and_space(nixstore: NixStore,
+                                                              tmp_path: Path) -> None:
+    """Nix versions read a `file://` URL's path differently: 2.8 verbatim but refusing a space
+    and cutting at `#`, 2.18 on decoding `%41` to `A` (narfs/nixversions.py). Restore reaches
+    a cache named with all three on each version, through a plain-named link it removes
+    afterwards."""
+    n = Narfs(tmp_path / "narfs 50%41 #1")
+    n.root.mkdir()
+    n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
+    top = nixstore.text("from an oddly named cache", "narfs-odd-dir")
+    n("archive", top)
+    nixstore.unroot()
+    delete_paths([top])
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = n("restore", top, env={**n.env, "TMPDIR": str(tmp)})
+    assert f"restored {top}" in out.stdout, out.stdout + out.stderr
+    run(["nix-store", "--verify-path", top])
+    assert os.listdir(tmp) == []  # the link is gone
+    assert sorted(os.listdir(tmp_path)) == ["narfs 50%41 #1", "nix", "tmp"]  # nothing made
 
 
 @pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="no FUSE on this machine")
@@ -337,7 +356,7 @@ class _FakeCopier:
                 await send.send((batch, None))
 
         async def main() -> list[str]:
-            return await Fake(Cache("/nonexistent"), infos, None, jobs, Progress(0, "")).run()
+            return await Fake("file:///nonexistent", infos, None, jobs, Progress(0, "")).run()
 
         done = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
         assert sorted(done) == sorted(infos) and valid == set(infos)
