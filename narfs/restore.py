@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import trio
 
 from . import nar, narinfo, nixquery, nixversions, pathindex
-from .cache import TMP_PREFIX, Cache, cache_info_text, new_temporary, write_atomic
+from .cache import CACHE_INFO, TMP_PREFIX, Cache, cache_info_text, new_temporary, write_atomic
 from .catalog import entries_with_access, open_catalog
 from .config import Settings, trusted_key
 from .errors import CorruptError, NarfsError
@@ -192,10 +192,11 @@ class Plan:
     tops: list[str]  # store paths asked for
     closure: dict[str, NarInfo] = field(default_factory=dict)  # store path → narinfo
     fetch: dict[str, NarInfo] = field(default_factory=dict)  # the part the store lacks
+    held: int = 0  # references outside the cache the store holds (their closures not walked)
 
     @property
     def present(self) -> int:
-        return len(self.closure) - len(self.fetch)
+        return len(self.closure) - len(self.fetch) + self.held
 
 
 async def invalid_paths(paths: list[str]) -> set[str]:
@@ -239,6 +240,7 @@ async def plan(cache: Cache, hashes: list[str], where: str) -> Plan:
                              + ("run `narfs verify`" if where == cache.root else
                                 f"copy it to {where}, or into this store first"))
     p.fetch = {path: info for path, info in infos.items() if path in invalid}
+    p.held = len([ref for ref in absent if ref not in invalid])
     return p
 
 
@@ -700,8 +702,7 @@ def unindexed(remote: RemoteBackend) -> Iterator[Cache]:
     which a restore must not change under that mount."""
     root = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}narinfos-", dir=remote.mirror.root)
     try:
-        write_atomic(os.path.join(root, "nix-cache-info"), cache_info_text().encode(),
-                     sync=False)
+        write_atomic(os.path.join(root, CACHE_INFO), cache_info_text().encode(), sync=False)
         yield Cache(root)
     finally:
         remove_tree(root)
@@ -757,6 +758,13 @@ def fetch_named(remote: RemoteBackend, cache: Cache, args: list[str],
         asked.setdefault(target.hash, arg)
     missing = fetch_narinfos(remote, cache, wanted, key)
     if missing:
+        try:
+            is_cache = remote.http.get(CACHE_INFO, 1 << 16) is not None
+        except OSError as e:
+            raise NarfsError(f"{remote.where}: cannot restore from it: {e}") from None
+        if not is_cache:
+            raise NarfsError(f"{remote.where}: no binary cache there (no {CACHE_INFO}); check "
+                             "the URL")
         h = next(h for h in wanted if h in missing)
         raise NarfsError(f"{asked[h]}: not in {remote.where} (it has no {h}.narinfo); check "
                          "the store path, or restore it from the cache that holds it")

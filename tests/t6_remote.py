@@ -689,8 +689,8 @@ def test_restore_from_a_cache_without_index(tmp_path: Path, server: Narfs,
             assert "would restore 2 paths" in dry.stdout, dry.stdout + dry.stderr
             s.clear_log()
             out = c("restore", "--cache", s.url, top)
-            assert "restored 2 paths" in out.stdout and f"from {s.url}" in out.stdout, \
-                out.stdout + out.stderr
+            assert "restored 2 paths" in out.stdout and f"from {s.url}" in out.stdout \
+                and "1 already in the store" in out.stdout, out.stdout + out.stderr
             run(["nix-store", "--verify-path", *chain])
             asked = [r.uri for r in s.requests()]
             assert f"/{base(chain[0])[:32]}.narinfo" not in asked, asked  # the store has it
@@ -702,6 +702,8 @@ def test_restore_from_a_cache_without_index(tmp_path: Path, server: Narfs,
             assert f"{absent}: not in {s.url}" in err and "check the store path" in err, err
             err = one_line_error(c("restore", "--cache", s.url, "narfs-ni-2", check=False))
             assert s.url in err and "no path index" in err and "name the store path" in err
+            err = one_line_error(c("restore", "--cache", f"{s.url}/typo", top, check=False))
+            assert f"{s.url}/typo: no binary cache there" in err, err
             # signed by a key narfs does not trust: refused before Nix is asked for anything
             other = Narfs(tmp_path / "other")
             other.root.mkdir()
