@@ -695,6 +695,9 @@ def test_restore_from_a_cache_without_index(tmp_path: Path, server: Narfs,
             asked = [r.uri for r in s.requests()]
             assert f"/{base(chain[0])[:32]}.narinfo" not in asked, asked  # the store has it
             assert len([u for u in asked if u.startswith("/nar/")]) == 2, asked
+            c("restore", "--cache", s.url, "--to", str(tmp_path / "tree"), chain[0])
+            assert (tmp_path / "tree" / "content").read_text() == \
+                Path(chain[0], "content").read_text()  # without Nix too
             assert [p for p in (tmp_path / "xdg").rglob("*") if "narinfos" in p.name
                     or "restore" in p.name] == []  # the temporary caches are gone
 
