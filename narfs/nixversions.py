@@ -28,6 +28,19 @@ which versions behave which way, how it was established (measured here against D
 - zstd NARs (`zstdseek.index_frames`): Nix 2.35 writes independent 16 MiB frames with the content
   size in each header and no seek table (#15550); narfs indexes the frame headers instead of
   decompressing the whole NAR into the hot tier. Nix of every version reads narfs's seekable NARs.
+- A binary cache directory in a `file://` URL (`file_store_url`): Nix ≤ 2.17 takes the path
+  verbatim but cannot open a URL with a character outside RFC 3986's path grammar (a space, a `%`
+  not followed by two hex digits: "don't know how to open Nix store"), and `#` or `?` cut the
+  path short (measured with 2.8). 2.18 percent-decodes the path (NixOS/nix 73696ec716, "fix
+  double-encoding of URLs"), so `%41` names `A`; 2.32–2.33 hand the file store the path encoded
+  again (c436b7a32a: `file:///tmp/a+b` opened `/tmp/a%2Bb`); 2.34 decodes it (224c8182df) — read
+  in the source and its commit messages. No one URL names `/tmp/a b` or `/tmp/50%41` on every
+  version, so restore hands Nix a path of letters, digits and `/._-` only, which all read
+  verbatim: a cache directory with any other character is reached through a link to it.
+- A path nix-daemon or the local store will not take for its signatures (`UNTRUSTED_SIGNATURE`):
+  "cannot add path '…' because it lacks a valid signature" up to 2.11, "… lacks a signature by a
+  trusted key" from 2.12 (NixOS/nix a2a8cb10ac, read in the source). restore adds the way out:
+  for a user not in trusted-users, nix-daemon ignores the trusted-public-keys restore passes.
 - `.ls` listings: Hydra's lost `narOffset` in 2026 (hydra#1883) and Harmonia never wrote it; the
   mount then builds the listing from the NAR itself (checked against NarHash), once.
 """
@@ -262,6 +275,17 @@ def depth_refusal(v: NixVersion | None, deepest: int) -> str | None:
     return (f"nests {deepest} directories deep and Nix {'.'.join(map(str, v.release))} refuses "
             f"NARs nested {limit} or deeper, so it cannot go back into /nix/store through this "
             "Nix; `narfs restore --to DIR` unpacks it anywhere else")
+
+
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9/._-]*")
+
+
+def file_store_url(path: str) -> str | None:
+    """`file://PATH` when every Nix reads it as PATH, else None (see the module docstring)."""
+    return f"file://{path}" if _PLAIN_PATH.fullmatch(path) else None
+
+
+UNTRUSTED_SIGNATURE = re.compile(r"lacks a (valid signature|signature by a trusted key)")
 
 
 def config_show_args(v: NixVersion) -> list[str]:

@@ -86,7 +86,11 @@ SETTLE = 10.0  # seconds an unmount waits for fetched frames to reach the ranges
 T = TypeVar("T")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
-__all__ = ["MirrorCache", "RemoteBackend", "client_dir", "is_url", "trusted_keys"]
+__all__ = ["MirrorCache", "NoIndex", "RemoteBackend", "client_dir", "is_url", "trusted_keys"]
+
+
+class NoIndex(NarfsError):
+    """The server has no path index: a cache `nix copy` wrote, or any plain binary cache."""
 
 
 def client_dir(url: str) -> str:
@@ -577,7 +581,7 @@ class RemoteBackend:
         else:
             got = self.http.get(pathindex.FILENAME, pathindex.MAX_COMPRESSED, etag=self.etag)
             if got is None:
-                raise NarfsError(f"{self.http.url(pathindex.FILENAME)}: not found; the server "
+                raise NoIndex(f"{self.http.url(pathindex.FILENAME)}: not found; the server "
                                  "is not a narfs cache, or its narfs predates the path index "
                                  "(run `narfs archive` or `narfs gc` there once to write it); "
                                  "or name the store paths to show with --path")

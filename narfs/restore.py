@@ -16,7 +16,10 @@ index, each kept only when a trusted key signed it), and the NARs of the missing
 fetched once, by range, into a staging cache beside the mirror; from there everything is as
 for a local cache (narfs's NAR check, then `nix copy` with the signatures required), so a NAR
 crosses the network once and never reaches Nix unchecked. The staging cache is removed
-afterwards.
+afterwards. A server without narfs's path index (a cache `nix copy` wrote, any plain binary
+cache) lists nothing: the store paths named on the command line are looked up by hash, and
+their closure followed through the narinfos' References as far as the store lacks it, into a
+temporary cache beside the mirror (not the mirror, whose path set a mount's --path named).
 
 Without Nix (`--to DIR`): the NAR is parsed (as untrusted input) into a temporary directory
 beside DIR, through directory descriptors only (O_NOFOLLOW everywhere, O_EXCL for files), so
@@ -39,13 +42,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import trio
 
-from . import nar, nixquery, nixversions
-from .cache import TMP_PREFIX, Cache, cache_info_text, new_temporary, write_atomic
+from . import nar, narinfo, nixquery, nixversions, pathindex
+from .cache import CACHE_INFO, TMP_PREFIX, Cache, cache_info_text, new_temporary, write_atomic
 from .catalog import entries_with_access, open_catalog
 from .config import Settings, trusted_key
 from .errors import CorruptError, NarfsError
@@ -53,7 +57,7 @@ from .mounttable import mount_containing
 from .narinfo import NarInfo
 from .narstream import decompressed_chunks, parse_checked
 from .progress import Progress, human_size, plural, when
-from .remote import WHOLE_STEP, RemoteBackend, is_url, open_remote
+from .remote import FETCHERS, WHOLE_STEP, NoIndex, RemoteBackend, is_url, open_remote
 from .signing import PublicKey
 from .storepath import STORE_DIR, hash_part, is_base_name, is_hash, name_part, user_store_path
 
@@ -75,6 +79,7 @@ class Target:
     cache: Cache
     hash: str
     out_link: str | None = None  # `./result`: made a GC root again once restored
+    base: str | None = None  # the `<hash>-<name>` the user named, when they named one
 
 
 def close_names(name: str, names: set[str]) -> list[str]:
@@ -111,38 +116,49 @@ def _by_name(name: str, cache: Cache) -> str:
 
 def resolve(arg: str, cache: Cache) -> Target:
     """A store path, `<hash>-<name>`, a bare hash, a name, or a path inside a narfs mount."""
-    found = mount_containing(arg) if "/" in arg or os.path.lexists(arg) else None
-    if found is not None or "/" in arg or os.path.islink(arg):
-        if found is not None:
-            mount, rel = found
-            top = rel.split("/", 1)[0]
-            if not top:
-                raise NarfsError(f"{arg}: the root of the narfs mount {mount.mountpoint}; name "
-                                 "a store path inside it")
-            if top == BY_NAME:
-                top = _by_name_link(arg, mount.mountpoint, rel)
-            if not is_base_name(top):
-                raise NarfsError(f"{arg}: {top!r} in the narfs mount {mount.mountpoint} is not "
-                                 "a store path")
-            target = Target(arg, Cache(mount.cache_dir), hash_part(top))
-        elif arg.startswith(STORE_DIR + "/") or os.path.islink(arg):
-            target = Target(arg, cache, hash_part(user_store_path(arg)))
-            if not arg.startswith(STORE_DIR + "/"):
-                target.out_link = os.path.abspath(arg)
-        else:
-            raise NarfsError(f"{arg}: neither a store path ({STORE_DIR}/<hash>-<name>) nor a "
-                             "file inside a narfs mount")
-    elif is_hash(arg):
-        target = Target(arg, cache, arg)
-    elif is_base_name(arg):
-        target = Target(arg, cache, hash_part(arg))
-    else:
-        target = Target(arg, cache, _by_name(arg, cache))
+    target = in_mount(arg) or named(arg, cache) or Target(arg, cache, _by_name(arg, cache))
     target.cache.check()
     if not target.cache.has(target.hash):
         raise NarfsError(f"{arg}: not archived in {target.cache.root}; list what is with "
                          "`narfs ls`")
     return target
+
+
+def in_mount(arg: str) -> Target | None:
+    """The store path a file inside a live narfs mount belongs to, from that mount's cache."""
+    found = mount_containing(arg) if "/" in arg or os.path.lexists(arg) else None
+    if found is None:
+        return None
+    mount, rel = found
+    top = rel.split("/", 1)[0]
+    if not top:
+        raise NarfsError(f"{arg}: the root of the narfs mount {mount.mountpoint}; name "
+                         "a store path inside it")
+    if top == BY_NAME:
+        top = _by_name_link(arg, mount.mountpoint, rel)
+    if not is_base_name(top):
+        raise NarfsError(f"{arg}: {top!r} in the narfs mount {mount.mountpoint} is not "
+                         "a store path")
+    return Target(arg, Cache(mount.cache_dir), hash_part(top), base=top)
+
+
+def named(arg: str, cache: Cache) -> Target | None:
+    """The store path an argument names by itself (a store path or a file in one, an out-link,
+    `<hash>-<name>`, a bare hash); None for a name, which only the cache's entries resolve."""
+    if arg.startswith(STORE_DIR + "/") or os.path.islink(arg):
+        top = user_store_path(arg)
+        target = Target(arg, cache, hash_part(top), base=os.path.basename(top))
+        if not arg.startswith(STORE_DIR + "/"):
+            target.out_link = os.path.abspath(arg)
+        return target
+    if "/" in arg:
+        raise NarfsError(f"{arg}: neither a store path ({STORE_DIR}/<hash>-<name>) nor a "
+                         "file inside a narfs mount")
+    if is_hash(arg):
+        return Target(arg, cache, arg)
+    if is_base_name(arg):
+        return Target(arg, cache, hash_part(arg), base=arg)
+    return None
 
 
 def _by_name_link(arg: str, mountpoint: str, rel: str) -> str:
@@ -176,14 +192,24 @@ class Plan:
     tops: list[str]  # store paths asked for
     closure: dict[str, NarInfo] = field(default_factory=dict)  # store path → narinfo
     fetch: dict[str, NarInfo] = field(default_factory=dict)  # the part the store lacks
+    held: int = 0  # references outside the cache the store holds (their closures not walked)
 
     @property
     def present(self) -> int:
-        return len(self.closure) - len(self.fetch)
+        return len(self.closure) - len(self.fetch) + self.held
 
 
-async def plan(cache: Cache, hashes: list[str]) -> Plan:
-    """The closure of `hashes` as the cache records it, and the part the store lacks."""
+async def invalid_paths(paths: list[str]) -> set[str]:
+    """Those of `paths` the store lacks, asked in command lines of a bounded length."""
+    invalid: set[str] = set()
+    for i in range(0, len(paths), 5000):
+        invalid.update(await nixquery.invalid_paths(paths[i:i + 5000]))
+    return invalid
+
+
+async def plan(cache: Cache, hashes: list[str], where: str) -> Plan:
+    """The closure of `hashes` as the cache records it, and the part the store lacks.
+    `where`: the cache as the user knows it (its directory or URL)."""
 
     def walk() -> tuple[dict[str, NarInfo], dict[str, str]]:
         infos: dict[str, NarInfo] = {}
@@ -206,26 +232,38 @@ async def plan(cache: Cache, hashes: list[str]) -> Plan:
 
     infos, absent = await trio.to_thread.run_sync(walk)
     p = Plan([read_info(cache, h).store_path for h in hashes], infos)
-    names = [*infos, *absent]
-    invalid: set[str] = set()
-    for i in range(0, len(names), 5000):
-        invalid.update(await nixquery.invalid_paths(names[i:i + 5000]))
+    invalid = await invalid_paths([*infos, *absent])
     for ref, referrer in absent.items():
         if ref in invalid:
-            raise NarfsError(f"{ref}: referenced by {referrer} but neither in the cache nor in "
-                             f"the store, so the closure cannot come back; run `narfs verify`")
+            raise NarfsError(f"{ref}: referenced by {referrer} but neither in {where} nor in "
+                             f"the store, so the closure cannot come back; "
+                             + ("run `narfs verify`" if where == cache.root else
+                                f"copy it to {where}, or into this store first"))
     p.fetch = {path: info for path, info in infos.items() if path in invalid}
+    p.held = len([ref for ref in absent if ref not in invalid])
     return p
 
 
-def check_signatures(infos: dict[str, NarInfo], key: PublicKey, cache: Cache) -> None:
+def signing_key(args: argparse.Namespace, settings: Settings) -> PublicKey | None:
+    """The key every narinfo restored must be signed by; None with --no-check-sigs."""
+    if args.no_check_sigs:
+        return None
+    key = trusted_key(settings)
+    if key is None:
+        raise NarfsError("no key to check signatures against: set public_key or "
+                         "secret_key_file in the config, or pass --no-check-sigs if you "
+                         "trust the cache")
+    return key
+
+
+def check_signatures(infos: dict[str, NarInfo], key: PublicKey, where: str) -> None:
     bad = sorted(path for path, info in infos.items() if not info.signed_by(key))
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise NarfsError(
-            f"{bad[0]}: no valid signature by {key.name} in {cache.root}{more}: forged, damaged "
+            f"{bad[0]}: no valid signature by {key.name} in {where}{more}: forged, damaged "
             "or unsigned narinfo; refusing to restore, the store is unchanged. Check the cache "
-            "with `narfs verify`, or pass --no-check-sigs if you trust the directory")
+            "with `narfs verify`, or pass --no-check-sigs if you trust it")
 
 
 # --- copying through Nix --------------------------------------------------------------------
@@ -279,9 +317,9 @@ class Copier:
     closure costs one Nix process, a wide one keeps every job busy.
     """
 
-    def __init__(self, cache: Cache, infos: dict[str, NarInfo], key: PublicKey | None,
+    def __init__(self, url: str, infos: dict[str, NarInfo], key: PublicKey | None,
                  jobs: int, bar: Progress) -> None:
-        self.cache = cache
+        self.url = url  # the cache, as Nix is given it (nix_url)
         self.infos = infos
         self.key = key
         self.jobs = max(1, jobs)
@@ -302,7 +340,7 @@ class Copier:
         return self.infos[path].nar_size + PATH_COST
 
     def command(self, batch: list[str]) -> list[str]:
-        cmd = [*nixquery.NIX, "copy", "--from", f"file://{self.cache.root}", "--no-recursive",
+        cmd = [*nixquery.NIX, "copy", "--from", self.url, "--no-recursive",
                "--log-format", "internal-json"]
         if self.key is None:
             cmd.append("--no-check-sigs")
@@ -374,8 +412,9 @@ class Copier:
         if self.errors:  # part of a failed batch may have gone in: ask the store
             invalid = set(await nixquery.invalid_paths(list(self.infos)))
             restored = len(self.infos) - len(invalid)
-            raise NarfsError(f"{self.errors[0]} ({restored} of {plural(len(self.infos), 'path')} "
-                             "restored before it: they are valid store paths)")
+            kept = (f"{restored} of {plural(len(self.infos), 'path')} restored before it: "
+                    "they are valid store paths") if restored else "nothing was restored"
+            raise NarfsError(f"{self.errors[0]} ({kept})")
         return self.done
 
     async def _copy(self, batch: list[str], send: trio.MemorySendChannel) -> None:
@@ -429,8 +468,45 @@ class Copier:
             # Nix's last error is often only "build of … failed": its causes come before it.
             said = [m.strip().removeprefix("error: ") for m in messages or raw[-3:]
                     if m.strip()] or [f"exit status {rc}"]
-            error = "nix copy: " + "; ".join(dict.fromkeys(" ".join(m.split()) for m in said))
+            causes = "; ".join(dict.fromkeys(" ".join(m.split()) for m in said))
+            error = f"nix copy: {causes}; {self.way_out(causes)}"
+            if not any(p in causes for p in batch):  # Nix named none of them: say which
+                more = f" (and {len(batch) - 1} more)" if len(batch) > 1 else ""
+                error = f"{batch[0]}{more}: {error}"
         await send.send((batch, error))
+
+    def way_out(self, causes: str) -> str:
+        if self.key is not None and nixversions.UNTRUSTED_SIGNATURE.search(causes):
+            return (f"this Nix does not trust {self.key.name} (nix-daemon ignores the keys a "
+                    "user not in nix.conf's trusted-users passes): add "
+                    f"{self.key.text()} to trusted-public-keys in nix.conf and restart "
+                    "nix-daemon, or restore as a trusted user")
+        return "fix what Nix reports and run the restore again"
+
+
+@contextmanager
+def nix_url(root: str) -> Iterator[str]:
+    """The `file://` URL Nix is given for the cache `root`. Versions of Nix read a path with
+    `%`, a space and the like differently (nixversions.file_store_url), so such a cache is
+    handed over as a plain-named link to it in a temporary directory, removed afterwards."""
+    url = nixversions.file_store_url(root)
+    if url is not None:
+        yield url
+        return
+    tmp = tempfile.mkdtemp(prefix="narfs-cache-")
+    try:
+        os.chmod(tmp, 0o755)  # read by Nix, which may be a daemon running as another user
+        link = os.path.join(tmp, "cache")
+        os.symlink(root, link)
+        url = nixversions.file_store_url(link)
+        if url is None:
+            raise NarfsError(f"{root}: Nix reads a cache path with characters other than "
+                             f"letters, digits and /._- differently from version to version, "
+                             f"and the link to it in {tmp} has some too; set TMPDIR to a plain "
+                             "directory such as /tmp")
+        yield url
+    finally:
+        remove_tree(tmp)
 
 
 # --- unpacking without Nix ------------------------------------------------------------------
@@ -601,34 +677,134 @@ def _fetch(remote: RemoteBackend, infos: dict[str, NarInfo], total: int, root: s
     return staging
 
 
-def open_remote_cache(url: str, settings: Settings) -> RemoteBackend:
+def open_remote_cache(url: str, settings: Settings) -> tuple[RemoteBackend, bool]:
     """The server's path index brought into the mirror (remote.py), whose narinfos restore
-    then reads like a local cache's."""
+    then reads like a local cache's; and whether the server has that index."""
     remote = open_remote(url, settings)
     try:
         remote.update()
+    except NoIndex:
+        return remote, False
     except (NarfsError, OSError) as e:
         remote.close()
         raise NarfsError(f"{url}: cannot restore from it: {e}") from None
-    return remote
+    return remote, True
+
+
+# --- from a server without a path index -----------------------------------------------------
+# A cache `nix copy` wrote, or any plain binary cache: nothing lists its paths, so restore takes
+# the store paths named on the command line and follows their narinfos' References.
+
+@contextmanager
+def unindexed(remote: RemoteBackend) -> Iterator[Cache]:
+    """A temporary cache for the narinfos fetched from a server without a path index, removed
+    when the block ends. Not the mirror: there the path set is what a mount's --path named,
+    which a restore must not change under that mount."""
+    root = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}narinfos-", dir=remote.mirror.root)
+    try:
+        write_atomic(os.path.join(root, CACHE_INFO), cache_info_text().encode(), sync=False)
+        yield Cache(root)
+    finally:
+        remove_tree(root)
+
+
+def fetch_narinfos(remote: RemoteBackend, cache: Cache, wanted: dict[str, str | None],
+                   key: PublicKey | None) -> set[str]:
+    """The server's narinfos of `wanted` (hash → the `<hash>-<name>` expected, if known) into
+    `cache`, FETCHERS at once, each held to its hash, name and (unless --no-check-sigs) the
+    key before it is kept, so an unsigned narinfo cannot lead the walk on. Returns the hashes
+    the server has no narinfo for."""
+    def one(h: str) -> NarInfo | None:
+        got = remote.http.get(f"{h}.narinfo", narinfo.MAX_SIZE)
+        if got is None:
+            return None
+        url = remote.http.url(f"{h}.narinfo")
+        try:
+            info = narinfo.parse(got.data, expect_hash=h)
+        except CorruptError as e:
+            raise CorruptError(f"{url}: {e}") from None
+        if wanted[h] is not None and info.name != wanted[h]:
+            raise CorruptError(f"{url}: names {info.store_path}, not {STORE_DIR}/{wanted[h]}")
+        return info
+
+    try:
+        with ThreadPoolExecutor(FETCHERS) as pool:
+            found = dict(zip(wanted, pool.map(one, wanted), strict=True))
+    except OSError as e:
+        raise NarfsError(f"{remote.where}: cannot restore from it: {e}") from None
+    infos = {info.store_path: info for info in found.values() if info is not None}
+    if key is not None:
+        check_signatures(infos, key, remote.where)
+    for info in infos.values():
+        write_atomic(cache.narinfo_path(info.hash), info.render().encode(), sync=False)
+    return {h for h, info in found.items() if info is None}
+
+
+def fetch_named(remote: RemoteBackend, cache: Cache, args: list[str],
+                key: PublicKey | None) -> None:
+    """The narinfos of the store paths named on the command line (a name alone cannot be
+    looked up without the index)."""
+    wanted: dict[str, str | None] = {}
+    asked: dict[str, str] = {}
+    for arg in args:
+        if in_mount(arg) is not None:
+            continue  # restored from that mount's cache, as with any --cache
+        target = named(arg, cache)
+        if target is None:
+            raise NarfsError(f"{arg}: {remote.where} has no path index ({pathindex.FILENAME}: "
+                             "a cache `nix copy` wrote?), so its paths cannot be found by "
+                             f"name; name the store path, {STORE_DIR}/<hash>-<name>")
+        wanted[target.hash] = target.base
+        asked.setdefault(target.hash, arg)
+    missing = fetch_narinfos(remote, cache, wanted, key)
+    if missing:
+        try:
+            is_cache = remote.http.get(CACHE_INFO, 1 << 16) is not None
+        except OSError as e:
+            raise NarfsError(f"{remote.where}: cannot restore from it: {e}") from None
+        if not is_cache:
+            raise NarfsError(f"{remote.where}: no binary cache there (no {CACHE_INFO}); check "
+                             "the URL")
+        h = next(h for h in wanted if h in missing)
+        raise NarfsError(f"{asked[h]}: not in {remote.where} (it has no {h}.narinfo); check "
+                         "the store path, or restore it from the cache that holds it")
+
+
+async def fetch_closure(remote: RemoteBackend, cache: Cache, hashes: list[str],
+                        key: PublicKey | None) -> None:
+    """The narinfos of the closure of `hashes` (in `cache` already), as far as the store lacks
+    it, a level of references at a time: a path the store holds has its closure there, so it
+    costs no request. A reference the server lacks is left for plan() to report, unless the
+    store holds it."""
+    seen = set(hashes)
+    level = list(seen)
+    while level:
+        refs: dict[str, str] = {}  # store path → base name
+        for h in level:
+            for ref in read_info(cache, h).references:
+                if hash_part(ref) not in seen:
+                    seen.add(hash_part(ref))
+                    refs[f"{STORE_DIR}/{ref}"] = ref
+        lacking = await invalid_paths(list(refs))
+        wanted: dict[str, str | None] = {hash_part(p): b for p, b in refs.items()
+                                         if p in lacking}
+        missing = await trio.to_thread.run_sync(fetch_narinfos, remote, cache, wanted, key)
+        level = [h for h in wanted if h not in missing]
 
 
 # --- the command ----------------------------------------------------------------------------
 
 async def _restore(args: argparse.Namespace, settings: Settings, targets: list[Target],
-                   remote: RemoteBackend | None = None) -> int:
+                   remote: RemoteBackend | None = None, unindexed: bool = False) -> int:
     cache = targets[0].cache
     where = remote.where if remote else cache.root
     start = time.monotonic()
-    p = await plan(cache, [t.hash for t in targets])
-    key = None
-    if not args.no_check_sigs:
-        key = trusted_key(settings)
-        if key is None:
-            raise NarfsError("no key to check signatures against: set public_key or "
-                             "secret_key_file in the config, or pass --no-check-sigs if you "
-                             "trust the cache directory")
-        check_signatures(p.fetch, key, cache)
+    key = signing_key(args, settings)
+    if remote is not None and unindexed:
+        await fetch_closure(remote, cache, [t.hash for t in targets], key)
+    p = await plan(cache, [t.hash for t in targets], where)
+    if key is not None:
+        check_signatures(p.fetch, key, where)
     nar_bytes = sum(i.nar_size for i in p.fetch.values())
     file_bytes = sum(i.file_size or 0 for i in p.fetch.values())
     if args.dry_run:
@@ -645,8 +821,8 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
             await check_nars(source, p.fetch, settings.threads, nar_bytes)
             bar = Progress(nar_bytes, "restoring")
             try:
-                copier = Copier(source, p.fetch, key, settings.threads, bar)
-                restored = await copier.run()
+                with nix_url(source.root) as url:
+                    restored = await Copier(url, p.fetch, key, settings.threads, bar).run()
             finally:
                 bar.close()
         for path in restored:
@@ -670,7 +846,7 @@ async def _restore(args: argparse.Namespace, settings: Settings, targets: list[T
             path = read_info(cache, t.hash).store_path
             await nixquery.run(["nix-store", "--add-root", t.out_link, "--realise", path])
             print(f"GC root {t.out_link} → {path}")
-    catalog = open_catalog(cache, sync=False)
+    catalog = None if unindexed else open_catalog(cache, sync=False)
     if catalog is not None:
         with catalog:
             catalog.touch(hash_part(path) for path in p.closure)
@@ -697,22 +873,29 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         problem = store_problem()
         if problem:
             raise NarfsError(problem)
-    remote = open_remote_cache(settings.cache_dir, settings) if is_url(settings.cache_dir) \
-        else None
+    if not is_url(settings.cache_dir):
+        return _main(args, settings, Cache(settings.cache_dir))
+    remote, indexed = open_remote_cache(settings.cache_dir, settings)
     try:
-        return _main(args, settings, remote)
+        if indexed:
+            return _main(args, settings, remote.mirror, remote)
+        with unindexed(remote) as cache:
+            fetch_named(remote, cache, args.targets, signing_key(args, settings))
+            return _main(args, settings, cache, remote, unindexed=True)
     finally:
-        if remote is not None:
-            remote.close()
+        remote.close()
 
 
-def _main(args: argparse.Namespace, settings: Settings, remote: RemoteBackend | None) -> int:
-    cache = remote.mirror if remote else Cache(settings.cache_dir)
+def _main(args: argparse.Namespace, settings: Settings, cache: Cache,
+          remote: RemoteBackend | None = None, unindexed: bool = False) -> int:
     targets = [resolve(arg, cache) for arg in args.targets]
     roots = {t.cache.root for t in targets}
     if len(roots) > 1:
         raise NarfsError(f"targets come from different caches ({', '.join(sorted(roots))}); "
                          "restore them one cache at a time")
+    if targets[0].cache.root != cache.root:  # all inside a local mount: its cache, not --cache
+        remote, unindexed = None, False
+    where = remote.where if remote else targets[0].cache.root
     if args.to:
         if len(targets) != 1:
             raise NarfsError("--to unpacks exactly one store path; give one TARGET")
@@ -720,12 +903,9 @@ def _main(args: argparse.Namespace, settings: Settings, remote: RemoteBackend | 
             raise NarfsError("--add-root registers a store path; it does not go with --to")
         t = targets[0]
         info = read_info(t.cache, t.hash)
-        if not args.no_check_sigs:
-            key = trusted_key(settings)
-            if key is None:
-                raise NarfsError("no key to check signatures against: set public_key or "
-                                 "secret_key_file in the config, or pass --no-check-sigs")
-            check_signatures({info.store_path: info}, key, t.cache)
+        key = signing_key(args, settings)
+        if key is not None:
+            check_signatures({info.store_path: info}, key, where)
         if args.dry_run:
             print(f"would unpack {info.store_path} ({human_size(info.nar_size)}) into "
                   f"{os.path.abspath(args.to)}")
@@ -736,10 +916,10 @@ def _main(args: argparse.Namespace, settings: Settings, remote: RemoteBackend | 
         print(f"unpacked {info.store_path} into {os.path.abspath(args.to)}: "
               f"{plural(u.files, 'file')}, "
               f"{human_size(u.bytes)}")
-        catalog = open_catalog(t.cache, sync=False)
+        catalog = None if unindexed else open_catalog(t.cache, sync=False)
         if catalog is not None:
             with catalog:
                 catalog.touch([t.hash])
         return 0
-    return trio.run(_restore, args, settings, targets, remote)
+    return trio.run(_restore, args, settings, targets, remote, unindexed)
 

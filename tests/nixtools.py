@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,3 +257,31 @@ def nix_copy_from(cache: Path, paths: list[str], public_key: str) -> None:
     run(["nix", "--extra-experimental-features", "nix-command", "copy", "--from",
          f"file://{cache}", "--option", "trusted-public-keys", public_key,
          "--option", "require-sigs", "true", *paths])
+
+
+@contextlib.contextmanager
+def nix_daemon(directory: Path, config: str = "") -> Iterator[dict[str, str]]:
+    """A nix-daemon of the machine's store on a private socket in `directory` (its log there
+    too), `config` added to its settings; yields the environment of a client that reaches the
+    store through it (multi-user Nix). Stopped when the block ends."""
+    sock = directory / "daemon.sock"
+    env = {**os.environ, "NIX_DAEMON_SOCKET_PATH": str(sock),
+           "NIX_CONFIG": os.environ.get("NIX_CONFIG", "") + config}
+    env.pop("NIX_REMOTE", None)
+    log = directory / "daemon.log"
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen(["nix-daemon"], env=env, stdin=subprocess.DEVNULL,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        yield {**os.environ, "NIX_REMOTE": "daemon", "NIX_DAEMON_SOCKET_PATH": str(sock)}
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()

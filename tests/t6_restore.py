@@ -11,7 +11,6 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 import zstandard
@@ -23,10 +22,17 @@ from narfs.catalog import Catalog
 from narfs.narinfo import NarInfo
 from narfs.signing import load_secret_key
 from narfs.storepath import hash_part
-from nixtools import NIX, NixStore, delete_paths, on_a_terminal, rich_tree, run
-
-if TYPE_CHECKING:
-    from conftest import Narfs
+from nixtools import (
+    NIX,
+    Narfs,
+    NixStore,
+    delete_paths,
+    nix_daemon,
+    on_a_terminal,
+    one_line_error,
+    rich_tree,
+    run,
+)
 
 
 def narinfo(narfs: Narfs, path: str) -> Path:
@@ -136,6 +142,49 @@ def test_forged_or_missing_signature_is_refused(narfs: Narfs, nixstore: NixStore
     # Explicitly skipping the check is possible, and Nix then accepts the unsigned path.
     narfs("restore", "--no-check-sigs", top)
     run(["nix-store", "--verify-path", top, dep])
+
+
+def test_a_copy_nix_refuses_is_one_line_with_the_path_and_the_fix(narfs: Narfs,
+                                                                  nixstore: NixStore,
+                                                                  tmp_path: Path) -> None:
+    """Multi-user Nix: for a user nix.conf does not list in trusted-users, nix-daemon ignores
+    the trusted-public-keys restore passes, so it refuses every path `nix copy` hands it though
+    narfs found them signed. Nix's own cause reaches the user in one line, with the path and
+    the way out; the store is unchanged."""
+    dep = nixstore.text("dependency", "narfs-untrusted-dep")
+    top = nixstore.text("top", "narfs-untrusted-top", refs=[dep])
+    narfs("archive", top)
+    nixstore.unroot()
+    delete_paths([top, dep])
+    with nix_daemon(tmp_path, "trusted-users =\n") as client:
+        err = one_line_error(narfs("restore", top, env={**narfs.env, **client}, check=False))
+    assert re.search(rf"cannot add path '({re.escape(dep)}|{re.escape(top)})' because it "
+                     "lacks a (valid )?signature", err), err
+    assert f"add {narfs.public_key} to trusted-public-keys" in err, err
+    assert valid([top, dep]) == []
+    narfs("restore", top)  # back, so the fixture deletes them with their .drv
+
+
+def test_restore_from_a_cache_whose_path_has_percent_and_space(nixstore: NixStore,
+                                                              tmp_path: Path) -> None:
+    """Nix versions read a `file://` URL's path differently: 2.8 verbatim but refusing a space
+    and cutting at `#`, 2.18 on decoding `%41` to `A` (narfs/nixversions.py). Restore reaches
+    a cache named with all three on each version, through a plain-named link it removes
+    afterwards."""
+    n = Narfs(tmp_path / "narfs 50%41 #1")
+    n.root.mkdir()
+    n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
+    top = nixstore.text("from an oddly named cache", "narfs-odd-dir")
+    n("archive", top)
+    nixstore.unroot()
+    delete_paths([top])
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = n("restore", top, env={**n.env, "TMPDIR": str(tmp)})
+    assert f"restored {top}" in out.stdout, out.stdout + out.stderr
+    run(["nix-store", "--verify-path", top])
+    assert os.listdir(tmp) == []  # the link is gone
+    assert sorted(os.listdir(tmp_path)) == ["narfs 50%41 #1", "nix", "tmp"]  # nothing made
 
 
 @pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="no FUSE on this machine")
@@ -307,7 +356,7 @@ class _FakeCopier:
                 await send.send((batch, None))
 
         async def main() -> list[str]:
-            return await Fake(Cache("/nonexistent"), infos, None, jobs, Progress(0, "")).run()
+            return await Fake("file:///nonexistent", infos, None, jobs, Progress(0, "")).run()
 
         done = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
         assert sorted(done) == sorted(infos) and valid == set(infos)
