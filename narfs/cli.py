@@ -19,7 +19,7 @@ from typing import ClassVar, NoReturn
 
 import trio
 
-from . import __version__, config, nixquery, pathindex, signing
+from . import __version__, config, nixquery, nixversions, pathindex, signing
 from .archive import Archiver
 from .cache import Cache
 from .config import Settings
@@ -239,6 +239,11 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
         else:
             print(f"unchanged: config {cfg}")
     hook = config.hook_path()
+    if nixversions.file_store_url(cache.root) is None:
+        log.warning("%s: Nix reads file:// URLs of a path with characters other than letters, "
+                    "digits and /._- differently from version to version, so the substituter "
+                    "line below may name another directory; give Nix a plain-named symlink to "
+                    "the cache instead (narfs's own commands handle it)", cache.root)
     print("\n# Add to /etc/nix/nix.conf, then restart nix-daemon:")
     print(f"extra-substituters = file://{cache.root}")
     print(f"extra-trusted-public-keys = {key.public.text()}")

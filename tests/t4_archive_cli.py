@@ -235,6 +235,19 @@ def test_init_twice_changes_nothing_and_prints_working_nix_conf(
     run(["nix-store", "--verify-path", p])
 
 
+def test_init_warns_when_nix_would_misread_the_cache_path(tmp_path: Path) -> None:
+    """Nix 2.8 cannot open a file:// cache with a space, 2.18+ percent-decode its path: the
+    substituter line init prints would not name the cache, and init says so in one line."""
+    n = Narfs(tmp_path / "n")
+    n.root.mkdir()
+    odd = tmp_path / "my cache 50%41"
+    out = n("init", "--cache", str(odd), "--secret-key", str(n.key))
+    warning = [line for line in out.stderr.splitlines() if "symlink" in line]
+    assert len(warning) == 1 and str(odd) in warning[0], out.stderr
+    plain = n("init", "--cache", str(n.cache), "--secret-key", str(n.key))
+    assert "symlink" not in plain.stderr
+
+
 def test_init_on_a_nix_copy_cache_keeps_it(tmp_path: Path, nixstore: NixStore) -> None:
     """A cache `nix copy` made is already a binary cache: init leaves its files alone."""
     p = nixstore.text("made by nix copy", "narfs-cli-nixcopy")
