@@ -260,12 +260,14 @@ def nix_copy_from(cache: Path, paths: list[str], public_key: str) -> None:
 
 
 @contextlib.contextmanager
-def nix_daemon(directory: Path, config: str = "") -> Iterator[dict[str, str]]:
+def nix_daemon(directory: Path, config: str = "",
+               env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
     """A nix-daemon of the machine's store on a private socket in `directory` (its log there
-    too), `config` added to its settings; yields the environment of a client that reaches the
-    store through it (multi-user Nix). Stopped when the block ends."""
+    too), `config` added to its settings and `env` to its environment; yields the environment
+    of a client that reaches the store through it (multi-user Nix). Stopped when the block
+    ends."""
     sock = directory / "daemon.sock"
-    env = {**os.environ, "NIX_DAEMON_SOCKET_PATH": str(sock),
+    env = {**os.environ, **(env or {}), "NIX_DAEMON_SOCKET_PATH": str(sock),
            "NIX_CONFIG": os.environ.get("NIX_CONFIG", "") + config}
     env.pop("NIX_REMOTE", None)
     log = directory / "daemon.log"

@@ -33,7 +33,7 @@ from narfs.notify import Notifier
 from narfs.storepath import store_path_of
 from narfs.watch import RootsDir, backoff
 from narfs.watchstate import classify
-from nixtools import NIX, NixStore, delete_paths, gc_roots, nix_string, run
+from nixtools import NIX, NixStore, delete_paths, gc_roots, nix_daemon, nix_string, run
 
 HOOK = Path(__file__).resolve().parent.parent / "systemd" / "narfs-hook"
 GCROOTS = Path("/nix/var/nix/gcroots")
@@ -428,18 +428,9 @@ def test_with_the_nix_daemon_the_hook_runs_under_it(rig: Rig, narfs: Narfs,
     """Multi-user Nix: builds happen in nix-daemon (root), which runs the post-build-hook
     with its own environment; the client names neither the hook nor the roots dir, so a pin
     can only come from the daemon. narfs watch reaches the store through the daemon too."""
-    sock = tmp_path / "daemon.sock"
-    daemon_env = {**os.environ, "NIX_DAEMON_SOCKET_PATH": str(sock),
-                  "NARFS_ROOTS": str(rig.roots), "NARFS_CONFIG": "/dev/null",
-                  "NIX_CONFIG": os.environ["NIX_CONFIG"] + f"post-build-hook = {HOOK}\n"}
-    daemon_env.pop("NIX_REMOTE", None)
-    client = {**os.environ, "NIX_REMOTE": "daemon", "NIX_DAEMON_SOCKET_PATH": str(sock)}
-    client.pop("NARFS_ROOTS", None)
-    with open(tmp_path / "daemon.log", "wb") as log:
-        daemon = subprocess.Popen(["nix-daemon"], env=daemon_env, stdin=subprocess.DEVNULL,
-                                  stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for(sock.exists, 15, "nix-daemon's socket")
+    daemon_env = {"NARFS_ROOTS": str(rig.roots), "NARFS_CONFIG": "/dev/null"}
+    with nix_daemon(tmp_path, f"post-build-hook = {HOOK}\n", daemon_env) as client:
+        client = {k: v for k, v in client.items() if k != "NARFS_ROOTS"}
         service = rig.start(env=client)
         service.wait_log(r"watching .*: 0 pins waiting")
         expr = (f"derivation {{ name = \"narfs-daemon\"; system = builtins.currentSystem; "
@@ -455,13 +446,6 @@ def test_with_the_nix_daemon_the_hook_runs_under_it(rig: Rig, narfs: Narfs,
             "the hook complained under the daemon"
         service.stop()
         assert service.proc.returncode == 0
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
 
 
 def test_pins_outlive_gc_while_stopped_and_are_caught_up(rig: Rig, narfs: Narfs) -> None:
