@@ -338,6 +338,9 @@ async def _announce(mountpoint: str, notifier: Notifier) -> None:
     if st.st_ino != pyfuse3.ROOT_INODE:
         log.warning("%s: mount point does not show the mount's root", mountpoint)
     notifier.send("READY=1", f"STATUS=serving {mountpoint}")
+    # After this stat returned: an unmount from now on finds no request of the mount's own in
+    # flight there (one would make it fail with EBUSY).
+    log.info("serving %s", mountpoint)
 
 
 async def _signals(signals: AsyncIterator[int], fs: NarFS, notifier: Notifier) -> None:

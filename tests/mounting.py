@@ -94,6 +94,7 @@ def mounted(narfs: Narfs, mountpoint: Path, *args: str, extra_env: dict | None =
             wait: bool = True) -> Iterator[Mount]:
     mountpoint.mkdir(exist_ok=True)
     log = mountpoint.parent / f"{mountpoint.name}.log"
+    start = log.stat().st_size if log.exists() else 0  # the log of this mount begins there
     env = narfs.env
     narfs.env = {**env, **(extra_env or {})}
     if FUSE_MODE is not None:
@@ -112,6 +113,11 @@ def mounted(narfs: Narfs, mountpoint: Path, *args: str, extra_env: dict | None =
             if proc.poll() is not None:
                 raise AssertionError(f"narfs mount exited {proc.returncode}:\n{m.log()}")
             os.stat(mountpoint)  # answered once the loop runs
+            # and ready, its own readiness stat answered too: until then an unmount (a test's
+            # fusermount3 -u) can find that stat in flight and fail with EBUSY
+            serving = f"serving {mountpoint}".encode()
+            wait_for(lambda: serving in log.read_bytes()[start:] or proc.poll() is not None,
+                     30, "the mount's readiness")
         yield m
     finally:
         unmount(mountpoint)
