@@ -94,9 +94,13 @@ class DiskLRU:
     def adopt(self, name: str, tmp: str, size: int) -> None:
         """Keep temporary `tmp` of `size` bytes as `name`, evicting what no longer fits (but
         never `name` itself: a file larger than the whole limit is kept, alone, until the
-        next one comes in, since refusing it would make what it holds unreachable)."""
-        os.rename(tmp, os.path.join(self.dir, name))
+        next one comes in, since refusing it would make what it holds unreachable).
+
+        The rename happens under the lock, as evictions' and drops' unlinks do: another
+        thread's eviction of an older `name` could otherwise unlink the file just renamed into
+        place, and leave the books naming a file that is gone (seen in CI, under load)."""
         with self._lock:
+            os.rename(tmp, os.path.join(self.dir, name))
             self.size += size - self._files.pop(name, 0)
             self._files[name] = size
             self._make_room(0, keep=1)
@@ -107,8 +111,9 @@ class DiskLRU:
             self._make_room(needed)
 
     def drop(self, name: str) -> None:
-        self._forget(name)
-        remove_file(os.path.join(self.dir, name))
+        with self._lock:  # with the books, so a concurrent adopt's new file is not unlinked
+            self.size -= self._files.pop(name, 0)
+            remove_file(os.path.join(self.dir, name))
 
     def _forget(self, name: str) -> None:
         with self._lock:

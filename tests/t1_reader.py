@@ -27,11 +27,11 @@ import trio.testing
 import zstandard
 
 from hostile import GOOD_TREE, seekable_by_hand
-from narfs import nix32, reader, zstdseek
+from narfs import disklru, nix32, reader, zstdseek
 from narfs.backend import LocalBackend, LocalFile
 from narfs.cache import TMP_PREFIX, Cache
 from narfs.catalog import Entry
-from narfs.disklru import STALE_TMP
+from narfs.disklru import STALE_TMP, DiskLRU
 from narfs.errors import CorruptError
 from narfs.nar import listing_of
 from narfs.reader import FrameCache, HotTier, Reader
@@ -350,6 +350,43 @@ def test_fills_from_many_threads_keep_the_books_and_the_bound(tmp_path: Path) ->
     on_disk = {n: os.path.getsize(tmp_path / n) for n in hot_names(hot)}
     assert on_disk == dict(hot._files), "the tier's books match the directory"
     assert hot.size == sum(on_disk.values()) <= hot.limit
+
+
+def test_an_eviction_never_unlinks_a_file_another_thread_just_adopted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race CI once hit in the test above: thread A renames its new copy of X into place,
+    thread C's eviction of the old X unlinks it, then A books X: the books named a file that
+    was gone. Forced here: A is held right after its rename while C adopts Y (which evicts X)."""
+    lru = DiskLRU(str(tmp_path / "lru"), 100)
+
+    def put(name: str, size: int) -> None:
+        fd, tmp = lru.temporary(name)
+        os.write(fd, b"x" * size)
+        os.close(fd)
+        lru.adopt(name, tmp, size)
+
+    put("X", 60)
+    renamed, go = threading.Event(), threading.Event()
+    real = os.rename
+
+    def rename(src: str, dst: str) -> None:
+        real(src, dst)
+        if dst.endswith("/X") and not renamed.is_set():
+            renamed.set()
+            go.wait(5)
+
+    monkeypatch.setattr(disklru.os, "rename", rename)
+    a = threading.Thread(target=put, args=("X", 60))
+    a.start()
+    assert renamed.wait(5)
+    c = threading.Thread(target=put, args=("Y", 60))
+    c.start()
+    c.join(0.5)  # done by now if nothing keeps its eviction from the rename just made
+    go.set()
+    a.join(5)
+    c.join(5)
+    on_disk = {n: os.path.getsize(tmp_path / "lru" / n) for n in os.listdir(tmp_path / "lru")}
+    assert on_disk == dict(lru._files) and lru.size == sum(on_disk.values()) <= 100
 
 
 # --- Reader: every compression reads the same bytes --------------------------------------------
