@@ -19,7 +19,6 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import urllib3
@@ -174,15 +173,12 @@ class Http:
         return f"HTTP {status}"
 
     def get_range(self, path: str, offset: int, size: int, total: int) -> bytes:
-        """Exactly bytes [offset, offset+size) of a file of `total` bytes."""
-        return b"".join(self._pieces(path, offset, size, total))
-
-    def _pieces(self, path: str, offset: int, size: int, total: int) -> Iterator[bytes]:
-        """The range's bytes in pieces, read as fast as they come. A transient failure
-        part-way (a reset, a short body, a 5xx) asks for the rest of the range only, within
-        the same attempts and backoff as a whole request; any lie about the range is a
+        """Exactly bytes [offset, offset+size) of a file of `total` bytes. A transient failure
+        part-way (a reset, a short body, a 5xx) asks for the rest of the range only, within the
+        same attempts and backoff as a whole request; any lie about the range is a
         CorruptError."""
         url = self.url(path)
+        pieces: list[bytes] = []
         done = 0
         delay = BACKOFF
         attempt = 1
@@ -203,7 +199,7 @@ class Http:
                             raise RemoteError(f"{url}: {done} bytes of the {size} asked for")
                         self.bytes += len(piece)
                         done += len(piece)
-                        yield piece
+                        pieces.append(piece)
                     if r.read(1):
                         raise CorruptError(f"{url}: answer longer than the {end - start + 1} "
                                            "bytes asked for")
@@ -217,6 +213,7 @@ class Http:
                 time.sleep(delay)
                 delay *= 2
                 attempt += 1
+        return b"".join(pieces)
 
     def _check_range(self, r: urllib3.BaseHTTPResponse, url: str, start: int, end: int,
                      total: int) -> None:

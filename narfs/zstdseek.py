@@ -316,7 +316,9 @@ def decompress_frame(data: bytes, frame: Frame,
         if declared == want:
             out = dctx.decompress(data, max_output_size=want)
         else:
-            out = dctx.stream_reader(io.BytesIO(data)).read(want + (want == frame.size))
+            # a whole frame: one byte more, so a frame longer than its table says shows
+            out = dctx.stream_reader(io.BytesIO(data)).read(
+                want + 1 if want == frame.size else want)
     except zstandard.ZstdError as e:
         raise CorruptError(f"{where} is damaged: {e}") from None
     if len(out) != want:
