@@ -72,7 +72,7 @@ from .narinfo import NarInfo
 from .narstream import NarStream, decompressed_chunks
 from .nixquery import nix_settings, nix_version
 from .signing import PublicKey, parse_public_key
-from .storepath import base_name, hash_part, name_part
+from .storepath import STORE_DIR, base_name, hash_part, name_part
 
 log = logging.getLogger(__name__)
 
@@ -534,21 +534,32 @@ class RemoteBackend:
         os.utime(path, (archived, archived))
         return info
 
-    def _narinfo(self, h: str, name: str) -> NarInfo | str:
-        """The server's narinfo of `h`, or why it is not shown."""
+    def fetch_narinfo(self, h: str, base: str | None = None) -> NarInfo | None:
+        """The server's narinfo of `h`, None when it has none; held to its hash and, when
+        given, to its `<hash>-<name>` base name, not to any key (each caller checks the keys it
+        trusts). RemoteError or CorruptError naming the URL otherwise."""
         url = self.http.url(f"{h}.narinfo")
-        try:
-            got = self.http.get(f"{h}.narinfo", narinfo.MAX_SIZE)
-        except (RemoteError, CorruptError) as e:
-            return str(e)
+        got = self.http.get(f"{h}.narinfo", narinfo.MAX_SIZE)
         if got is None:
-            return f"{url}: listed in the index, but not on the server"
+            return None
         try:
             info = narinfo.parse(got.data, expect_hash=h)
         except CorruptError as e:
-            return f"{url}: {e}"
-        if info.name != f"{h}-{name}":
-            return f"{url}: names {info.store_path}, the index {h}-{name}"
+            raise CorruptError(f"{url}: {e}") from None
+        if base is not None and info.name != base:
+            raise CorruptError(f"{url}: names {info.store_path}, not {STORE_DIR}/{base}")
+        return info
+
+    def _narinfo(self, h: str, name: str) -> NarInfo | str:
+        """The server's narinfo of the path the index lists as `h`, `name`, or why it is not
+        shown."""
+        url = self.http.url(f"{h}.narinfo")
+        try:
+            info = self.fetch_narinfo(h, f"{h}-{name}")
+        except (RemoteError, CorruptError) as e:
+            return str(e)
+        if info is None:
+            return f"{url}: listed in the index, but not on the server"
         if not any(info.signed_by(k) for k in self.keys):
             trusted = ", ".join(k.name for k in self.keys)
             return (f"{url}: not signed by a trusted key ({trusted}); not shown. Trust the "

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import nar, narinfo, nixquery, nixversions, pathindex
+from . import nar, nixquery, nixversions, pathindex
 from .cache import CACHE_INFO, TMP_PREFIX, Cache, cache_info_text, new_temporary, write_atomic
 from .catalog import entries_with_access, open_catalog
 from .config import Settings, trusted_key
@@ -714,22 +714,10 @@ def fetch_narinfos(remote: RemoteBackend, cache: Cache, wanted: dict[str, str | 
     `cache`, FETCHERS at once, each held to its hash, name and (unless --no-check-sigs) the
     key before it is kept, so an unsigned narinfo cannot lead the walk on. Returns the hashes
     the server has no narinfo for."""
-    def one(h: str) -> NarInfo | None:
-        got = remote.http.get(f"{h}.narinfo", narinfo.MAX_SIZE)
-        if got is None:
-            return None
-        url = remote.http.url(f"{h}.narinfo")
-        try:
-            info = narinfo.parse(got.data, expect_hash=h)
-        except CorruptError as e:
-            raise CorruptError(f"{url}: {e}") from None
-        if wanted[h] is not None and info.name != wanted[h]:
-            raise CorruptError(f"{url}: names {info.store_path}, not {STORE_DIR}/{wanted[h]}")
-        return info
-
     try:
         with ThreadPoolExecutor(FETCHERS) as pool:
-            found = dict(zip(wanted, pool.map(one, wanted), strict=True))
+            found = dict(zip(wanted, pool.map(remote.fetch_narinfo, wanted, wanted.values()),
+                             strict=True))
     except OSError as e:
         raise NarfsError(f"{remote.where}: cannot restore from it: {e}") from None
     infos = {info.store_path: info for info in found.values() if info is not None}
